@@ -1,0 +1,58 @@
+"""The data section of a run's config: which data set, in which format, with which augmentation and batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_pipeline.errors import require, require_one_of
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+@dataclass
+class SynthConfig:
+    """What ``residual data synth`` writes when ``data.root`` is missing (see data_pipeline.synthetic)."""
+
+    classes: int = 10
+    train_per_class: int = 500
+    val_per_class: int = 100
+    size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.classes >= 2, "data.synthesize.classes", self.classes, "must be at least 2")
+        require(self.train_per_class >= 1, "data.synthesize.train_per_class", self.train_per_class, "must be >= 1")
+        require(self.val_per_class >= 1, "data.synthesize.val_per_class", self.val_per_class, "must be >= 1")
+        require(self.size >= 8, "data.synthesize.size", self.size, "must be at least 8 pixels")
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/imagenet"
+    format: str = "imagefolder"  # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches)
+    backend: str = "torch"  # "torch" (torchvision transforms + DataLoader)
+    batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
+    workers: int = 4  # loader processes per rank
+    train_augment: str = "scale"  # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
+    scale_min: int = 256
+    scale_max: int = 480
+    crop_size: int = 224
+    val_resize: int = 256  # val: shorter side to this, then the center crop_size
+    lighting_std: float = 0.1  # AlexNet PCA lighting noise; 0 turns it off
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel, on [0, 1] pixels
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist
+
+    def __post_init__(self) -> None:
+        require_one_of("data.format", self.format, ("imagefolder", "cifar"))
+        require_one_of("data.backend", self.backend, ("torch",))
+        require_one_of("data.train_augment", self.train_augment, ("scale", "random_resized_crop"))
+        require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        require(0 < self.scale_min <= self.scale_max, "data.scale_min", self.scale_min, "must be in (0, scale_max]")
+        require(self.crop_size <= self.scale_min, "data.crop_size", self.crop_size, "must be <= data.scale_min")
+        require(self.crop_size <= self.val_resize, "data.crop_size", self.crop_size, "must be <= data.val_resize")
+        require(self.lighting_std >= 0, "data.lighting_std", self.lighting_std, "must be >= 0")
+        require(len(self.mean) == 3 and len(self.std) == 3, "data.mean/std", (self.mean, self.std), "need 3 values")
+        require(all(s > 0 for s in self.std), "data.std", self.std, "must be > 0")

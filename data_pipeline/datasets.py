@@ -1,0 +1,91 @@
+"""The data sets on disk, read into (image, label) samples: an ImageFolder tree of JPEGs and CIFAR-10's python
+batches. Images come out as uint8 C x H x W tensors; augmentation is data_pipeline.transforms' business."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+
+from data_pipeline.errors import UserError
+
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_BATCH = "test_batch"
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    try:
+        return decode_image(path, mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise UserError(
+            f"{path}: cannot decode image ({error}); `residual data verify` lists every such file"
+        ) from None
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` as in ImageNet's train/ and val/ folders; classes sorted by folder name."""
+
+    def __init__(self, root: Path) -> None:
+        if not root.is_dir():
+            raise UserError(f"{root}: folder does not exist")
+        try:
+            folder = torchvision.datasets.DatasetFolder(
+                str(root), loader=decode_rgb, extensions=torchvision.datasets.folder.IMG_EXTENSIONS
+            )
+        except FileNotFoundError as error:  # no class folder, or a class folder without images
+            raise UserError(f"{root}: {error}") from None
+        self.root = root
+        self.classes: list[str] = folder.classes
+        self.samples: list[tuple[str, int]] = folder.samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[index]
+        return decode_rgb(path), label
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: CIFAR-10 batch file missing (expected data_batch_1..5 and test_batch)")
+    try:
+        with open(path, "rb") as file:
+            return pickle.load(file, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise UserError(f"{path}: not a CIFAR-10 python batch ({error})") from None
+
+
+class CifarDataset(Dataset):
+    """CIFAR-10's python batches, held in memory as one uint8 N x 3 x 32 x 32 tensor."""
+
+    def __init__(self, root: Path, *, train: bool) -> None:
+        if not root.is_dir():
+            raise UserError(f"{root}: folder does not exist")
+        batches = [_read_cifar_batch(root / name) for name in (CIFAR_TRAIN_BATCHES if train else (CIFAR_TEST_BATCH,))]
+        data = np.concatenate([batch[b"data"] for batch in batches])
+        self.images = torch.from_numpy(data.reshape(-1, 3, 32, 32))
+        self.labels = torch.tensor([label for batch in batches for label in batch[b"labels"]], dtype=torch.int64)
+        meta = root / "batches.meta"
+        if meta.is_file():
+            self.classes = [name.decode() for name in _read_cifar_batch(meta)[b"label_names"]]
+        else:
+            self.classes = [str(i) for i in range(int(self.labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+def open_dataset(root: str | Path, data_format: str, *, train: bool) -> ImageFolderDataset | CifarDataset:
+    root = Path(root)
+    if data_format == "cifar":
+        return CifarDataset(root, train=train)
+    return ImageFolderDataset(root / ("train" if train else "val"))

@@ -1,0 +1,19 @@
+"""The one exception type for mistakes a user can make (a bad config value, a missing folder, a bad file).
+
+It lives at the bottom of the import graph (cluster -> trainer -> data_pipeline) so that every package raises
+the same type; the CLI prints its message without a traceback and exits with status 2.
+"""
+
+
+class UserError(Exception):
+    pass
+
+
+def require(condition: bool, key: str, value: object, why: str) -> None:
+    """Raise a ``UserError`` naming the config key and its value unless ``condition`` holds."""
+    if not condition:
+        raise UserError(f"{key}={value!r}: {why}")
+
+
+def require_one_of(key: str, value: object, choices: tuple[object, ...]) -> None:
+    require(value in choices, key, value, f"must be one of {', '.join(map(str, choices))}")

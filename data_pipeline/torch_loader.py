@@ -1,0 +1,136 @@
+"""The torchvision path: DataLoaders over data_pipeline.datasets with data_pipeline.transforms.
+
+Order and augmentation are functions of (seed, epoch, position) alone: each epoch is a seeded permutation, every
+sample's random augmentation is drawn from its own seed, and a loader can start at any batch of an epoch. So a
+resumed run sees the same images with the same crops, whatever the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data_pipeline.config import DataConfig
+from data_pipeline.datasets import open_dataset
+from data_pipeline.errors import UserError
+from data_pipeline.transforms import build_train_transform, build_val_transform
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized float32), labels (N, int64)
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 2**32 + position) % 2**63
+
+
+class ShardedEpochSampler(Sampler[tuple[int, int]]):
+    """A seeded permutation per epoch, cut into whole global batches (the tail that does not fill one is left for
+    a later epoch's permutation); rank r takes the r-th slice of every global batch, so the ranks' union of batch k
+    is exactly batch k of a single process with the global batch. Yields (dataset index, augmentation seed)."""
+
+    def __init__(self, dataset_size: int, *, global_batch: int, rank: int, world_size: int, seed: int) -> None:
+        self.dataset_size = dataset_size
+        self.global_batch = global_batch
+        self.per_rank = global_batch // world_size
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.dataset_size // self.global_batch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch - self.start_batch) * self.per_rank
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 2**31))
+        order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            start = batch * self.global_batch + self.rank * self.per_rank
+            for position in range(start, start + self.per_rank):
+                yield order[position], sample_seed(self.seed, self.epoch, position)
+
+
+class AugmentedDataset(Dataset):
+    """Applies a random transform to sample ``index`` with the torch RNG seeded by the sampler's seed."""
+
+    def __init__(self, dataset: Dataset, transform: torch.nn.Module) -> None:
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = key
+        image, label = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched (num_workers=0)
+            torch.manual_seed(seed)
+            return self.transform(image), label
+
+
+@dataclass
+class TrainLoader:
+    loader: DataLoader
+    sampler: ShardedEpochSampler
+    classes: list[str]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        """The batches of ``epoch`` from ``start_batch`` on."""
+        self.sampler.set_epoch(epoch, start_batch)
+        return iter(self.loader)
+
+
+def _loader_options(config: DataConfig) -> dict:
+    return {
+        "num_workers": config.workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": config.workers > 0,
+    }
+
+
+def build_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
+    dataset = open_dataset(config.root, config.format, train=True)
+    if len(dataset) < config.batch_size:
+        raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
+    sampler = ShardedEpochSampler(
+        len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size, seed=seed
+    )
+    augmented = AugmentedDataset(dataset, build_train_transform(config))
+    loader = DataLoader(
+        augmented, batch_size=sampler.per_rank, sampler=sampler, drop_last=True, **_loader_options(config)
+    )
+    return TrainLoader(loader, sampler, dataset.classes)
+
+
+class _Transformed(Dataset):
+    def __init__(self, dataset: Dataset, transform: torch.nn.Module) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def build_val_loader(config: DataConfig, *, rank: int, world_size: int, batch_per_rank: int) -> DataLoader:
+    """Rank r reads the r-th contiguous share of the val set: every image exactly once over all ranks, no padding
+    duplicates and no dropped tail, so summed counts are exact."""
+    dataset = open_dataset(config.root, config.format, train=False)
+    start, stop = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
+    share = torch.utils.data.Subset(_Transformed(dataset, build_val_transform(config)), range(start, stop))
+    options = _loader_options(config) | {"persistent_workers": False}
+    return DataLoader(share, batch_size=batch_per_rank, shuffle=False, **options)

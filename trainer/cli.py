@@ -1,0 +1,132 @@
+"""``residual``: the one command line of the project.
+
+residual train CONFIG [key=value ...] [--resume [CHECKPOINT]]
+residual models [--json]
+residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from data_pipeline.errors import UserError
+
+log = logging.getLogger("residual")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from trainer.config import load_config
+    from trainer.distributed import LaunchEnv, destroy_process_group
+    from trainer.loop import train
+
+    launch = LaunchEnv.from_environ()
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"train.resume={args.resume}")
+    config = load_config(args.config, overrides, world_size=launch.world_size)
+    logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
+    try:
+        result, run_log = train(config, launch)
+    finally:
+        destroy_process_group()
+    if launch.is_main:
+        print(
+            f"{config.model.name}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
+            f"(center crop, {result.count} validation images; chance {100 / config.model.num_classes:.1f}%)"
+        )
+        print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from trainer.models.complexity import complexity_table
+
+    rows = complexity_table()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'model':<11}{'params':>10}{'paper':>8}{'ratio':>7}{'mult-adds':>12}{'paper':>9}{'ratio':>7}")
+    for row in rows:
+        paper_macs, macs = row["paper_macs"], row["macs"]
+        macs_text = f"{macs / 1e9:>10.3f}G" if row["dataset"] == "imagenet" else f"{macs / 1e6:>10.1f}M"
+        paper_text = f"{paper_macs / 1e9:>8.1f}G{macs / paper_macs:>7.3f}" if paper_macs else f"{'-':>9}{'-':>7}"
+        print(
+            f"{row['name']:<11}{row['params'] / 1e6:>9.2f}M{row['paper_params'] / 1e6:>7.2f}M"
+            f"{row['params'] / row['paper_params']:>7.3f}{macs_text}{paper_text}"
+        )
+    print(
+        "mult-adds at 224x224 (ImageNet) and 32x32 (CIFAR-10), bottlenecks with the paper's stride_in_1x1=True; "
+        "the paper gives no CIFAR-10 FLOPs"
+    )
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not WxH (example: 64x64)") from None
+    return width, height
+
+
+def cmd_data_synth(args: argparse.Namespace) -> None:
+    from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out}: folder exists and is not empty")
+    counts = {
+        "classes": args.classes,
+        "train_per_class": args.per_class,
+        "seed": args.seed,
+        "val_per_class": args.val_per_class or max(1, args.per_class // 5),
+    }
+    if args.format == "cifar":
+        synthesize_cifar(out, **counts)
+    else:
+        synthesize_imagefolder(out, size=args.size, **counts)
+    print(f"wrote {args.format} data, {args.classes} classes, to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="residual", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model from a YAML config")
+    train.add_argument("config", help="YAML file, e.g. configs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.05")
+    train.add_argument("--resume", nargs="?", const="auto", help="resume from the run's latest checkpoint, or CKPT")
+    train.set_defaults(run=cmd_train)
+
+    models = commands.add_parser("models", help="params and mult-adds of every model beside the paper's")
+    models.add_argument("--json", action="store_true", help="a JSON list instead of the table")
+    models.set_defaults(run=cmd_models)
+
+    data = commands.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write a learnable synthetic data set")
+    synth.add_argument("out")
+    synth.add_argument("--format", choices=("imagefolder", "cifar"), default="imagefolder")
+    synth.add_argument("--classes", type=int, default=10)
+    synth.add_argument("--per-class", type=int, default=500, help="training images per class")
+    synth.add_argument("--val-per-class", type=int, help="validation images per class (default per-class / 5)")
+    synth.add_argument("--size", type=parse_size, default=(64, 64), help="WxH of ImageFolder images (CIFAR: 32x32)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=cmd_data_synth)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as error:
+        print(f"residual: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Typed run configuration: dataclasses per section, loaded from YAML plus ``key=value`` overrides (OmegaConf).
+
+OmegaConf rejects unknown keys and values of the wrong type; each section's ``__post_init__`` rejects impossible
+values; ``load_config`` checks what needs more than one section (the batch against the world size, the data
+folder). Every failure is a ``UserError`` that names the key and the value.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import UserError, require, require_one_of
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"
+    num_classes: int = 1000
+    shortcut: str | None = None  # "A" | "B" | "C" (Sec. 3.3); None keeps the model's default
+    stride_in_1x1: bool = False  # True: the paper's v1 bottleneck; False: torchvision's v1.5
+    zero_init_residual: bool = False
+    depth: int | None = None  # CIFAR-10 nets only: any 6n+2
+
+    def __post_init__(self) -> None:
+        from trainer.models import list_models
+
+        require_one_of("model.name", self.name, tuple(list_models()))
+        require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be at least 2")
+        if self.shortcut is not None:
+            require_one_of("model.shortcut", self.shortcut, ("A", "B", "C"))
+
+    def overrides(self) -> dict[str, Any]:
+        """The keyword arguments of ``create_model`` that this section sets."""
+        overrides: dict[str, Any] = dict(
+            num_classes=self.num_classes, stride_in_1x1=self.stride_in_1x1, zero_init_residual=self.zero_init_residual
+        )
+        if self.shortcut is not None:
+            overrides["shortcut"] = self.shortcut
+        if self.depth is not None:
+            overrides["depth"] = self.depth
+        return overrides
+
+
+@dataclass
+class OptimConfig:
+    """SGD with momentum (Sec. 3.4)."""
+
+    lr: float = 0.1  # at `base_batch` images per iteration
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    no_decay_bn_bias: bool = False  # exclude BN parameters and biases from weight decay
+    linear_scaling: bool = False  # Goyal et al. 2017: lr x global_batch / base_batch
+    base_batch: int = 256
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.base_batch >= 1, "optim.base_batch", self.base_batch, "must be >= 1")
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning-rate schedule (trainer.schedule). Lengths are in `unit`s: iterations or epochs."""
+
+    unit: str = "iteration"  # unit of milestones and warmup_length
+    decay: str = "step"  # "step": x gamma at each milestone | "plateau": x gamma when the val error stalls
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    plateau_patience: int = 5  # evaluations without improvement before a decay
+    plateau_threshold: float = 1e-3  # relative improvement of the val error that counts
+    min_lr: float = 0.0
+    warmup: str = "none"  # "none" | "constant" (lr = warmup_lr) | "linear" (warmup_lr -> lr)
+    warmup_lr: float = 0.01
+    warmup_length: int = 0  # constant/linear warm-up length; 0 with warmup_until_train_error: no fixed cap
+    warmup_until_train_error: float | None = None  # constant warm-up ends when train error < this (0.8, Sec. 4.2)
+
+    def __post_init__(self) -> None:
+        require_one_of("schedule.unit", self.unit, ("iteration", "epoch"))
+        require_one_of("schedule.decay", self.decay, ("step", "plateau"))
+        require_one_of("schedule.warmup", self.warmup, ("none", "constant", "linear"))
+        require(0 < self.gamma < 1, "schedule.gamma", self.gamma, "must be in (0, 1)")
+        require(self.milestones == sorted(self.milestones), "schedule.milestones", self.milestones, "must increase")
+        require(all(m > 0 for m in self.milestones), "schedule.milestones", self.milestones, "must be > 0")
+        require(self.plateau_patience >= 0, "schedule.plateau_patience", self.plateau_patience, "must be >= 0")
+        require(self.min_lr >= 0, "schedule.min_lr", self.min_lr, "must be >= 0")
+        require(self.warmup_lr > 0, "schedule.warmup_lr", self.warmup_lr, "must be > 0")
+        require(self.warmup_length >= 0, "schedule.warmup_length", self.warmup_length, "must be >= 0")
+        if self.warmup == "linear":
+            require(self.warmup_length > 0, "schedule.warmup_length", self.warmup_length, "linear warm-up needs > 0")
+        if self.warmup_until_train_error is not None:
+            require(self.warmup == "constant", "schedule.warmup", self.warmup, "warmup_until_train_error is constant")
+            error = self.warmup_until_train_error
+            require(0 < error < 1, "schedule.warmup_until_train_error", error, "must be in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int | None = None  # length of the run; exactly one of iterations and epochs
+    epochs: int | None = None
+    precision: str = "bf16"  # "fp32" | "bf16" (autocast)
+    channels_last: bool = True
+    compile: bool = False
+    device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: the config file's name
+    resume: str = "auto"  # "auto": from the run directory's latest checkpoint if any | "never" | a checkpoint path
+    eval_every: int | None = None  # iterations between center-crop evaluations; None: every epoch
+    checkpoint_every: int | None = None  # iterations between checkpoints; None: every epoch
+    keep_checkpoints: int = 3
+    log_every: int = 20  # iterations between training metrics in TensorBoard and metrics.jsonl
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        require_one_of("train.precision", self.precision, ("fp32", "bf16"))
+        require_one_of("train.device", self.device, ("auto", "cpu", "cuda"))
+        for key in ("iterations", "epochs", "eval_every", "checkpoint_every"):
+            value = getattr(self, key)
+            require(value is None or value > 0, f"train.{key}", value, "must be > 0 or null")
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "center"  # center crop of the val_resize image (CIFAR: the 32x32 image as is)
+    batch_size: int = 256  # global
+
+    def __post_init__(self) -> None:
+        require_one_of("eval.protocol", self.protocol, ("center",))
+        require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        require_one_of("dist.strategy", self.strategy, ("ddp",))
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def global_batch(self) -> int:
+        return self.data.batch_size
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_size: int = 1) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate, and fill ``train.run_name``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {str(path)!r} does not exist")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override {item!r} is not key=value (example: optim.lr=0.05)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        config: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        message = str(error).splitlines()[0]
+        raise UserError(f"{path}: {error.full_key or 'config'}: {message}") from None
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    if config.train.run_name is None:
+        config.train.run_name = path.stem
+    validate_launch(config, world_size=world_size)
+    return config
+
+
+def validate_launch(config: Config, *, world_size: int) -> None:
+    """Checks across keys, or of the launch environment and the file system."""
+    train = config.train
+    require(
+        (train.iterations is None) != (train.epochs is None),
+        "train.iterations/epochs",
+        (train.iterations, train.epochs),
+        "set exactly one of the two",
+    )
+    for key, batch in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size)):
+        require(batch % world_size == 0, key, batch, f"must be divisible by the world size {world_size}")
+    root = Path(config.data.root)
+    if config.data.synthesize is None and not root.is_dir():
+        raise UserError(
+            f"data.root={str(root)!r}: folder does not exist (run `residual data synth {root}` "
+            "or set data.synthesize to generate it)"
+        )
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config))

@@ -1,0 +1,269 @@
+"""The training run: build the parts from the config, resume if asked, then step, log, evaluate, checkpoint.
+
+Everything a resumed run needs to continue bit for bit is in the checkpoint: weights and BN statistics, optimizer
+momentum, the iteration (which fixes the epoch and the batch within it, and so the data order and every crop),
+the metrics history the schedule reads, the open logging window and the RNG states.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from data_pipeline import TrainLoader, UserError, build_train_loader, build_val_loader
+from data_pipeline.synthetic import ensure_synthetic
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import Config, to_dict, to_yaml
+from trainer.distributed import LaunchEnv, apply_ddp, barrier, init_process_group, pick_device
+from trainer.evaluate import EvalResult, evaluate, topk_correct
+from trainer.models import create_model
+from trainer.optim import build_optimizer
+from trainer.run_log import RunLog
+from trainer.schedule import LRSchedule, MetricHistory, build_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainWindow:
+    """Running training metrics between two log points."""
+
+    loss_sum: float = 0.0
+    correct1: int = 0
+    correct5: int = 0
+    count: int = 0
+
+    def add(self, loss: float, correct1: int, correct5: int, count: int) -> None:
+        self.loss_sum += loss * count
+        self.correct1 += correct1
+        self.correct5 += correct5
+        self.count += count
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "loss": self.loss_sum / self.count,
+            "top1": self.correct1 / self.count,
+            "top5": self.correct5 / self.count,
+            "top1_error": 1 - self.correct1 / self.count,
+        }
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    history: MetricHistory = field(default_factory=MetricHistory)
+    window: TrainWindow = field(default_factory=TrainWindow)
+
+
+@dataclass
+class Run:
+    """The parts of one training run, built once from the config."""
+
+    config: Config
+    launch: LaunchEnv
+    run_dir: Path
+    device: torch.device
+    model: nn.Module  # the plain model: what is saved and exported
+    wrapped: nn.Module  # what runs the steps (DDP and/or compiled)
+    optimizer: torch.optim.Optimizer
+    loader: TrainLoader
+    val_batches: Any
+    schedule: LRSchedule
+    total_iterations: int
+
+
+def build_run(config: Config, launch: LaunchEnv) -> Run:
+    device = pick_device(config.train.device, launch)
+    init_process_group(launch, device)
+    if launch.is_main and ensure_synthetic(config.data):
+        log.info("wrote synthetic data to %s", config.data.root)
+    barrier()
+    loader = build_train_loader(config.data, rank=launch.rank, world_size=launch.world_size, seed=config.train.seed)
+    if len(loader.classes) != config.model.num_classes:
+        raise UserError(
+            f"model.num_classes={config.model.num_classes}: the data at {config.data.root} has "
+            f"{len(loader.classes)} classes"
+        )
+    val_batches = build_val_loader(
+        config.data,
+        rank=launch.rank,
+        world_size=launch.world_size,
+        batch_per_rank=config.eval.batch_size // launch.world_size,
+    )
+    torch.manual_seed(config.train.seed)
+    model = create_model(config.model.name, **config.model.overrides())
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    wrapped = apply_ddp(model, device) if launch.distributed else model
+    if config.train.compile:
+        wrapped = torch.compile(wrapped)
+    train = config.train
+    total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch
+    schedule = build_schedule(
+        config.schedule, config.optim, global_batch=config.global_batch(), iterations_per_epoch=loader.batches_per_epoch
+    )
+    run_dir = Path(train.output_dir) / train.run_name
+    optimizer = build_optimizer(model, config.optim)
+    return Run(config, launch, run_dir, device, model, wrapped, optimizer, loader, val_batches, schedule, total)
+
+
+def checkpoint_state(run: Run, state: TrainState) -> dict[str, Any]:
+    return {
+        "model_name": run.config.model.name,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "iteration": state.iteration,
+        "batches_per_epoch": run.loader.batches_per_epoch,
+        "history": state.history.state_dict(),
+        "window": vars(state.window).copy(),
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "config": to_dict(run.config),
+    }
+
+
+def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
+    if checkpoint.get("model_name") != run.config.model.name:
+        raise UserError(
+            f"{source}: a checkpoint of {checkpoint.get('model_name')!r}, not of model.name={run.config.model.name!r}"
+        )
+    if checkpoint["batches_per_epoch"] != run.loader.batches_per_epoch:
+        raise UserError(
+            f"{source}: saved with {checkpoint['batches_per_epoch']} batches per epoch, this run has "
+            f"{run.loader.batches_per_epoch}: the data set or data.batch_size changed"
+        )
+    try:
+        run.model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise UserError(f"{source}: does not fit the model ({str(error).splitlines()[1].strip()})") from None
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    random.setstate(checkpoint["rng"]["python"])
+    history = MetricHistory.from_state_dict(checkpoint["history"])
+    return TrainState(checkpoint["iteration"], history, TrainWindow(**checkpoint["window"]))
+
+
+def find_resume_checkpoint(run: Run) -> Path | None:
+    resume = run.config.train.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run.run_dir)
+    return Path(resume)
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.config.train.precision == "bf16"):
+        logits = run.wrapped(images)
+        loss = F.cross_entropy(logits, labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+def evaluate_center(run: Run) -> EvalResult:
+    train = run.config.train
+    return evaluate(
+        run.wrapped, run.val_batches, device=run.device, precision=train.precision, channels_last=train.channels_last
+    )
+
+
+def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
+    """Train to ``total_iterations`` (resuming when a checkpoint is found) and return the final evaluation."""
+    run = build_run(config, launch)
+    state = TrainState()
+    source = find_resume_checkpoint(run)
+    if source is not None:
+        state = restore(run, load_checkpoint(source), source)
+        log.info("resumed from %s at iteration %d", source, state.iteration)
+    if launch.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "config.yaml").write_text(to_yaml(config))
+    run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
+    run_log.text("config", "```\n" + to_yaml(config) + "```")
+    log.info(
+        "%s: global batch %d (%d per rank x %d ranks), %d iterations (%d per epoch), run directory %s",
+        config.model.name,
+        config.global_batch(),
+        config.global_batch() // launch.world_size,
+        launch.world_size,
+        run.total_iterations,
+        run.loader.batches_per_epoch,
+        run.run_dir,
+    )
+    result = train_iterations(run, state, run_log)
+    if result is None:  # the last iteration was not an evaluation point, or there was nothing left to train
+        result = evaluate_center(run)
+        run_log.log("eval", state.iteration, {"protocol": "center", **result.as_dict()})
+    run_log.close()
+    return result, run_log
+
+
+def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult | None:
+    train, per_epoch = run.config.train, run.loader.batches_per_epoch
+    eval_every, checkpoint_every = train.eval_every or per_epoch, train.checkpoint_every or per_epoch
+    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+    batch = run.config.global_batch()
+    progress = tqdm(
+        total=run.total_iterations * batch,
+        initial=state.iteration * batch,
+        unit="img",
+        unit_scale=True,
+        disable=not (train.progress and run.launch.is_main),
+        dynamic_ncols=True,
+    )
+    result = None
+    run.wrapped.train()
+    while state.iteration < run.total_iterations:
+        epoch, start = divmod(state.iteration, per_epoch)
+        for images, labels in run.loader.epoch(epoch, start):
+            lr = run.schedule.lr(state.iteration, state.history)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(run.device, non_blocking=True, memory_format=memory_format)
+            labels = labels.to(run.device, non_blocking=True)
+            loss, logits = train_step(run, images, labels)
+            state.iteration += 1
+            state.window.add(float(loss), *topk_correct(logits.float(), labels), len(labels))
+            progress.update(batch)
+            result = None
+            if state.iteration % train.log_every == 0:
+                log_window(run, state, run_log, lr, progress)
+            if state.iteration % eval_every == 0 or state.iteration == run.total_iterations:
+                result = evaluate_center(run)
+                state.history.val_errors.append((state.iteration, 1 - result.top1))
+                run_log.log("eval", state.iteration, {"protocol": "center", **result.as_dict()})
+            if state.iteration % checkpoint_every == 0 or state.iteration == run.total_iterations:
+                save(run, state)
+            if state.iteration == run.total_iterations:
+                break
+    progress.close()
+    return result
+
+
+def log_window(run: Run, state: TrainState, run_log: RunLog, lr: float, progress: tqdm) -> None:
+    summary = state.window.summary()
+    if not math.isfinite(summary["loss"]):
+        raise RuntimeError(f"non-finite training loss at iteration {state.iteration}; the last checkpoint is kept")
+    state.history.train_errors.append((state.iteration, summary["top1_error"]))
+    rate = progress.format_dict["rate"]
+    run_log.log("train", state.iteration, {**summary, "lr": lr, "images_per_second": rate or 0.0})
+    progress.set_postfix(loss=f"{summary['loss']:.3f}", top1=f"{summary['top1']:.3f}", lr=f"{lr:.4g}")
+    state.window = TrainWindow()
+
+
+def save(run: Run, state: TrainState) -> None:
+    if run.launch.is_main:
+        save_checkpoint(
+            run.run_dir, state.iteration, checkpoint_state(run, state), keep=run.config.train.keep_checkpoints
+        )
+    barrier()
