@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -178,6 +179,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_siz
         raise UserError(f"{path}: {error.full_key or 'config'}: {message}") from None
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML ({error})") from None
     if config.train.run_name is None:
         config.train.run_name = path.stem
     validate_launch(config, world_size=world_size)

@@ -219,6 +219,7 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
         unit="img",
         unit_scale=True,
         disable=not (train.progress and run.launch.is_main),
+        mininterval=1.0,
         dynamic_ncols=True,
     )
     result = None

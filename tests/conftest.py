@@ -1,0 +1,21 @@
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A small synthetic set in CIFAR-10's python layout: 10 classes, 40 train and 10 test images each."""
+    root = tmp_path_factory.mktemp("cifar")
+    synthesize_cifar(root, classes=10, train_per_class=40, val_per_class=10, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def imagefolder_root(tmp_path_factory) -> Path:
+    """A small synthetic ImageFolder of 48x40 JPEGs: 4 classes, 12 train and 5 val images each."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    synthesize_imagefolder(root, classes=4, train_per_class=12, val_per_class=5, size=(48, 40), seed=0)
+    return root

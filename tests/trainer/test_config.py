@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from data_pipeline.errors import UserError
+from trainer.config import load_config, to_yaml
+from trainer.models import list_models
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+PAPER_CONFIGS = sorted(CONFIGS.glob("imagenet/*.yaml")) + sorted(CONFIGS.glob("cifar10/*.yaml"))
+
+
+def write_config(tmp_path: Path, text: str = "") -> Path:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    path = tmp_path / "run.yaml"
+    path.write_text(f"data:\n  root: {tmp_path / 'data'}\ntrain:\n  iterations: 10\n{text}")
+    return path
+
+
+def test_every_registered_model_has_a_paper_config():
+    names = {load_config(path, [f"data.root={path.parent}"]).model.name for path in PAPER_CONFIGS}
+    assert names == set(list_models())
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_paper_configs_follow_the_paper(path):
+    config = load_config(path, [f"data.root={path.parent}"])
+    assert (config.optim.momentum, config.optim.weight_decay, config.optim.lr) == (0.9, 1e-4, 0.1)
+    if path.parent.name == "cifar10":
+        assert config.data.batch_size == 128 and config.train.iterations == 64000
+        assert config.schedule.milestones == [32000, 48000]
+        warm = config.model.name in ("resnet110", "resnet1202")
+        assert (config.schedule.warmup_until_train_error == 0.8) == warm
+    else:
+        assert config.data.batch_size == 256 and config.model.num_classes == 1000
+        assert (config.data.scale_min, config.data.scale_max, config.data.crop_size) == (256, 480, 224) or (
+            config.data.train_augment == "random_resized_crop"
+        )
+
+
+def test_overrides_and_run_name(tmp_path):
+    config = load_config(write_config(tmp_path), ["optim.lr=0.05", "model.name=resnet20", "schedule.milestones=[5,8]"])
+    assert config.optim.lr == 0.05 and config.model.name == "resnet20" and config.schedule.milestones == [5, 8]
+    assert config.train.run_name == "run"
+    assert "lr: 0.05" in to_yaml(config)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=0.1"], "optim.lrr"),
+        (["nonsense.key=1"], "nonsense"),
+        (["data.batch_size=many"], "data.batch_size"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1: must be > 0"),
+        (["model.name=resnet51"], "model.name='resnet51': must be one of"),
+        (["model.shortcut=D"], "model.shortcut='D'"),
+        (["train.precision=fp8"], "train.precision='fp8'"),
+        (["train.epochs=3"], "set exactly one"),
+        (["schedule.milestones=[10,5]"], "must increase"),
+        (["data.batch_size=0"], "data.batch_size=0"),
+        (["lr 0.1"], "is not key=value"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path, overrides, message):
+    with pytest.raises(UserError, match=message.replace("[", "\\[")):
+        load_config(write_config(tmp_path), overrides)
+
+
+def test_batch_must_divide_by_the_world_size(tmp_path):
+    with pytest.raises(UserError, match="data.batch_size=256: must be divisible by the world size 3"):
+        load_config(write_config(tmp_path), world_size=3)
+    assert load_config(write_config(tmp_path), world_size=4).data.batch_size == 256
+
+
+def test_missing_data_folder(tmp_path):
+    path = write_config(tmp_path)
+    with pytest.raises(UserError, match="does-not-exist.*folder does not exist"):
+        load_config(path, [f"data.root={tmp_path / 'does-not-exist'}"])
+
+
+def test_missing_data_folder_is_fine_when_it_will_be_synthesized(tmp_path):
+    path = write_config(tmp_path)
+    config = load_config(path, [f"data.root={tmp_path / 'later'}", "data.synthesize.classes=4"])
+    assert config.data.synthesize.classes == 4
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,94 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from data_pipeline.errors import UserError
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from trainer.config import load_config
+from trainer.distributed import LaunchEnv
+from trainer.loop import train
+
+CONFIG = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+
+
+def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):
+    base = [f"data.root={cifar_root}", "data.synthesize=null", "data.batch_size=32", "data.workers=0",
+            "eval.batch_size=50", f"train.output_dir={tmp_path}", "train.run_name=run", "train.log_every=3",
+            "train.eval_every=5", "train.checkpoint_every=10", "train.progress=false", "schedule.milestones=[7]"]  # fmt: skip
+    return load_config(CONFIG, [*base, *overrides])
+
+
+def metrics(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_bit_exact(tmp_path, cifar_root, precision):
+    """20 iterations straight == 10, stop, resume, 10 more (the resume falls mid-epoch: 12 batches per epoch)."""
+    straight = small_run(tmp_path / "a", cifar_root, "train.iterations=20", f"train.precision={precision}")
+    train(straight, LaunchEnv())
+    first_half = small_run(tmp_path / "b", cifar_root, "train.iterations=10", f"train.precision={precision}")
+    train(first_half, LaunchEnv())
+    resumed = small_run(tmp_path / "b", cifar_root, "train.iterations=20", f"train.precision={precision}")
+    train(resumed, LaunchEnv())
+
+    a, b = (
+        load_checkpoint(latest_checkpoint(tmp_path / "a/run")),
+        load_checkpoint(latest_checkpoint(tmp_path / "b/run")),
+    )
+    assert a["iteration"] == b["iteration"] == 20
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for index, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
+    assert a["history"] == b["history"]
+    assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
+    assert metrics(tmp_path / "a/run", "eval") == metrics(tmp_path / "b/run", "eval")
+
+
+def test_run_directory_and_logs(tmp_path, cifar_root):
+    config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.keep_checkpoints=1")
+    result, run_log = train(config, LaunchEnv())
+    run_dir = tmp_path / "run"
+    assert (run_dir / "config.yaml").read_text().count("resnet20") == 1
+    assert [path.name for path in list_checkpoints(run_dir)] == ["ckpt-000000012.pt"]
+    assert [r["iteration"] for r in metrics(run_dir, "train")] == [3, 6, 9, 12]
+    assert [r["iteration"] for r in metrics(run_dir, "eval")] == [5, 10, 12]
+    assert result.count == 100 and metrics(run_dir, "eval")[-1]["correct1"] == result.correct1
+    assert [r["lr"] for r in metrics(run_dir, "train")] == pytest.approx([0.1, 0.1, 0.01, 0.01])
+    events = EventAccumulator(str(run_log.tensorboard_dir))
+    events.Reload()
+    assert {"train/loss", "train/top1", "train/top5", "train/lr", "train/images_per_second", "eval/top1"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert [event.step for event in events.Scalars("train/loss")] == [3, 6, 9, 12]
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, cifar_root):
+    config = small_run(tmp_path, cifar_root, "train.iterations=10")
+    train(config, LaunchEnv())
+    folder = tmp_path / "run" / "checkpoints"
+    (folder / "ckpt-000000020.pt.tmp").write_bytes(b"half a checkpoint")
+    assert latest_checkpoint(tmp_path / "run").name == "ckpt-000000010.pt"
+
+
+def test_resuming_another_models_checkpoint_is_refused(tmp_path, cifar_root):
+    train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
+    with pytest.raises(UserError, match="a checkpoint of 'resnet20', not of model.name='resnet32'"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=10", "model.name=resnet32"), LaunchEnv())
+
+
+def test_unreadable_checkpoint(tmp_path):
+    path = tmp_path / "ckpt-000000001.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(path)
+
+
+def test_class_count_must_match_the_data(tmp_path, cifar_root):
+    with pytest.raises(UserError, match="model.num_classes=100: the data .* has 10 classes"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=5", "model.num_classes=100"), LaunchEnv())
