@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data_pipeline.errors import UserError
 
@@ -19,9 +20,11 @@ CIFAR_TEST_BATCH = "test_batch"
 
 
 def decode_rgb(path: str) -> torch.Tensor:
+    """Pillow, as torchvision's ImageFolder (torchvision.io's decoders are deprecated since 0.29)."""
     try:
-        return decode_image(path, mode=ImageReadMode.RGB)
-    except RuntimeError as error:
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+    except OSError as error:  # Pillow's UnidentifiedImageError and truncated-file errors are OSErrors
         raise UserError(
             f"{path}: cannot decode image ({error}); `residual data verify` lists every such file"
         ) from None

@@ -22,7 +22,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized f
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 2**32 + position) % 2**63
+    """A well-mixed 32-bit seed for (seed, epoch, position): torch's generator keeps only the low 32 bits of a
+    seed, so the parts cannot simply be stacked into a 64-bit number (splitmix64's finalizer, truncated)."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) % 2**64
+    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (mixed ^ (mixed >> 31)) % 2**32
 
 
 class ShardedEpochSampler(Sampler[tuple[int, int]]):
@@ -50,7 +55,7 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         return (self.batches_per_epoch - self.start_batch) * self.per_rank
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, 2**31))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
         order = torch.randperm(self.dataset_size, generator=generator).tolist()
         for batch in range(self.start_batch, self.batches_per_epoch):
             start = batch * self.global_batch + self.rank * self.per_rank

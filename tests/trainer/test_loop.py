@@ -15,9 +15,20 @@ CONFIG = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 
 
 def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):
-    base = [f"data.root={cifar_root}", "data.synthesize=null", "data.batch_size=32", "data.workers=0",
-            "eval.batch_size=50", f"train.output_dir={tmp_path}", "train.run_name=run", "train.log_every=3",
-            "train.eval_every=5", "train.checkpoint_every=10", "train.progress=false", "schedule.milestones=[7]"]  # fmt: skip
+    base = [
+        f"data.root={cifar_root}",
+        "data.synthesize=null",
+        "data.batch_size=32",
+        "data.workers=0",
+        "eval.batch_size=50",
+        f"train.output_dir={tmp_path}",
+        "train.run_name=run",
+        "train.log_every=3",
+        "train.eval_every=5",
+        "train.checkpoint_every=10",
+        "train.progress=false",
+        "schedule.milestones=[7]",
+    ]
     return load_config(CONFIG, [*base, *overrides])
 
 

@@ -39,8 +39,9 @@ def test_plateau_schedule_reads_only_evaluations_before_the_iteration():
 
 def test_warmup_until_train_error_below_80_percent():
     """Sec. 4.2: ResNet-110/1202 train at 0.01 until the training error is below 80%, then at 0.1."""
-    schedule = LRSchedule(base_lr=0.1, milestones=(32000,), warmup="constant", warmup_lr=0.01,
-                          warmup_until_train_error=0.8)  # fmt: skip
+    schedule = LRSchedule(
+        base_lr=0.1, milestones=(32000,), warmup="constant", warmup_lr=0.01, warmup_until_train_error=0.8
+    )
     history = MetricHistory(train_errors=[(100, 0.9), (200, 0.85), (300, 0.79), (400, 0.81)])
     assert schedule.lr(0, history) == 0.01
     assert schedule.lr(300, history) == 0.01
@@ -50,8 +51,9 @@ def test_warmup_until_train_error_below_80_percent():
 
 
 def test_warmup_until_train_error_is_capped_by_a_fixed_length():
-    schedule = LRSchedule(base_lr=0.1, warmup="constant", warmup_lr=0.01, warmup_iterations=400,
-                          warmup_until_train_error=0.8)  # fmt: skip
+    schedule = LRSchedule(
+        base_lr=0.1, warmup="constant", warmup_lr=0.01, warmup_iterations=400, warmup_until_train_error=0.8
+    )
     stuck = MetricHistory(train_errors=[(100, 0.9), (300, 0.9), (500, 0.9)])
     assert schedule.lr(399, stuck) == 0.01 and schedule.lr(400, stuck) == 0.1
 

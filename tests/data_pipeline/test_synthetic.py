@@ -1,0 +1,59 @@
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_pipeline.config import DataConfig, SynthConfig
+from data_pipeline.datasets import CifarDataset, ImageFolderDataset
+from data_pipeline.synthetic import ensure_synthetic, render_sample
+
+
+def test_imagefolder_layout(imagefolder_root):
+    for split, per_class in (("train", 12), ("val", 5)):
+        classes = sorted(path.name for path in (imagefolder_root / split).iterdir())
+        assert len(classes) == 4
+        for name in classes:
+            images = sorted((imagefolder_root / split / name).glob("*.JPEG"))
+            assert len(images) == per_class
+            assert Image.open(images[0]).size == (48, 40)
+    assert len(ImageFolderDataset(imagefolder_root / "train")) == 48
+
+
+def test_cifar_layout_matches_the_real_batches(cifar_root):
+    names = sorted(path.name for path in cifar_root.iterdir())
+    assert names == ["batches.meta", *[f"data_batch_{i}" for i in range(1, 6)], "test_batch"]
+    with open(cifar_root / "data_batch_1", "rb") as file:
+        batch = pickle.load(file, encoding="bytes")
+    assert set(batch) == {b"batch_label", b"labels", b"data", b"filenames"}
+    assert batch[b"data"].dtype == np.uint8 and batch[b"data"].shape == (80, 3072)
+    train, test = CifarDataset(cifar_root, train=True), CifarDataset(cifar_root, train=False)
+    assert (len(train), len(test)) == (400, 100)
+    assert train.labels.bincount().tolist() == [40] * 10
+    assert len(train.classes) == 10
+
+
+def test_same_seed_same_images():
+    first = render_sample(3, (32, 32), np.random.default_rng(5))
+    again = render_sample(3, (32, 32), np.random.default_rng(5))
+    other = render_sample(3, (32, 32), np.random.default_rng(6))
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_classes_differ_more_than_samples_of_a_class():
+    """The mean image of a class is closer to its own samples than to another class's: the data is learnable."""
+    rng = np.random.default_rng(0)
+    means = [np.mean([render_sample(c, (32, 32), rng) for _ in range(64)], axis=0) for c in range(4)]
+    for c in range(4):
+        sample = np.mean([render_sample(c, (32, 32), rng) for _ in range(16)], axis=0)
+        distances = [np.abs(sample - mean).mean() for mean in means]
+        assert int(np.argmin(distances)) == c
+
+
+@pytest.mark.parametrize("data_format", ["cifar", "imagefolder"])
+def test_ensure_synthetic_writes_once(tmp_path, data_format):
+    synth = SynthConfig(classes=2, train_per_class=3, val_per_class=1, size=16)
+    config = DataConfig(root=str(tmp_path / "set"), format=data_format, synthesize=synth)
+    assert ensure_synthetic(config) is True
+    assert ensure_synthetic(config) is False
+    assert not (tmp_path / "set.partial").exists()

@@ -1,0 +1,104 @@
+"""The ``residual`` command as a user types it: exit codes, messages, what it prints and writes."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+RESIDUAL = str(Path(sys.executable).parent / "residual")
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_models_json_matches_the_paper():
+    result = run(RESIDUAL, "models", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    assert len(rows) == 17
+    for row in rows.values():
+        assert set(row) >= {"name", "params", "macs", "paper_params", "paper_macs"}
+        assert abs(row["params"] / row["paper_params"] - 1) < 0.02
+    for name in ("resnet34", "resnet50", "resnet101", "resnet152"):
+        assert abs(rows[name]["macs"] / rows[name]["paper_macs"] - 1) < 0.03
+    assert rows["resnet56"]["paper_macs"] is None
+
+
+def test_models_table():
+    result = run(RESIDUAL, "models")
+    assert re.search(r"^resnet152\s+60\.19M\s+60\.20M\s+1\.000\s+11\.282G\s+11\.3G\s+0\.998$", result.stdout, re.M)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("optim.lr=-1", "optim.lr=-1.0: must be > 0"), ("optim.lrr=1", "optim.lrr"), ("data.root=/no/such", None)],
+)
+def test_user_errors_exit_2_without_a_traceback(tmp_path, override, message):
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  name: resnet20\n  num_classes: 10\ndata:\n  format: cifar\ntrain:\n  iterations: 1\n")
+    result = run(RESIDUAL, "train", str(config), "data.root=/no/such", override)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert (message or "data.root='/no/such': folder does not exist") in result.stderr
+
+
+def test_data_synth(tmp_path):
+    result = run(
+        RESIDUAL, "data", "synth", str(tmp_path / "cifar"), "--format", "cifar", "--classes", "3", "--per-class", "5"
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cifar/data_batch_5").is_file() and (tmp_path / "cifar/test_batch").is_file()
+    result = run(
+        RESIDUAL, "data", "synth", str(tmp_path / "folder"), "--classes", "2", "--per-class", "5", "--size", "40x30"
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "folder/train").glob("*/*.JPEG"))) == 10
+    assert len(list((tmp_path / "folder/val").glob("*/*.JPEG"))) == 2
+    result = run(RESIDUAL, "data", "synth", str(tmp_path / "folder"))
+    assert result.returncode == 2 and "not empty" in result.stderr
+
+
+def test_python_m_trainer_is_the_train_entry_point(tmp_path, cifar_root):
+    result = run(
+        sys.executable,
+        "-m",
+        "trainer",
+        "configs/quickstart.yaml",
+        f"data.root={cifar_root}",
+        "data.synthesize=null",
+        "data.batch_size=40",
+        "train.iterations=4",
+        "train.eval_every=2",
+        f"train.output_dir={tmp_path}",
+        "eval.batch_size=100",
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(
+        r"resnet20: top-1 \d+\.\d\d%  top-5 \d+\.\d\d%  \(center crop, 100 validation images", result.stdout
+    )
+    assert f"TensorBoard logs: {tmp_path}/quickstart/tensorboard" in result.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_learns(tmp_path):
+    """The embedded default, shortened for CI: 150 of its 1000 iterations on a 3,000-image synthetic set."""
+    result = run(
+        RESIDUAL,
+        "train",
+        "configs/quickstart.yaml",
+        f"data.root={tmp_path / 'data'}",
+        "data.synthesize.train_per_class=300",
+        "train.iterations=150",
+        "train.eval_every=150",
+        "schedule.milestones=[100]",
+        f"train.output_dir={tmp_path / 'runs'}",
+    )
+    assert result.returncode == 0, result.stderr
+    top1 = float(re.search(r"top-1 (\d+\.\d+)%", result.stdout).group(1))
+    assert top1 > 50, result.stdout  # chance is 10%
+    assert (tmp_path / "runs/quickstart/config.yaml").is_file()
