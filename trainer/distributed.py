@@ -59,3 +59,12 @@ def barrier() -> None:
 def destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over all ranks (on ``device`` for the collective, as NCCL needs); the tensor itself without a group."""
+    if not dist.is_initialized():
+        return values
+    reduced = values.to(device)
+    dist.all_reduce(reduced)
+    return reduced.cpu()

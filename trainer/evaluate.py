@@ -6,8 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from trainer.distributed import all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,5 @@ def evaluate(
             logits = model(images)
         correct1, correct5 = topk_correct(logits.float().cpu(), labels)
         counts += torch.tensor([correct1, correct5, len(labels)])
-    if dist.is_available() and dist.is_initialized():
-        counts = counts.to(device)
-        dist.all_reduce(counts)
     model.train(was_training)
-    return EvalResult(*counts.tolist())
+    return EvalResult(*all_reduce_sum(counts, device).tolist())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from data_pipeline import TrainLoader, UserError, build_train_loader, build_val_
 from data_pipeline.synthetic import ensure_synthetic
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import Config, to_dict, to_yaml
-from trainer.distributed import LaunchEnv, apply_ddp, barrier, init_process_group, pick_device
+from trainer.distributed import LaunchEnv, all_reduce_sum, apply_ddp, barrier, init_process_group, pick_device
 from trainer.evaluate import EvalResult, evaluate, topk_correct
 from trainer.models import create_model
 from trainer.optim import build_optimizer
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainWindow:
-    """Running training metrics between two log points."""
+    """Running training metrics between two log points, as sums over this rank's images. What is logged (and
+    what the warm-up schedule reads) is ``summed`` over all ranks; a checkpoint keeps that sum on rank 0 alone."""
 
     loss_sum: float = 0.0
     correct1: int = 0
@@ -55,6 +57,12 @@ class TrainWindow:
             "top5": self.correct5 / self.count,
             "top1_error": 1 - self.correct1 / self.count,
         }
+
+    def summed(self, device: torch.device) -> TrainWindow:
+        """The sums over every rank, on every rank."""
+        sums = torch.tensor([self.loss_sum, self.correct1, self.correct5, self.count], dtype=torch.float64)
+        loss_sum, correct1, correct5, count = all_reduce_sum(sums, device).tolist()
+        return TrainWindow(loss_sum, int(correct1), int(correct5), int(count))
 
 
 @dataclass
@@ -148,7 +156,8 @@ def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
     torch.set_rng_state(checkpoint["rng"]["torch"])
     random.setstate(checkpoint["rng"]["python"])
     history = MetricHistory.from_state_dict(checkpoint["history"])
-    return TrainState(checkpoint["iteration"], history, TrainWindow(**checkpoint["window"]))
+    window = TrainWindow(**checkpoint["window"]) if run.launch.is_main else TrainWindow()
+    return TrainState(checkpoint["iteration"], history, window)
 
 
 def find_resume_checkpoint(run: Run) -> Path | None:
@@ -222,11 +231,11 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
         mininterval=1.0,
         dynamic_ncols=True,
     )
-    result = None
+    result, window_seconds, tick = None, 0.0, time.perf_counter()
     run.wrapped.train()
     while state.iteration < run.total_iterations:
         epoch, start = divmod(state.iteration, per_epoch)
-        for images, labels in run.loader.epoch(epoch, start):
+        for images, labels in run.loader.epoch(epoch, start):  # the wait for a batch counts in the window's time
             lr = run.schedule.lr(state.iteration, state.history)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
@@ -236,9 +245,11 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
             state.iteration += 1
             state.window.add(float(loss), *topk_correct(logits.float(), labels), len(labels))
             progress.update(batch)
+            window_seconds += time.perf_counter() - tick
             result = None
             if state.iteration % train.log_every == 0:
-                log_window(run, state, run_log, lr, progress)
+                log_window(run, state, run_log, lr=lr, seconds=window_seconds, progress=progress)
+                window_seconds = 0.0
             if state.iteration % eval_every == 0 or state.iteration == run.total_iterations:
                 result = evaluate_center(run)
                 state.history.val_errors.append((state.iteration, 1 - result.top1))
@@ -247,22 +258,29 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
                 save(run, state)
             if state.iteration == run.total_iterations:
                 break
+            tick = time.perf_counter()
     progress.close()
     return result
 
 
-def log_window(run: Run, state: TrainState, run_log: RunLog, lr: float, progress: tqdm) -> None:
-    summary = state.window.summary()
+def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, seconds: float, progress: tqdm) -> None:
+    """Log the window's training metrics; ``seconds`` is its wall time less evaluations and checkpoints."""
+    window = state.window.summed(run.device)
+    state.window = TrainWindow()
+    summary = window.summary()
     if not math.isfinite(summary["loss"]):
         raise RuntimeError(f"non-finite training loss at iteration {state.iteration}; the last checkpoint is kept")
     state.history.train_errors.append((state.iteration, summary["top1_error"]))
-    rate = progress.format_dict["rate"]
-    run_log.log("train", state.iteration, {**summary, "lr": lr, "images_per_second": rate or 0.0})
+    images_per_second = window.count / seconds
+    run_log.log("train", state.iteration, {**summary, "lr": lr, "images_per_second": images_per_second})
     progress.set_postfix(loss=f"{summary['loss']:.3f}", top1=f"{summary['top1']:.3f}", lr=f"{lr:.4g}")
-    state.window = TrainWindow()
 
 
 def save(run: Run, state: TrainState) -> None:
+    # The open window's sums over all ranks go into the checkpoint; rank 0 carries them on, so a restore that
+    # gives rank 0 the saved window and the others an empty one logs the same figures.
+    window = state.window.summed(run.device)
+    state.window = window if run.launch.is_main else TrainWindow()
     if run.launch.is_main:
         save_checkpoint(
             run.run_dir, state.iteration, checkpoint_state(run, state), keep=run.config.train.keep_checkpoints
