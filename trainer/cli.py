@@ -97,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model from a YAML config")
     train.add_argument("config", help="YAML file, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.05")
-    train.add_argument("--resume", nargs="?", const="auto", help="resume from the run's latest checkpoint, or CKPT")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CKPT",
+        help="resume from the run's latest checkpoint (an error if there is none), or from CKPT; without the flag "
+        "a run resumes from its latest checkpoint when it has one (train.resume=auto)",
+    )
     train.set_defaults(run=cmd_train)
 
     models = commands.add_parser("models", help="params and mult-adds of every model beside the paper's")

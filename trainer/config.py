@@ -114,7 +114,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None  # default: the config file's name
-    resume: str = "auto"  # "auto": from the run directory's latest checkpoint if any | "never" | a checkpoint path
+    resume: str = "auto"  # "auto": the run's latest checkpoint if any | "latest": it must exist | "never" | a path
     eval_every: int | None = None  # iterations between center-crop evaluations; None: every epoch
     checkpoint_every: int | None = None  # iterations between checkpoints; None: every epoch
     keep_checkpoints: int = 3

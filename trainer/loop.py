@@ -161,11 +161,16 @@ def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
 
 
 def find_resume_checkpoint(run: Run) -> Path | None:
+    """``train.resume``: "auto" (the latest checkpoint if there is one), "latest" (it must exist), "never", or
+    a checkpoint's path."""
     resume = run.config.train.resume
     if resume == "never":
         return None
-    if resume == "auto":
-        return latest_checkpoint(run.run_dir)
+    if resume in ("auto", "latest"):
+        latest = latest_checkpoint(run.run_dir)
+        if latest is None and resume == "latest":
+            raise UserError(f"--resume: no checkpoint in {run.run_dir / 'checkpoints'} to resume from")
+        return latest
     return Path(resume)
 
 
@@ -210,9 +215,8 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
         run.run_dir,
     )
     result = train_iterations(run, state, run_log)
-    if result is None:  # the last iteration was not an evaluation point, or there was nothing left to train
+    if result is None:  # the run had finished before: evaluate its final weights again, logging nothing new
         result = evaluate_center(run)
-        run_log.log("eval", state.iteration, {"protocol": "center", **result.as_dict()})
     run_log.close()
     return result, run_log
 

@@ -1,7 +1,7 @@
 """What a run records, on rank 0 only: TensorBoard scalars and ``metrics.jsonl`` in the run directory.
 
-A resumed run continues the same curves: TensorBoard purges events after the resumed iteration (``purge_step``)
-and metrics.jsonl drops its records past it, so no point is duplicated.
+A resumed run continues the same curves: TensorBoard purges the events logged after the checkpoint it resumes
+from (``purge_step``) and metrics.jsonl drops its records past it, so no point is duplicated.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class RunLog:
         if not enabled:
             return
         self._truncate_metrics(after=start_iteration)
-        purge = start_iteration if start_iteration > 0 else None
+        # Events at the resumed iteration itself were logged before its checkpoint: keep them, purge later ones.
+        purge = start_iteration + 1 if start_iteration > 0 else None
         self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge)
 
     def _truncate_metrics(self, *, after: int) -> None:

@@ -63,6 +63,24 @@ def test_resume_is_bit_exact(tmp_path, cifar_root, precision):
     assert metrics(tmp_path / "a/run", "eval") == metrics(tmp_path / "b/run", "eval")
 
 
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_a_resumed_run_continues_its_curves(tmp_path, cifar_root):
+    """A run that went on past its last checkpoint (to 13) before dying resumes at 10 and logs no point twice."""
+    train(small_run(tmp_path, cifar_root, "train.iterations=13", "train.checkpoint_every=10"), LaunchEnv())
+    (tmp_path / "run/checkpoints/ckpt-000000013.pt").unlink()
+    train(small_run(tmp_path, cifar_root, "train.iterations=16"), LaunchEnv())
+    assert scalar_steps(tmp_path / "run", "train/loss") == [3, 6, 9, 12, 15]
+    assert scalar_steps(tmp_path / "run", "eval/top1") == [5, 10, 15, 16]
+    assert [r["iteration"] for r in metrics(tmp_path / "run", "train")] == [3, 6, 9, 12, 15]
+    train(small_run(tmp_path, cifar_root, "train.iterations=16"), LaunchEnv())  # finished: evaluates, logs nothing
+    assert [r["iteration"] for r in metrics(tmp_path / "run", "eval")] == [5, 10, 15, 16]
+
+
 def test_run_directory_and_logs(tmp_path, cifar_root):
     config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.keep_checkpoints=1")
     result, run_log = train(config, LaunchEnv())
@@ -106,3 +124,18 @@ def test_unreadable_checkpoint(tmp_path):
 def test_class_count_must_match_the_data(tmp_path, cifar_root):
     with pytest.raises(UserError, match="model.num_classes=100: the data .* has 10 classes"):
         train(small_run(tmp_path, cifar_root, "train.iterations=5", "model.num_classes=100"), LaunchEnv())
+
+
+def test_resume_latest_needs_a_checkpoint_and_a_path_must_exist(tmp_path, cifar_root):
+    with pytest.raises(UserError, match="no checkpoint in .* to resume from"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=5", "train.resume=latest"), LaunchEnv())
+    with pytest.raises(UserError, match="nope.pt' does not exist"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=5", f"train.resume={tmp_path}/nope.pt"), LaunchEnv())
+
+
+def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
+    train(small_run(tmp_path, cifar_root, "train.iterations=10"), LaunchEnv())
+    source = tmp_path / "run/checkpoints/ckpt-000000010.pt"
+    config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.run_name=next", f"train.resume={source}")
+    train(config, LaunchEnv())
+    assert [r["iteration"] for r in metrics(tmp_path / "next", "train")] == [12]
