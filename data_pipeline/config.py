@@ -8,6 +8,8 @@ from data_pipeline.errors import require, require_one_of
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]  # of the CIFAR-10 training set
+CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import open_dataset
 from data_pipeline.errors import UserError
-from data_pipeline.transforms import build_train_transform, build_val_transform
+from data_pipeline.transforms import build_eval_transform, build_train_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized float32), labels (N, int64)
 
@@ -131,11 +131,49 @@ class _Transformed(Dataset):
         return self.transform(image), label
 
 
-def build_val_loader(config: DataConfig, *, rank: int, world_size: int, batch_per_rank: int) -> DataLoader:
+def collate_views(samples: list[tuple[object, int]]) -> tuple[object, torch.Tensor]:
+    """Stack the views of a batch where their shapes allow (center: B x C x H x W, tencrop: B x 10 x C x H x W);
+    multi-scale views stay one list per image."""
+    views, labels = zip(*samples, strict=True)
+    stacked = torch.stack(views) if isinstance(views[0], torch.Tensor) else list(views)
+    return stacked, torch.tensor(labels, dtype=torch.int64)
+
+
+def build_val_loader(
+    config: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    batch_per_rank: int,
+    protocol: str = "center",
+    scales: tuple[int, ...] = (),
+) -> DataLoader:
     """Rank r reads the r-th contiguous share of the val set: every image exactly once over all ranks, no padding
     duplicates and no dropped tail, so summed counts are exact."""
     dataset = open_dataset(config.root, config.format, train=False)
+    return build_eval_loader(
+        dataset,
+        config,
+        rank=rank,
+        world_size=world_size,
+        batch_per_rank=batch_per_rank,
+        protocol=protocol,
+        scales=scales,
+    )
+
+
+def build_eval_loader(
+    dataset: Dataset,
+    config: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    batch_per_rank: int,
+    protocol: str,
+    scales: tuple[int, ...],
+) -> DataLoader:
     start, stop = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
-    share = torch.utils.data.Subset(_Transformed(dataset, build_val_transform(config)), range(start, stop))
+    transform = build_eval_transform(config, protocol, scales)
+    share = torch.utils.data.Subset(_Transformed(dataset, transform), range(start, stop))
     options = _loader_options(config) | {"persistent_workers": False}
-    return DataLoader(share, batch_size=batch_per_rank, shuffle=False, **options)
+    return DataLoader(share, batch_size=batch_per_rank, shuffle=False, collate_fn=collate_views, **options)

@@ -2,8 +2,10 @@
 
 ImageNet train (Sec. 3.4): shorter side to a random integer in [256, 480], random 224 crop, horizontal flip,
 AlexNet PCA lighting, per-channel mean/std normalization (the modern stand-in for the paper's per-pixel mean).
-ImageNet val: shorter side 256, center 224. CIFAR-10 train (Sec. 4.2): 4-pixel zero padding (black, before
-normalization), random 32 crop, flip; CIFAR-10 test: the image as is.
+ImageNet val: shorter side 256, center 224; the paper's test views (Sec. 3.4): ten crops (the corners and center
+of 224 and their flips) of the 256 image, or the whole image at several shorter sides with its flip.
+CIFAR-10 train (Sec. 4.2): 4-pixel zero padding (black, before normalization), random 32 crop, flip; CIFAR-10
+test: the image as is.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.config import DataConfig
 
@@ -69,3 +72,55 @@ def build_val_transform(config: DataConfig) -> v2.Compose:
         return v2.Compose(_to_normalized(config))
     resize_crop = [v2.Resize(config.val_resize, antialias=True), v2.CenterCrop(config.crop_size)]
     return v2.Compose([*resize_crop, *_to_normalized(config)])
+
+
+def five_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The four corner crops and the center crop of ``size``: 5 x C x size x size."""
+    height, width = image.shape[-2:]
+    if min(height, width) < size:
+        raise ValueError(f"a {height}x{width} image is smaller than the {size} crop")
+    center = (int(round((height - size) / 2.0)), int(round((width - size) / 2.0)))
+    corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size), center]
+    return torch.stack([image[..., top : top + size, left : left + size] for top, left in corners])
+
+
+def ten_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """AlexNet's ten views of a C x H x W image: the five crops of the image and of its horizontal reflection,
+    10 x C x size x size, in torchvision's TenCrop order."""
+    return torch.cat([five_crop(image, size), five_crop(image.flip(-1), size)])
+
+
+class TenCropViews(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return ten_crop(image, self.size)
+
+
+class MultiScaleViews(nn.Module):
+    """For each shorter side s: the whole image resized to s and its flip, a 2 x C x H_s x W_s tensor (the shapes
+    differ per scale and per image aspect, so the views stay a list)."""
+
+    def __init__(self, scales: tuple[int, ...]) -> None:
+        super().__init__()
+        self.scales = scales
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        views = []
+        for scale in self.scales:
+            resized = TF.resize(image, scale, antialias=True)
+            views.append(torch.stack([resized, resized.flip(-1)]))
+        return views
+
+
+def build_eval_transform(config: DataConfig, protocol: str, scales: tuple[int, ...] = ()) -> v2.Compose:
+    """The test views of one image for ``protocol``: "center" (one view), "tencrop" (10) or "multiscale"."""
+    if protocol == "center":
+        return build_val_transform(config)
+    if protocol == "tencrop":
+        return v2.Compose(
+            [v2.Resize(config.val_resize, antialias=True), *_to_normalized(config), TenCropViews(config.crop_size)]
+        )
+    return v2.Compose([*_to_normalized(config), MultiScaleViews(tuple(scales))])

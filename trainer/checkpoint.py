@@ -1,16 +1,20 @@
 """Checkpoints: one file per save in ``RUN_DIR/checkpoints``, written atomically, the last k kept.
 
-A checkpoint is a plain dict of tensors and Python containers, read back with ``weights_only=True``.
+A checkpoint is a plain dict of tensors and Python containers, read back with ``weights_only=True``; for
+evaluation, ``read_weights`` also takes FSDP2's DCP directories and plain state dicts (torchvision's files).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from data_pipeline.errors import UserError
 
@@ -58,3 +62,57 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a truncated or foreign file
         raise UserError(f"checkpoint {str(path)!r} cannot be read: {str(error).splitlines()[0]}") from None
+
+
+@dataclass
+class Weights:
+    """A model's weights with what is known of it: a training checkpoint carries its model and run config and the
+    class names it was trained on; a plain state dict (``residual export``, torchvision's files) carries none."""
+
+    state_dict: dict[str, torch.Tensor]
+    model_name: str | None = None
+    config: dict[str, Any] | None = None
+    classes: list[str] | None = None
+
+
+def read_weights(path: Path) -> Weights:
+    """A training checkpoint file, a DCP checkpoint directory (FSDP2), or a plain state dict file."""
+    checkpoint = _read_dcp(path) if path.is_dir() else load_checkpoint(path)
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path}: neither a checkpoint nor a state dict")
+    if "model" in checkpoint and isinstance(checkpoint["model"], dict):
+        return Weights(
+            checkpoint["model"], checkpoint.get("model_name"), checkpoint.get("config"), checkpoint.get("classes")
+        )
+    if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return Weights(checkpoint)
+    raise UserError(f"{path}: neither a checkpoint nor a state dict")
+
+
+def _read_dcp(path: Path) -> dict[str, Any]:
+    """A torch.distributed.checkpoint directory read whole into one process, through a temporary torch.save file."""
+    if not (path / ".metadata").is_file():
+        raise UserError(f"{path}: a directory without .metadata is not a torch.distributed.checkpoint checkpoint")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch:
+        converted = Path(scratch) / "checkpoint.pt"
+        dcp_to_torch_save(path, converted)
+        return load_checkpoint(converted)
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: Path, name: str) -> None:
+    """``load_state_dict(strict=True)`` with a short message naming what does not fit."""
+    expected, given = set(model.state_dict()), set(state_dict)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        parts = [
+            f"{len(keys)} {kind} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for kind, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise UserError(f"{source}: does not fit {name}: {'; '.join(parts)}")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:  # a size mismatch: another width, depth or class count
+        raise UserError(f"{source}: does not fit {name}: {str(error).splitlines()[1].strip()}") from None

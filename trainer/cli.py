@@ -41,6 +41,46 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from trainer.distributed import LaunchEnv, destroy_process_group
+    from trainer.evaluate_checkpoint import (
+        EvalRequest,
+        evaluate_checkpoint,
+        format_table,
+        per_class_report,
+        write_report,
+    )
+
+    request = EvalRequest(
+        checkpoint=Path(args.checkpoint),
+        data=Path(args.data),
+        protocol=args.protocol,
+        scales=tuple(args.scales),
+        batch_size=args.batch,
+        model=args.model,
+        out=Path(args.out) if args.out else None,
+        per_class=args.per_class,
+        workers=args.workers,
+        precision=args.precision,
+    )
+    launch = LaunchEnv.from_environ()
+    try:
+        result, classes, report = evaluate_checkpoint(request, launch)
+    finally:
+        destroy_process_group()
+    if launch.is_main:
+        if request.per_class:
+            report["per_class"] = per_class_report(result, classes)
+        print(format_table(report))
+        print(f"wrote {write_report(request, report)}")
+
+
+def cmd_bench_eval(args: argparse.Namespace) -> None:
+    from trainer.bench import bench_eval
+
+    bench_eval(model_name=args.model, batch_size=args.batch, images=args.images, workers=args.workers)
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from trainer.models.complexity import complexity_table
 
@@ -61,6 +101,13 @@ def cmd_models(args: argparse.Namespace) -> None:
         "mult-adds at 224x224 (ImageNet) and 32x32 (CIFAR-10), bottlenecks with the paper's stride_in_1x1=True; "
         "the paper gives no CIFAR-10 FLOPs"
     )
+
+
+def parse_scales(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"scales {text!r} are not comma-separated integers (224,256,384)") from None
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -106,6 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
         "a run resumes from its latest checkpoint when it has one (train.resume=auto)",
     )
     train.set_defaults(run=cmd_train)
+
+    evaluation = commands.add_parser("eval", help="top-1/top-5 of a checkpoint over a validation set")
+    evaluation.add_argument("checkpoint", help="training checkpoint, DCP directory, or a state dict file")
+    evaluation.add_argument("--data", required=True, help="ImageFolder root (with val/) or class folders, or CIFAR")
+    evaluation.add_argument("--protocol", choices=("center", "tencrop", "multiscale"), default="center")
+    evaluation.add_argument(
+        "--scales",
+        type=parse_scales,
+        default=[224, 256, 384, 480, 640],
+        help="shorter sides for multiscale (default: the paper's 224,256,384,480,640)",
+    )
+    evaluation.add_argument("--batch", type=int, default=64, help="images per step over all ranks")
+    evaluation.add_argument("--model", help="model name, for state dicts that do not carry it")
+    evaluation.add_argument("--out", help="JSON file to write (default: beside the checkpoint)")
+    evaluation.add_argument("--per-class", action="store_true", help="add per-class accuracy to the JSON")
+    evaluation.add_argument("--workers", type=int, default=4, help="loader processes per rank")
+    evaluation.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    evaluation.set_defaults(run=cmd_eval)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench_eval = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")
+    bench_eval.add_argument("--model", default="resnet50")
+    bench_eval.add_argument("--batch", type=int, default=32)
+    bench_eval.add_argument("--images", type=int, default=128, help="synthetic 320x256 validation images")
+    bench_eval.add_argument("--workers", type=int, default=2)
+    bench_eval.set_defaults(run=cmd_bench_eval)
 
     models = commands.add_parser("models", help="params and mult-adds of every model beside the paper's")
     models.add_argument("--json", action="store_true", help="a JSON list instead of the table")

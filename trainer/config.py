@@ -133,11 +133,19 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    protocol: str = "center"  # center crop of the val_resize image (CIFAR: the 32x32 image as is)
-    batch_size: int = 256  # global
+    """Evaluation during training (``protocol``, every ``train.eval_every``) and at its end (``final_protocol``):
+    "center" (shorter side data.val_resize, center data.crop_size; CIFAR: the image as is), "tencrop" (corners and
+    center and their flips) or "multiscale" (the whole image at each of ``scales`` and its flip)."""
+
+    protocol: str = "center"
+    final_protocol: str = "center"
+    scales: list[int] = field(default_factory=lambda: [224, 256, 384, 480, 640])  # shorter sides, Table 4
+    batch_size: int = 256  # global: images per evaluation step over all ranks
 
     def __post_init__(self) -> None:
-        require_one_of("eval.protocol", self.protocol, ("center",))
+        require_one_of("eval.protocol", self.protocol, ("center", "tencrop", "multiscale"))
+        require_one_of("eval.final_protocol", self.final_protocol, ("center", "tencrop", "multiscale"))
+        require(len(self.scales) > 0, "eval.scales", self.scales, "needs at least one scale")
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
 
@@ -198,6 +206,22 @@ def validate_launch(config: Config, *, world_size: int) -> None:
     )
     for key, batch in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size)):
         require(batch % world_size == 0, key, batch, f"must be divisible by the world size {world_size}")
+    for scale in config.eval.scales:
+        require(
+            scale >= config.data.crop_size,
+            "eval.scales",
+            config.eval.scales,
+            f"every scale must be at least the {config.data.crop_size} crop (data.crop_size)",
+        )
+    if config.data.format == "cifar":
+        for key in ("protocol", "final_protocol"):
+            protocol = getattr(config.eval, key)
+            require(
+                protocol == "center",
+                f"eval.{key}",
+                protocol,
+                "CIFAR-10 is tested on the single original 32x32 image (Sec. 4.2): use center",
+            )
     root = Path(config.data.root)
     if config.data.synthesize is None and not root.is_dir():
         raise UserError(

@@ -1,7 +1,15 @@
-"""Exact top-1/top-5 over a validation set: counts, not rates, summed over ranks."""
+"""Evaluation as the paper did it (Sec. 3.4, Table 2-4): center crop, 10-crop and multi-scale fully-convolutional
+testing, with exact top-1/top-5 counts summed over ranks.
+
+Views come from the data pipeline (data_pipeline.transforms.build_eval_transform) as one tensor per image
+(center), ten stacked crops per image (tencrop, one forward on the B*10 batch) or one [image, flip] pair per
+scale (multiscale, batched by shape); the class probabilities of all views of an image are averaged.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -10,12 +18,17 @@ from torch import nn
 
 from trainer.distributed import all_reduce_sum
 
+PROTOCOLS = ("center", "tencrop", "multiscale")
+PAPER_SCALES = (224, 256, 384, 480, 640)
+
 
 @dataclass(frozen=True)
 class EvalResult:
     correct1: int
     correct5: int
     count: int
+    per_class: tuple[tuple[int, int, int], ...] = ()  # (correct1, correct5, count) of each class
+    seconds: float = 0.0
 
     @property
     def top1(self) -> float:
@@ -24,6 +37,10 @@ class EvalResult:
     @property
     def top5(self) -> float:
         return self.correct5 / self.count
+
+    @property
+    def images_per_second(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {
@@ -34,30 +51,82 @@ class EvalResult:
             "top5": self.top5,
             "top1_error": 1 - self.top1,
             "top5_error": 1 - self.top5,
+            "images_per_second": self.images_per_second,
         }
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """How many rows have their label among the k highest logits, for each k (k capped at the class count)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """How many rows have their label among the k highest scores, for each k (k capped at the class count)."""
+    return [int(hits.sum()) for hits in topk_hits(scores, labels, ks)]
+
+
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
+    return [hits[:, :k].any(dim=1) for k in ks]
+
+
+class ViewScorer:
+    """Class probabilities of a batch of views, averaged over each image's views."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device, precision: str, channels_last: bool) -> None:
+        self.model = model
+        self.device = device
+        self.precision = precision
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            logits = self.model(images)
+        return logits.float().softmax(dim=1)
+
+    def __call__(self, views: torch.Tensor | list[list[torch.Tensor]]) -> torch.Tensor:
+        if isinstance(views, list):
+            return self.multiscale(views)
+        if views.ndim == 5:  # B x V x C x H x W: every view of every image in one forward
+            batch, count = views.shape[:2]
+            return self.probabilities(views.flatten(0, 1)).view(batch, count, -1).mean(dim=1)
+        return self.probabilities(views)
+
+    def multiscale(self, views: list[list[torch.Tensor]]) -> torch.Tensor:
+        """``views[i][s]`` is image i at scale s and its flip (2 x C x H x W): views of one shape go in one forward."""
+        by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for index, scales in enumerate(views):
+            for pair in scales:
+                by_shape[tuple(pair.shape)].append((index, pair))
+        totals: torch.Tensor | None = None
+        for group in by_shape.values():
+            probabilities = self.probabilities(torch.cat([pair for _, pair in group]))
+            per_image = probabilities.view(len(group), -1, probabilities.shape[1]).sum(dim=1)
+            if totals is None:
+                totals = torch.zeros(len(views), probabilities.shape[1], device=probabilities.device)
+            totals.index_add_(0, torch.tensor([index for index, _ in group], device=totals.device), per_image)
+        return totals / (2 * len(views[0]))
 
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Iterable, *, device: torch.device, precision: str, channels_last: bool
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    num_classes: int,
+    device: torch.device,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> EvalResult:
-    """Center-crop (one view) evaluation; every rank passes its own share and gets the global counts."""
+    """Every rank passes its own share of the images and gets the counts over all of them."""
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.int64)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for images, labels in batches:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(images)
-        correct1, correct5 = topk_correct(logits.float().cpu(), labels)
-        counts += torch.tensor([correct1, correct5, len(labels)])
+    score = ViewScorer(model, device=device, precision=precision, channels_last=channels_last)
+    counts = torch.zeros(num_classes, 3, dtype=torch.int64)  # per class: correct top-1, correct top-5, images
+    started = time.perf_counter()
+    for views, labels in batches:
+        hit1, hit5 = (hits.cpu() for hits in topk_hits(score(views), labels.to(device)))
+        for column, values in enumerate((hit1.long(), hit5.long(), torch.ones_like(labels))):
+            counts[:, column] += torch.bincount(labels, weights=values, minlength=num_classes).long()
+    seconds = time.perf_counter() - started
     model.train(was_training)
-    return EvalResult(*all_reduce_sum(counts, device).tolist())
+    counts = all_reduce_sum(counts, device)
+    correct1, correct5, count = counts.sum(dim=0).tolist()
+    return EvalResult(correct1, correct5, count, tuple(map(tuple, counts.tolist())), seconds)

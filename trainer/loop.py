@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from data_pipeline import TrainLoader, UserError, build_train_loader, build_val_loader
 from data_pipeline.synthetic import ensure_synthetic
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import LaunchEnv, all_reduce_sum, apply_ddp, barrier, init_process_group, pick_device
 from trainer.evaluate import EvalResult, evaluate, topk_correct
@@ -101,12 +101,7 @@ def build_run(config: Config, launch: LaunchEnv) -> Run:
             f"model.num_classes={config.model.num_classes}: the data at {config.data.root} has "
             f"{len(loader.classes)} classes"
         )
-    val_batches = build_val_loader(
-        config.data,
-        rank=launch.rank,
-        world_size=launch.world_size,
-        batch_per_rank=config.eval.batch_size // launch.world_size,
-    )
+    val_batches = build_eval_batches(config, launch, config.eval.protocol)
     torch.manual_seed(config.train.seed)
     model = create_model(config.model.name, **config.model.overrides())
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
@@ -124,6 +119,17 @@ def build_run(config: Config, launch: LaunchEnv) -> Run:
     return Run(config, launch, run_dir, device, model, wrapped, optimizer, loader, val_batches, schedule, total)
 
 
+def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str) -> Any:
+    return build_val_loader(
+        config.data,
+        rank=launch.rank,
+        world_size=launch.world_size,
+        batch_per_rank=config.eval.batch_size // launch.world_size,
+        protocol=protocol,
+        scales=tuple(config.eval.scales),
+    )
+
+
 def checkpoint_state(run: Run, state: TrainState) -> dict[str, Any]:
     return {
         "model_name": run.config.model.name,
@@ -131,6 +137,7 @@ def checkpoint_state(run: Run, state: TrainState) -> dict[str, Any]:
         "optimizer": run.optimizer.state_dict(),
         "iteration": state.iteration,
         "batches_per_epoch": run.loader.batches_per_epoch,
+        "classes": run.loader.classes,
         "history": state.history.state_dict(),
         "window": vars(state.window).copy(),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -148,10 +155,7 @@ def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
             f"{source}: saved with {checkpoint['batches_per_epoch']} batches per epoch, this run has "
             f"{run.loader.batches_per_epoch}: the data set or data.batch_size changed"
         )
-    try:
-        run.model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        raise UserError(f"{source}: does not fit the model ({str(error).splitlines()[1].strip()})") from None
+    load_model_state(run.model, checkpoint["model"], source=source, name=run.config.model.name)
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     random.setstate(checkpoint["rng"]["python"])
@@ -184,15 +188,20 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[to
     return loss.detach(), logits.detach()
 
 
-def evaluate_center(run: Run) -> EvalResult:
-    train = run.config.train
+def run_evaluation(run: Run, batches: Any) -> EvalResult:
     return evaluate(
-        run.wrapped, run.val_batches, device=run.device, precision=train.precision, channels_last=train.channels_last
+        run.wrapped,
+        batches,
+        num_classes=run.config.model.num_classes,
+        device=run.device,
+        precision=run.config.train.precision,
+        channels_last=run.config.train.channels_last,
     )
 
 
 def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
-    """Train to ``total_iterations`` (resuming when a checkpoint is found) and return the final evaluation."""
+    """Train to ``total_iterations`` (resuming when a checkpoint is found) and return the final evaluation
+    (``eval.final_protocol``)."""
     run = build_run(config, launch)
     state = TrainState()
     source = find_resume_checkpoint(run)
@@ -216,7 +225,11 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     )
     result = train_iterations(run, state, run_log)
     if result is None:  # the run had finished before: evaluate its final weights again, logging nothing new
-        result = evaluate_center(run)
+        result = run_evaluation(run, run.val_batches)
+    final = config.eval.final_protocol
+    if final != config.eval.protocol:
+        result = run_evaluation(run, build_eval_batches(config, launch, final))
+        run_log.log("eval", state.iteration, {"protocol": final, **result.as_dict()})
     run_log.close()
     return result, run_log
 
@@ -255,9 +268,9 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
                 log_window(run, state, run_log, lr=lr, seconds=window_seconds, progress=progress)
                 window_seconds = 0.0
             if state.iteration % eval_every == 0 or state.iteration == run.total_iterations:
-                result = evaluate_center(run)
+                result = run_evaluation(run, run.val_batches)
                 state.history.val_errors.append((state.iteration, 1 - result.top1))
-                run_log.log("eval", state.iteration, {"protocol": "center", **result.as_dict()})
+                run_log.log("eval", state.iteration, {"protocol": run.config.eval.protocol, **result.as_dict()})
             if state.iteration % checkpoint_every == 0 or state.iteration == run.total_iterations:
                 save(run, state)
             if state.iteration == run.total_iterations:

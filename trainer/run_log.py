@@ -34,12 +34,14 @@ class RunLog:
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
-        """One record: every numeric value becomes the scalar ``kind/name`` at ``iteration``."""
+        """One record: every numeric value becomes the scalar ``kind/name`` (``eval/PROTOCOL/name`` for an
+        evaluation) at ``iteration``."""
         if not self.enabled:
             return
+        prefix = f"{kind}/{values['protocol']}" if "protocol" in values else kind
         for name, value in values.items():
             if isinstance(value, int | float):
-                self.writer.add_scalar(f"{kind}/{name}", value, iteration)
+                self.writer.add_scalar(f"{prefix}/{name}", value, iteration)
         with open(self.metrics_path, "a") as file:
             file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
 

@@ -59,6 +59,9 @@ def test_overrides_and_run_name(tmp_path):
         (["schedule.milestones=[10,5]"], "must increase"),
         (["data.batch_size=0"], "data.batch_size=0"),
         (["lr 0.1"], "is not key=value"),
+        (["eval.final_protocol=fivecrop"], "eval.final_protocol='fivecrop'"),
+        (["eval.scales=[128,256]"], "every scale must be at least the 224 crop"),
+        (["data.format=cifar", "eval.final_protocol=tencrop"], "single original 32x32 image"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, message):

@@ -75,7 +75,7 @@ def test_a_resumed_run_continues_its_curves(tmp_path, cifar_root):
     (tmp_path / "run/checkpoints/ckpt-000000013.pt").unlink()
     train(small_run(tmp_path, cifar_root, "train.iterations=16"), LaunchEnv())
     assert scalar_steps(tmp_path / "run", "train/loss") == [3, 6, 9, 12, 15]
-    assert scalar_steps(tmp_path / "run", "eval/top1") == [5, 10, 15, 16]
+    assert scalar_steps(tmp_path / "run", "eval/center/top1") == [5, 10, 15, 16]
     assert [r["iteration"] for r in metrics(tmp_path / "run", "train")] == [3, 6, 9, 12, 15]
     train(small_run(tmp_path, cifar_root, "train.iterations=16"), LaunchEnv())  # finished: evaluates, logs nothing
     assert [r["iteration"] for r in metrics(tmp_path / "run", "eval")] == [5, 10, 15, 16]
@@ -93,7 +93,7 @@ def test_run_directory_and_logs(tmp_path, cifar_root):
     assert [r["lr"] for r in metrics(run_dir, "train")] == pytest.approx([0.1, 0.1, 0.01, 0.01])
     events = EventAccumulator(str(run_log.tensorboard_dir))
     events.Reload()
-    assert {"train/loss", "train/top1", "train/top5", "train/lr", "train/images_per_second", "eval/top1"} <= set(
+    assert {"train/loss", "train/top1", "train/top5", "train/lr", "train/images_per_second", "eval/center/top1"} <= set(
         events.Tags()["scalars"]
     )
     assert [event.step for event in events.Scalars("train/loss")] == [3, 6, 9, 12]
@@ -139,3 +139,36 @@ def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
     config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.run_name=next", f"train.resume={source}")
     train(config, LaunchEnv())
     assert [r["iteration"] for r in metrics(tmp_path / "next", "train")] == [12]
+
+
+def test_final_protocol_at_the_end_of_training(tmp_path, imagefolder_root):
+    config = load_config(
+        CONFIG,
+        [
+            f"data.root={imagefolder_root}",
+            "data.synthesize=null",
+            "data.format=imagefolder",
+            "data.batch_size=8",
+            "data.workers=0",
+            "data.scale_min=40",
+            "data.scale_max=48",
+            "data.crop_size=32",
+            "data.val_resize=36",
+            "model.name=resnet18",
+            "model.num_classes=4",
+            "train.iterations=6",
+            "train.eval_every=3",
+            "train.progress=false",
+            f"train.output_dir={tmp_path}",
+            "eval.batch_size=10",
+            "eval.final_protocol=tencrop",
+        ],
+    )
+    result, run_log = train(config, LaunchEnv())
+    evaluations = [(r["iteration"], r["protocol"], r["count"]) for r in metrics(tmp_path / "quickstart", "eval")]
+    assert evaluations == [(3, "center", 20), (6, "center", 20), (6, "tencrop", 20)]
+    assert metrics(tmp_path / "quickstart", "eval")[-1]["correct1"] == result.correct1
+    assert scalar_steps(tmp_path / "quickstart", "eval/tencrop/top1") == [6]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "quickstart"))["classes"] == sorted(
+        path.name for path in (imagefolder_root / "train").iterdir()
+    )

@@ -1,0 +1,164 @@
+"""``residual eval CHECKPOINT --data DIR``: one protocol over a whole validation set, alone or under torchrun.
+
+Takes this project's checkpoints (a training checkpoint file, an FSDP2 DCP directory, an exported state dict)
+and torchvision's ``resnet*`` state-dict files; prints the paper's table row and writes the counts as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from data_pipeline.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig
+from data_pipeline.datasets import CifarDataset, ImageFolderDataset
+from data_pipeline.errors import UserError
+from data_pipeline.torch_loader import build_eval_loader
+from trainer.checkpoint import Weights, load_model_state, read_weights
+from trainer.config import ModelConfig
+from trainer.distributed import LaunchEnv, init_process_group, pick_device
+from trainer.evaluate import EvalResult, evaluate
+from trainer.models import create_model, get_model_spec
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    checkpoint: Path
+    data: Path
+    protocol: str = "center"
+    scales: tuple[int, ...] = (224, 256, 384, 480, 640)
+    batch_size: int = 64  # global
+    model: str | None = None
+    out: Path | None = None
+    per_class: bool = False
+    workers: int = 4
+    precision: str = "fp32"
+
+
+def build_model(weights: Weights, requested: str | None, source: Path) -> nn.Module:
+    name = requested or weights.model_name
+    if name is None:
+        raise UserError(f"{source}: a plain state dict does not name its model: pass --model (e.g. --model resnet50)")
+    if requested and weights.model_name and requested != weights.model_name:
+        raise UserError(f"{source}: a checkpoint of {weights.model_name!r}, not of --model {requested!r}")
+    if weights.config is not None:
+        overrides = ModelConfig(**weights.config["model"]).overrides()
+    elif "fc.weight" in weights.state_dict:
+        overrides = {"num_classes": weights.state_dict["fc.weight"].shape[0]}
+    else:
+        raise UserError(f"{source}: no fc.weight: not the state dict of a ResNet")
+    try:
+        model = create_model(name, **overrides)
+    except KeyError as error:
+        raise UserError(f"--model: {error.args[0]}") from None
+    load_model_state(model, weights.state_dict, source=source, name=name)
+    return model
+
+
+def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -> DataConfig:
+    """The run's own data settings (mean/std, resize, crop) when the checkpoint has them, else the defaults of
+    the model's data set; the data format follows the folder."""
+    if weights.config is not None:
+        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), weights.config["data"]))
+    elif get_model_spec(model_name).dataset == "cifar10":
+        config = DataConfig(format="cifar", mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD))
+    else:
+        config = DataConfig()
+    data_format = "cifar" if (request.data / "test_batch").is_file() else "imagefolder"
+    return replace(config, root=str(request.data), format=data_format, workers=request.workers, synthesize=None)
+
+
+def open_eval_dataset(config: DataConfig) -> CifarDataset | ImageFolderDataset:
+    root = Path(config.root)
+    if config.format == "cifar":
+        return CifarDataset(root, train=False)
+    return ImageFolderDataset(root / "val" if (root / "val").is_dir() else root)
+
+
+def check_request(request: EvalRequest, data: DataConfig, launch: LaunchEnv) -> None:
+    if data.format == "cifar" and request.protocol != "center":
+        raise UserError(
+            f"--protocol {request.protocol}: CIFAR-10 is tested on the single original 32x32 image "
+            "(Sec. 4.2); use --protocol center"
+        )
+    if request.protocol == "multiscale":
+        small = [scale for scale in request.scales if scale < data.crop_size]
+        if small:
+            raise UserError(f"--scales: {small} smaller than the {data.crop_size} crop the model was trained on")
+    if request.batch_size % launch.world_size:
+        raise UserError(f"--batch {request.batch_size}: not divisible by the world size {launch.world_size}")
+
+
+def check_classes(weights: Weights, dataset_classes: list[str], num_outputs: int, data_root: str) -> None:
+    if weights.classes is not None and weights.classes != dataset_classes:
+        differing = [f"{a!r} vs {b!r}" for a, b in zip(weights.classes, dataset_classes, strict=False) if a != b]
+        raise UserError(
+            f"{data_root}: its {len(dataset_classes)} classes are not the {len(weights.classes)} the "
+            f"checkpoint was trained on (first differences: {', '.join(differing[:3]) or 'count'})"
+        )
+    if len(dataset_classes) != num_outputs:
+        raise UserError(f"{data_root}: {len(dataset_classes)} classes, the model has {num_outputs} outputs")
+
+
+def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalResult, list[str], dict[str, Any]]:
+    weights = read_weights(request.checkpoint)
+    model = build_model(weights, request.model, request.checkpoint)
+    model_name = request.model or weights.model_name
+    data = build_data_config(weights, model_name, request)
+    check_request(request, data, launch)
+    dataset = open_eval_dataset(data)
+    check_classes(weights, dataset.classes, model.fc.out_features, data.root)
+    device = pick_device("auto", launch)
+    init_process_group(launch, device)
+    batches = build_eval_loader(
+        dataset,
+        data,
+        rank=launch.rank,
+        world_size=launch.world_size,
+        batch_per_rank=request.batch_size // launch.world_size,
+        protocol=request.protocol,
+        scales=request.scales,
+    )
+    model = model.to(device, memory_format=torch.channels_last)
+    result = evaluate(
+        model, batches, num_classes=len(dataset.classes), device=device, precision=request.precision, channels_last=True
+    )
+    report = {
+        "checkpoint": str(request.checkpoint),
+        "model": model_name,
+        "data": data.root,
+        "protocol": request.protocol,
+        "scales": list(request.scales) if request.protocol == "multiscale" else None,
+        **result.as_dict(),
+    }
+    return result, dataset.classes, report
+
+
+def per_class_report(result: EvalResult, classes: list[str]) -> list[dict[str, Any]]:
+    return [
+        {"class": name, "correct1": c1, "correct5": c5, "count": n, "top1": c1 / n if n else None}
+        for name, (c1, c5, n) in zip(classes, result.per_class, strict=True)
+    ]
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The paper's columns: top-1 and top-5 error (%) beside the accuracies."""
+    header = f"{'protocol':<11}{'images':>8}{'top-1':>9}{'top-5':>9}{'top-1 err':>11}{'top-5 err':>11}{'images/s':>10}"
+    row = (
+        f"{report['protocol']:<11}{report['count']:>8}{100 * report['top1']:>8.2f}%{100 * report['top5']:>8.2f}%"
+        f"{100 * report['top1_error']:>10.2f}%{100 * report['top5_error']:>10.2f}%"
+        f"{report['images_per_second']:>10.1f}"
+    )
+    return f"{header}\n{row}"
+
+
+def write_report(request: EvalRequest, report: dict[str, Any]) -> Path:
+    out = request.out or request.checkpoint.with_name(f"{request.checkpoint.name}.eval-{request.protocol}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return out
