@@ -18,7 +18,7 @@ from trainer.models import create_model
 
 def bench_eval(*, model_name: str, batch_size: int, images: int, workers: int) -> None:
     """Center-crop and 10-crop evaluation of one model on the same synthetic 320x256 images and batch size: the
-    10-crop path shares the decode and resize of each image and runs one forward on the B*10 batch, so its
+    10-crop path shares the decode and resize of each image and forwards its B*10 views B at a time, so its
     images/s should be at least 1/11 of center-crop's."""
     classes = 8
     with tempfile.TemporaryDirectory() as scratch:
