@@ -78,9 +78,7 @@ def test_python_m_trainer_is_the_train_entry_point(tmp_path, cifar_root):
         "eval.batch_size=100",
     )
     assert result.returncode == 0, result.stderr
-    assert re.search(
-        r"resnet20: top-1 \d+\.\d\d%  top-5 \d+\.\d\d%  \(center crop, 100 validation images", result.stdout
-    )
+    assert re.search(r"resnet20: top-1 \d+\.\d\d%  top-5 \d+\.\d\d%  \(center, 100 validation images", result.stdout)
     assert f"TensorBoard logs: {tmp_path}/quickstart/tensorboard" in result.stdout
 
 

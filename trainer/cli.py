@@ -18,9 +18,10 @@ from data_pipeline.errors import UserError
 log = logging.getLogger("residual")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.distributed import LaunchEnv, destroy_process_group
+    from trainer.faults import TrainingStopped
     from trainer.loop import train
 
     launch = LaunchEnv.from_environ()
@@ -31,14 +32,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
     try:
         result, run_log = train(config, launch)
+    except TrainingStopped as stopped:
+        if launch.is_main:
+            print(f"residual: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     finally:
         destroy_process_group()
     if launch.is_main:
+        protocol = config.eval.final_protocol
         print(
             f"{config.model.name}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
-            f"(center crop, {result.count} validation images; chance {100 / config.model.num_classes:.1f}%)"
+            f"({protocol}, {result.count} validation images; chance {100 / config.model.num_classes:.1f}%)"
         )
         print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -201,11 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except UserError as error:
         print(f"residual: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

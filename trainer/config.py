@@ -120,6 +120,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 20  # iterations between training metrics in TensorBoard and metrics.jsonl
     progress: bool = True  # tqdm bar on rank 0
+    skip_nonfinite: bool = False  # skip (and count) a step whose loss is not finite instead of stopping the run
 
     def __post_init__(self) -> None:
         require_one_of("train.precision", self.precision, ("fp32", "bf16"))

@@ -68,3 +68,9 @@ def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     reduced = values.to(device)
     dist.all_reduce(reduced)
     return reduced.cpu()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, whether it is set on any rank: one collective, and every rank gets the same answer."""
+    counts = all_reduce_sum(torch.tensor(flags, dtype=torch.int32), device)
+    return [bool(count) for count in counts.tolist()]

@@ -24,8 +24,17 @@ from data_pipeline import TrainLoader, UserError, build_train_loader, build_val_
 from data_pipeline.synthetic import ensure_synthetic
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from trainer.config import Config, to_dict, to_yaml
-from trainer.distributed import LaunchEnv, all_reduce_sum, apply_ddp, barrier, init_process_group, pick_device
+from trainer.distributed import (
+    LaunchEnv,
+    all_reduce_sum,
+    any_rank,
+    apply_ddp,
+    barrier,
+    init_process_group,
+    pick_device,
+)
 from trainer.evaluate import EvalResult, evaluate, topk_correct
+from trainer.faults import NonFiniteLoss, Preempted, StopSignals
 from trainer.models import create_model
 from trainer.optim import build_optimizer
 from trainer.run_log import RunLog
@@ -68,6 +77,7 @@ class TrainWindow:
 @dataclass
 class TrainState:
     iteration: int = 0
+    skipped_steps: int = 0  # steps without an update because the loss was not finite
     history: MetricHistory = field(default_factory=MetricHistory)
     window: TrainWindow = field(default_factory=TrainWindow)
 
@@ -136,6 +146,7 @@ def checkpoint_state(run: Run, state: TrainState) -> dict[str, Any]:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "iteration": state.iteration,
+        "skipped_steps": state.skipped_steps,
         "batches_per_epoch": run.loader.batches_per_epoch,
         "classes": run.loader.classes,
         "history": state.history.state_dict(),
@@ -161,7 +172,7 @@ def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
     random.setstate(checkpoint["rng"]["python"])
     history = MetricHistory.from_state_dict(checkpoint["history"])
     window = TrainWindow(**checkpoint["window"]) if run.launch.is_main else TrainWindow()
-    return TrainState(checkpoint["iteration"], history, window)
+    return TrainState(checkpoint["iteration"], checkpoint["skipped_steps"], history, window)
 
 
 def find_resume_checkpoint(run: Run) -> Path | None:
@@ -178,14 +189,24 @@ def find_resume_checkpoint(run: Run) -> Path | None:
     return Path(resume)
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class StepOutcome:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    skipped: bool  # the loss was not finite on some rank and train.skip_nonfinite is set: no update
+    stop: bool  # some rank received a stop signal: checkpoint after this step and exit
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, signals: StopSignals) -> StepOutcome:
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.config.train.precision == "bf16"):
         logits = run.wrapped(images)
         loss = F.cross_entropy(logits, labels)
+    nonfinite, stop = any_rank([not torch.isfinite(loss).item(), signals.received is not None], run.device)
     run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    run.optimizer.step()
-    return loss.detach(), logits.detach()
+    if not nonfinite:  # every rank takes the same branch, as DDP's collective backward requires
+        loss.backward()
+        run.optimizer.step()
+    return StepOutcome(loss.detach(), logits.detach(), skipped=nonfinite, stop=stop)
 
 
 def run_evaluation(run: Run, batches: Any) -> EvalResult:
@@ -223,18 +244,21 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
         run.loader.batches_per_epoch,
         run.run_dir,
     )
-    result = train_iterations(run, state, run_log)
-    if result is None:  # the run had finished before: evaluate its final weights again, logging nothing new
-        result = run_evaluation(run, run.val_batches)
-    final = config.eval.final_protocol
-    if final != config.eval.protocol:
-        result = run_evaluation(run, build_eval_batches(config, launch, final))
-        run_log.log("eval", state.iteration, {"protocol": final, **result.as_dict()})
-    run_log.close()
+    try:
+        with StopSignals() as signals:
+            result = train_iterations(run, state, run_log, signals)
+        if result is None:  # the run had finished before: evaluate its final weights again, logging nothing new
+            result = run_evaluation(run, run.val_batches)
+        final = config.eval.final_protocol
+        if final != config.eval.protocol:
+            result = run_evaluation(run, build_eval_batches(config, launch, final))
+            run_log.log("eval", state.iteration, {"protocol": final, **result.as_dict()})
+    finally:
+        run_log.close()
     return result, run_log
 
 
-def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult | None:
+def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: StopSignals) -> EvalResult | None:
     train, per_epoch = run.config.train, run.loader.batches_per_epoch
     eval_every, checkpoint_every = train.eval_every or per_epoch, train.checkpoint_every or per_epoch
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
@@ -258,9 +282,18 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
                 group["lr"] = lr
             images = images.to(run.device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(run.device, non_blocking=True)
-            loss, logits = train_step(run, images, labels)
+            step = train_step(run, images, labels, signals)
             state.iteration += 1
-            state.window.add(float(loss), *topk_correct(logits.float(), labels), len(labels))
+            if step.skipped:
+                if not train.skip_nonfinite:
+                    raise NonFiniteLoss(
+                        f"the training loss is not finite at iteration {state.iteration}; stopped "
+                        f"without updating the weights; the last checkpoint is kept "
+                        f"({latest_checkpoint(run.run_dir)}); train.skip_nonfinite=true skips such steps"
+                    )
+                state.skipped_steps += 1
+            else:
+                state.window.add(float(step.loss), *topk_correct(step.logits.float(), labels), len(labels))
             progress.update(batch)
             window_seconds += time.perf_counter() - tick
             result = None
@@ -271,8 +304,13 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
                 result = run_evaluation(run, run.val_batches)
                 state.history.val_errors.append((state.iteration, 1 - result.top1))
                 run_log.log("eval", state.iteration, {"protocol": run.config.eval.protocol, **result.as_dict()})
-            if state.iteration % checkpoint_every == 0 or state.iteration == run.total_iterations:
+            if state.iteration % checkpoint_every == 0 or state.iteration == run.total_iterations or step.stop:
                 save(run, state)
+            if step.stop:
+                raise Preempted(
+                    f"stopped by {signals.name} at iteration {state.iteration} of "
+                    f"{run.total_iterations}; checkpoint written; a new start resumes from it"
+                )
             if state.iteration == run.total_iterations:
                 break
             tick = time.perf_counter()
@@ -289,7 +327,8 @@ def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, secon
         raise RuntimeError(f"non-finite training loss at iteration {state.iteration}; the last checkpoint is kept")
     state.history.train_errors.append((state.iteration, summary["top1_error"]))
     images_per_second = window.count / seconds
-    run_log.log("train", state.iteration, {**summary, "lr": lr, "images_per_second": images_per_second})
+    values = {**summary, "lr": lr, "images_per_second": images_per_second, "skipped_steps": state.skipped_steps}
+    run_log.log("train", state.iteration, values)
     progress.set_postfix(loss=f"{summary['loss']:.3f}", top1=f"{summary['top1']:.3f}", lr=f"{lr:.4g}")
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from data_pipeline.errors import UserError
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from trainer.config import load_config
 from trainer.distributed import LaunchEnv
+from trainer.faults import NonFiniteLoss
 from trainer.loop import train
 
 CONFIG = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
@@ -172,3 +174,35 @@ def test_final_protocol_at_the_end_of_training(tmp_path, imagefolder_root):
     assert load_checkpoint(latest_checkpoint(tmp_path / "quickstart"))["classes"] == sorted(
         path.name for path in (imagefolder_root / "train").iterdir()
     )
+
+
+def nan_at_call(monkeypatch, call: int) -> None:
+    """Make the loss of the ``call``-th training step NaN (evaluation computes no loss)."""
+    calls = {"count": 0}
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def poisoned(*args, **kwargs):
+        calls["count"] += 1
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls["count"] == call else loss
+
+    monkeypatch.setattr("trainer.loop.F.cross_entropy", poisoned)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cifar_root, monkeypatch):
+    nan_at_call(monkeypatch, 7)
+    config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.checkpoint_every=5")
+    with pytest.raises(NonFiniteLoss, match="not finite at iteration 7; .*ckpt-000000005.pt"):
+        train(config, LaunchEnv())
+    checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "run"))
+    assert checkpoint["iteration"] == 5 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, cifar_root, monkeypatch):
+    nan_at_call(monkeypatch, 2)
+    config = small_run(tmp_path, cifar_root, "train.iterations=6", "train.skip_nonfinite=true")
+    result, _ = train(config, LaunchEnv())
+    records = metrics(tmp_path / "run", "train")
+    assert [r["skipped_steps"] for r in records] == [1, 1]
+    assert all(math.isfinite(r["loss"]) for r in records) and result.count == 100
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["skipped_steps"] == 1
