@@ -116,3 +116,16 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
         model.load_state_dict(state_dict)
     except RuntimeError as error:  # a size mismatch: another width, depth or class count
         raise UserError(f"{source}: does not fit {name}: {str(error).splitlines()[1].strip()}") from None
+
+
+def export_state_dict(source: Path, out: Path) -> str:
+    """Write the model weights of a checkpoint (file or DCP directory) as a plain state dict, the format of
+    torchvision's ``resnet*`` files; returns the model's name. Written atomically, like a checkpoint."""
+    weights = read_weights(source)
+    if weights.model_name is None:
+        raise UserError(f"{source}: already a plain state dict; nothing to export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".tmp")
+    torch.save(weights.state_dict, partial)
+    os.replace(partial, out)
+    return weights.model_name

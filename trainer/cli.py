@@ -82,6 +82,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {write_report(request, report)}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from trainer.checkpoint import export_state_dict
+
+    name = export_state_dict(Path(args.checkpoint), Path(args.out))
+    print(f"wrote the {name} weights of {args.checkpoint} to {args.out} (torchvision.models.{name}() loads them)")
+
+
 def cmd_bench_eval(args: argparse.Namespace) -> None:
     from trainer.bench import bench_eval
 
@@ -178,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--workers", type=int, default=4, help="loader processes per rank")
     evaluation.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     evaluation.set_defaults(run=cmd_eval)
+
+    export = commands.add_parser("export", help="a checkpoint's weights as a plain (torchvision) state dict")
+    export.add_argument("checkpoint", help="training checkpoint file or DCP directory")
+    export.add_argument("out", help="the .pt file to write")
+    export.set_defaults(run=cmd_export)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_eval = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")

@@ -52,3 +52,40 @@ def test_two_ranks_follow_the_single_process_run(tmp_path, cifar_root):
     assert ddp[0]["loss"] == pytest.approx(single[0]["loss"], rel=0.02)
     losses = [(a["loss"], b["loss"]) for a, b in zip(single, ddp, strict=True) if a["kind"] == "train"]
     assert all(b == pytest.approx(a, rel=0.15) for a, b in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_nodes_on_one_host_train_together(tmp_path, cifar_root):
+    """Two torchrun agents, one per "node", meeting through the c10d rendezvous on 127.0.0.1."""
+    node = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=127.0.0.1:29519",
+        "--rdzv-id=two-nodes",
+        "-m",
+        "trainer",
+        "configs/quickstart.yaml",
+        f"data.root={cifar_root}",
+        "data.synthesize=null",
+        "data.batch_size=40",
+        "data.workers=0",
+        "train.iterations=4",
+        "train.log_every=2",
+        "train.progress=false",
+        f"train.output_dir={tmp_path}",
+        "eval.batch_size=20",
+    ]
+    agents = [
+        subprocess.Popen(node, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [agent.communicate(timeout=300) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum("global batch 40 (20 per rank x 2 ranks)" in err for _, err in outputs) == 1
+    records = train_records(tmp_path / "quickstart")
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == [2, 4]
+    assert records[-1]["count"] == 100

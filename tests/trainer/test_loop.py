@@ -206,3 +206,38 @@ def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, cifar_root, monkeypa
     assert [r["skipped_steps"] for r in records] == [1, 1]
     assert all(math.isfinite(r["loss"]) for r in records) and result.count == 100
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["skipped_steps"] == 1
+
+
+def test_export_gives_a_torchvision_state_dict(tmp_path, cifar_root, imagefolder_root):
+    import torchvision
+
+    from trainer.checkpoint import export_state_dict
+
+    config = load_config(
+        CONFIG,
+        [
+            f"data.root={imagefolder_root}",
+            "data.synthesize=null",
+            "data.format=imagefolder",
+            "data.batch_size=8",
+            "data.workers=0",
+            "data.scale_min=40",
+            "data.scale_max=48",
+            "data.crop_size=32",
+            "data.val_resize=36",
+            "model.name=resnet18",
+            "model.num_classes=4",
+            "train.iterations=2",
+            "train.progress=false",
+            f"train.output_dir={tmp_path}",
+            "eval.batch_size=10",
+        ],
+    )
+    train(config, LaunchEnv())
+    source = latest_checkpoint(tmp_path / "quickstart")
+    assert export_state_dict(source, tmp_path / "resnet18.pt") == "resnet18"
+    reference = torchvision.models.resnet18(num_classes=4)
+    reference.load_state_dict(torch.load(tmp_path / "resnet18.pt", weights_only=True))
+    assert torch.equal(reference.fc.weight, load_checkpoint(source)["model"]["fc.weight"])
+    with pytest.raises(UserError, match="already a plain state dict"):
+        export_state_dict(tmp_path / "resnet18.pt", tmp_path / "again.pt")
