@@ -19,3 +19,16 @@ def imagefolder_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("imagefolder")
     synthesize_imagefolder(root, classes=4, train_per_class=12, val_per_class=5, size=(48, 40), seed=0)
     return root
+
+
+@pytest.fixture
+def quickstart_on_cifar(cifar_root) -> list[str]:
+    """``python -m trainer`` arguments: the quickstart config on the small CIFAR set, without synthesis, loader
+    workers or progress bar. Tests append their own overrides (of two values of a key, the later wins)."""
+    return [
+        "configs/quickstart.yaml",
+        f"data.root={cifar_root}",
+        "data.synthesize=null",
+        "data.workers=0",
+        "train.progress=false",
+    ]

@@ -63,14 +63,12 @@ def test_data_synth(tmp_path):
     assert result.returncode == 2 and "not empty" in result.stderr
 
 
-def test_python_m_trainer_is_the_train_entry_point(tmp_path, cifar_root):
+def test_python_m_trainer_is_the_train_entry_point(tmp_path, quickstart_on_cifar):
     result = run(
         sys.executable,
         "-m",
         "trainer",
-        "configs/quickstart.yaml",
-        f"data.root={cifar_root}",
-        "data.synthesize=null",
+        *quickstart_on_cifar,
         "data.batch_size=40",
         "train.iterations=4",
         "train.eval_every=2",

@@ -1,8 +1,11 @@
 """``residual``: the one command line of the project.
 
 residual train CONFIG [key=value ...] [--resume [CHECKPOINT]]
+residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--scales 224,256,...]
+residual export CHECKPOINT OUT.pt
 residual models [--json]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
+residual bench eval [--model NAME] [--batch B]
 """
 
 from __future__ import annotations

@@ -19,18 +19,14 @@ def train_records(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_follow_the_single_process_run(tmp_path, cifar_root):
+def test_two_ranks_follow_the_single_process_run(tmp_path, quickstart_on_cifar):
     common = [
-        "configs/quickstart.yaml",
-        f"data.root={cifar_root}",
-        "data.synthesize=null",
+        *quickstart_on_cifar,
         "data.batch_size=40",
-        "data.workers=0",
         "train.iterations=6",
         "train.log_every=1",
         "train.eval_every=6",
         "train.precision=fp32",
-        "train.progress=false",
         "eval.batch_size=20",
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", "-m"]
@@ -56,7 +52,7 @@ def test_two_ranks_follow_the_single_process_run(tmp_path, cifar_root):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_nodes_on_one_host_train_together(tmp_path, cifar_root):
+def test_two_nodes_on_one_host_train_together(tmp_path, quickstart_on_cifar):
     """Two torchrun agents, one per "node", meeting through the c10d rendezvous on 127.0.0.1."""
     node = [
         sys.executable,
@@ -69,14 +65,10 @@ def test_two_nodes_on_one_host_train_together(tmp_path, cifar_root):
         "--rdzv-id=two-nodes",
         "-m",
         "trainer",
-        "configs/quickstart.yaml",
-        f"data.root={cifar_root}",
-        "data.synthesize=null",
+        *quickstart_on_cifar,
         "data.batch_size=40",
-        "data.workers=0",
         "train.iterations=4",
         "train.log_every=2",
-        "train.progress=false",
         f"train.output_dir={tmp_path}",
         "eval.batch_size=20",
     ]

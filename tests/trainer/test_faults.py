@@ -26,21 +26,17 @@ def wait_for_progress(metrics: Path, process: subprocess.Popen, timeout: float =
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGUSR1, signal.SIGTERM])
-def test_stop_signal_checkpoints_and_exits_for_requeue(tmp_path, cifar_root, stop_signal):
+def test_stop_signal_checkpoints_and_exits_for_requeue(tmp_path, quickstart_on_cifar, stop_signal):
     command = [
         sys.executable,
         "-m",
         "trainer",
-        "configs/quickstart.yaml",
-        f"data.root={cifar_root}",
-        "data.synthesize=null",
+        *quickstart_on_cifar,
         "data.batch_size=20",
-        "data.workers=0",
         "train.iterations=10000",
         "train.log_every=2",
         "train.eval_every=5000",
         "train.checkpoint_every=5000",
-        "train.progress=false",
         f"train.output_dir={tmp_path}",
         "eval.batch_size=100",
     ]

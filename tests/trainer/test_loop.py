@@ -34,6 +34,27 @@ def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):
     return load_config(CONFIG, [*base, *overrides])
 
 
+def imagefolder_run(tmp_path: Path, imagefolder_root: Path, *overrides: str):
+    """ResNet-18 on the 4-class ImageFolder fixture, at 32x32 crops."""
+    base = [
+        f"data.root={imagefolder_root}",
+        "data.synthesize=null",
+        "data.format=imagefolder",
+        "data.batch_size=8",
+        "data.workers=0",
+        "data.scale_min=40",
+        "data.scale_max=48",
+        "data.crop_size=32",
+        "data.val_resize=36",
+        "model.name=resnet18",
+        "model.num_classes=4",
+        "train.progress=false",
+        f"train.output_dir={tmp_path}",
+        "eval.batch_size=10",
+    ]
+    return load_config(CONFIG, [*base, *overrides])
+
+
 def metrics(run_dir: Path, kind: str) -> list[dict]:
     """The records of one kind, less the wall-clock speed (the one value a resume may change)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -144,27 +165,8 @@ def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
 
 
 def test_final_protocol_at_the_end_of_training(tmp_path, imagefolder_root):
-    config = load_config(
-        CONFIG,
-        [
-            f"data.root={imagefolder_root}",
-            "data.synthesize=null",
-            "data.format=imagefolder",
-            "data.batch_size=8",
-            "data.workers=0",
-            "data.scale_min=40",
-            "data.scale_max=48",
-            "data.crop_size=32",
-            "data.val_resize=36",
-            "model.name=resnet18",
-            "model.num_classes=4",
-            "train.iterations=6",
-            "train.eval_every=3",
-            "train.progress=false",
-            f"train.output_dir={tmp_path}",
-            "eval.batch_size=10",
-            "eval.final_protocol=tencrop",
-        ],
+    config = imagefolder_run(
+        tmp_path, imagefolder_root, "train.iterations=6", "train.eval_every=3", "eval.final_protocol=tencrop"
     )
     result, run_log = train(config, LaunchEnv())
     evaluations = [(r["iteration"], r["protocol"], r["count"]) for r in metrics(tmp_path / "quickstart", "eval")]
@@ -208,31 +210,12 @@ def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, cifar_root, monkeypa
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["skipped_steps"] == 1
 
 
-def test_export_gives_a_torchvision_state_dict(tmp_path, cifar_root, imagefolder_root):
+def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
     import torchvision
 
     from trainer.checkpoint import export_state_dict
 
-    config = load_config(
-        CONFIG,
-        [
-            f"data.root={imagefolder_root}",
-            "data.synthesize=null",
-            "data.format=imagefolder",
-            "data.batch_size=8",
-            "data.workers=0",
-            "data.scale_min=40",
-            "data.scale_max=48",
-            "data.crop_size=32",
-            "data.val_resize=36",
-            "model.name=resnet18",
-            "model.num_classes=4",
-            "train.iterations=2",
-            "train.progress=false",
-            f"train.output_dir={tmp_path}",
-            "eval.batch_size=10",
-        ],
-    )
+    config = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=2")
     train(config, LaunchEnv())
     source = latest_checkpoint(tmp_path / "quickstart")
     assert export_state_dict(source, tmp_path / "resnet18.pt") == "resnet18"
