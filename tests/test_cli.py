@@ -98,3 +98,15 @@ def test_quickstart_learns(tmp_path):
     top1 = float(re.search(r"top-1 (\d+\.\d+)%", result.stdout).group(1))
     assert top1 > 50, result.stdout  # chance is 10%
     assert (tmp_path / "runs/quickstart/config.yaml").is_file()
+
+
+def test_data_verify_exit_codes(tmp_path, imagefolder_root):
+    assert run(RESIDUAL, "data", "verify", str(imagefolder_root)).returncode == 0
+    broken = tmp_path / "val" / "c0"
+    broken.mkdir(parents=True)
+    (broken / "x.JPEG").write_bytes(b"nope")
+    result = run(RESIDUAL, "data", "verify", str(tmp_path))
+    assert result.returncode == 1 and "x.JPEG: UnidentifiedImageError" in result.stdout
+    assert "1 images checked, 1 not decodable" in result.stderr
+    missing = run(RESIDUAL, "data", "verify", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "folder does not exist" in missing.stderr

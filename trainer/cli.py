@@ -5,6 +5,7 @@ residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--sc
 residual export CHECKPOINT OUT.pt
 residual models [--json]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
+residual data verify DIR
 residual bench eval [--model NAME] [--batch B]
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -154,6 +156,16 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} data, {args.classes} classes, to {out}")
 
 
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from data_pipeline.verify import verify_images
+
+    checked, failures = verify_images(Path(args.root), workers=args.workers)
+    for path, reason in failures:
+        print(f"{path}: {reason}")
+    print(f"{checked} images checked, {len(failures)} not decodable", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="residual", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=parse_size, default=(64, 64), help="WxH of ImageFolder images (CIFAR: 32x32)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data_synth)
+    verify = data.add_parser("verify", help="decode every image below a folder; list those that fail (exit 1)")
+    verify.add_argument("root")
+    verify.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    verify.set_defaults(run=cmd_data_verify)
     return parser
 
 
