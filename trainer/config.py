@@ -27,6 +27,7 @@ class ModelConfig:
     shortcut: str | None = None  # "A" | "B" | "C" (Sec. 3.3); None keeps the model's default
     stride_in_1x1: bool = False  # True: the paper's v1 bottleneck; False: torchvision's v1.5
     zero_init_residual: bool = False
+    sync_bn: bool = False  # SyncBatchNorm across ranks (GPUs only)
     depth: int | None = None  # CIFAR-10 nets only: any 6n+2
 
     def __post_init__(self) -> None:

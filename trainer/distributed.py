@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data_pipeline.errors import UserError
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -74,3 +76,27 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """For each flag, whether it is set on any rank: one collective, and every rank gets the same answer."""
     counts = all_reduce_sum(torch.tensor(flags, dtype=torch.int32), device)
     return [bool(count) for count in counts.tolist()]
+
+
+def apply_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm statistics over the global batch (``model.sync_bn``): NCCL on GPUs only, as SyncBatchNorm is."""
+    if device.type != "cuda":
+        raise UserError(
+            "model.sync_bn=true: SyncBatchNorm runs on GPUs only (it refuses CPU modules); on the CPU "
+            "set model.sync_bn=false: BN statistics are then averaged over ranks before evaluations "
+            "and checkpoints"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def average_bn_buffers(model: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks, so that what is evaluated and saved is one model (each rank
+    updates its own from its own images; DDP only copies rank 0's at the next forward, FSDP2 never)."""
+    if not dist.is_initialized():
+        return
+    world_size = dist.get_world_size()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buffer in (module.running_mean, module.running_var):
+                dist.all_reduce(buffer)
+                buffer.div_(world_size)

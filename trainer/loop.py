@@ -29,6 +29,8 @@ from trainer.distributed import (
     all_reduce_sum,
     any_rank,
     apply_ddp,
+    apply_sync_batchnorm,
+    average_bn_buffers,
     barrier,
     init_process_group,
     pick_device,
@@ -116,6 +118,8 @@ def build_run(config: Config, launch: LaunchEnv) -> Run:
     model = create_model(config.model.name, **config.model.overrides())
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
+    if config.model.sync_bn:
+        model = apply_sync_batchnorm(model, device)
     wrapped = apply_ddp(model, device) if launch.distributed else model
     if config.train.compile:
         wrapped = torch.compile(wrapped)
@@ -210,6 +214,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, signals: St
 
 
 def run_evaluation(run: Run, batches: Any) -> EvalResult:
+    average_bn_buffers(run.model)
     return evaluate(
         run.wrapped,
         batches,
@@ -337,6 +342,7 @@ def save(run: Run, state: TrainState) -> None:
     # gives rank 0 the saved window and the others an empty one logs the same figures.
     window = state.window.summed(run.device)
     state.window = window if run.launch.is_main else TrainWindow()
+    average_bn_buffers(run.model)
     if run.launch.is_main:
         save_checkpoint(
             run.run_dir, state.iteration, checkpoint_state(run, state), keep=run.config.train.keep_checkpoints

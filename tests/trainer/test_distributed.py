@@ -6,8 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from data_pipeline.errors import UserError
 from trainer.checkpoint import list_checkpoints
+from trainer.config import load_config
+from trainer.distributed import LaunchEnv, average_bn_buffers
+from trainer.loop import train
+from trainer.models import create_model
 
 ROOT = Path(__file__).parents[2]
 
@@ -81,3 +88,37 @@ def test_two_nodes_on_one_host_train_together(tmp_path, quickstart_on_cifar):
     records = train_records(tmp_path / "quickstart")
     assert [r["iteration"] for r in records if r["kind"] == "train"] == [2, 4]
     assert records[-1]["count"] == 100
+
+
+def average_on_rank(rank: int, init_file: str, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    model = create_model("resnet20")
+    model.bn1.running_mean.fill_(float(rank))  # each rank's own statistics
+    model.bn1.running_var.fill_(1.0 + 2 * rank)
+    average_bn_buffers(model)
+    results[rank] = (model.bn1.running_mean.tolist(), model.bn1.running_var.tolist())
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_bn_statistics_are_averaged_over_ranks(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(average_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    for rank in (0, 1):
+        mean, var = results[rank]
+        assert mean == [0.5] * 16 and var == [2.0] * 16
+
+
+def test_sync_bn_is_refused_on_the_cpu(tmp_path, cifar_root):
+    config = load_config(
+        ROOT / "configs/quickstart.yaml",
+        [
+            f"data.root={cifar_root}",
+            "data.synthesize=null",
+            "model.sync_bn=true",
+            f"train.output_dir={tmp_path}",
+            "data.batch_size=40",
+        ],
+    )
+    with pytest.raises(UserError, match="model.sync_bn=true: SyncBatchNorm runs on GPUs only"):
+        train(config, LaunchEnv())
