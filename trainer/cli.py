@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", help="JSON file to write (default: beside the checkpoint)")
     evaluation.add_argument("--per-class", action="store_true", help="add per-class accuracy to the JSON")
     evaluation.add_argument("--workers", type=int, default=4, help="loader processes per rank")
-    evaluation.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    evaluation.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     evaluation.set_defaults(run=cmd_eval)
 
     export = commands.add_parser("export", help="a checkpoint's weights as a plain (torchvision) state dict")

@@ -108,7 +108,7 @@ class ScheduleConfig:
 class TrainConfig:
     iterations: int | None = None  # length of the run; exactly one of iterations and epochs
     epochs: int | None = None
-    precision: str = "bf16"  # "fp32" | "bf16" (autocast)
+    precision: str = "bf16"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
     channels_last: bool = True
     compile: bool = False
     device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
@@ -124,7 +124,7 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (and count) a step whose loss is not finite instead of stopping the run
 
     def __post_init__(self) -> None:
-        require_one_of("train.precision", self.precision, ("fp32", "bf16"))
+        require_one_of("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         require_one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         for key in ("iterations", "epochs", "eval_every", "checkpoint_every"):
             value = getattr(self, key)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from trainer.distributed import all_reduce_sum
+from trainer.precision import maybe_autocast
 
 PROTOCOLS = ("center", "tencrop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)
@@ -78,7 +79,7 @@ class ViewScorer:
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        with maybe_autocast(self.device, self.precision):
             logits = self.model(images)
         return logits.float().softmax(dim=1)
 

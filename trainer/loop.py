@@ -39,6 +39,7 @@ from trainer.evaluate import EvalResult, evaluate, topk_correct
 from trainer.faults import NonFiniteLoss, Preempted, StopSignals
 from trainer.models import create_model
 from trainer.optim import build_optimizer
+from trainer.precision import build_grad_scaler, maybe_autocast
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
 
@@ -80,6 +81,7 @@ class TrainWindow:
 class TrainState:
     iteration: int = 0
     skipped_steps: int = 0  # steps without an update because the loss was not finite
+    scaler_skipped_steps: int = 0  # fp16 steps the gradient scaler skipped (overflow)
     history: MetricHistory = field(default_factory=MetricHistory)
     window: TrainWindow = field(default_factory=TrainWindow)
 
@@ -95,6 +97,7 @@ class Run:
     model: nn.Module  # the plain model: what is saved and exported
     wrapped: nn.Module  # what runs the steps (DDP and/or compiled)
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
     loader: TrainLoader
     val_batches: Any
     schedule: LRSchedule
@@ -130,7 +133,8 @@ def build_run(config: Config, launch: LaunchEnv) -> Run:
     )
     run_dir = Path(train.output_dir) / train.run_name
     optimizer = build_optimizer(model, config.optim)
-    return Run(config, launch, run_dir, device, model, wrapped, optimizer, loader, val_batches, schedule, total)
+    scaler = build_grad_scaler(device, train.precision)
+    return Run(config, launch, run_dir, device, model, wrapped, optimizer, scaler, loader, val_batches, schedule, total)
 
 
 def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str) -> Any:
@@ -151,6 +155,8 @@ def checkpoint_state(run: Run, state: TrainState) -> dict[str, Any]:
         "optimizer": run.optimizer.state_dict(),
         "iteration": state.iteration,
         "skipped_steps": state.skipped_steps,
+        "scaler_skipped_steps": state.scaler_skipped_steps,
+        "scaler": run.scaler.state_dict(),
         "batches_per_epoch": run.loader.batches_per_epoch,
         "classes": run.loader.classes,
         "history": state.history.state_dict(),
@@ -176,7 +182,9 @@ def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
     random.setstate(checkpoint["rng"]["python"])
     history = MetricHistory.from_state_dict(checkpoint["history"])
     window = TrainWindow(**checkpoint["window"]) if run.launch.is_main else TrainWindow()
-    return TrainState(checkpoint["iteration"], checkpoint["skipped_steps"], history, window)
+    run.scaler.load_state_dict(checkpoint["scaler"])
+    skipped = checkpoint["skipped_steps"], checkpoint["scaler_skipped_steps"]
+    return TrainState(checkpoint["iteration"], *skipped, history, window)
 
 
 def find_resume_checkpoint(run: Run) -> Path | None:
@@ -199,18 +207,23 @@ class StepOutcome:
     logits: torch.Tensor
     skipped: bool  # the loss was not finite on some rank and train.skip_nonfinite is set: no update
     stop: bool  # some rank received a stop signal: checkpoint after this step and exit
+    scaler_skipped: bool = False  # fp16: the gradients overflowed, the scaler skipped the update
 
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, signals: StopSignals) -> StepOutcome:
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.config.train.precision == "bf16"):
+    with maybe_autocast(run.device, run.config.train.precision):
         logits = run.wrapped(images)
         loss = F.cross_entropy(logits, labels)
     nonfinite, stop = any_rank([not torch.isfinite(loss).item(), signals.received is not None], run.device)
     run.optimizer.zero_grad(set_to_none=True)
+    scaler_skipped = False
     if not nonfinite:  # every rank takes the same branch, as DDP's collective backward requires
-        loss.backward()
-        run.optimizer.step()
-    return StepOutcome(loss.detach(), logits.detach(), skipped=nonfinite, stop=stop)
+        scale = run.scaler.get_scale() if run.scaler.is_enabled() else 1.0
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)  # fp16: no update when a gradient overflowed (the same on every rank)
+        run.scaler.update()
+        scaler_skipped = run.scaler.is_enabled() and run.scaler.get_scale() < scale
+    return StepOutcome(loss.detach(), logits.detach(), skipped=nonfinite, stop=stop, scaler_skipped=scaler_skipped)
 
 
 def run_evaluation(run: Run, batches: Any) -> EvalResult:
@@ -298,6 +311,7 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
                     )
                 state.skipped_steps += 1
             else:
+                state.scaler_skipped_steps += step.scaler_skipped
                 state.window.add(float(step.loss), *topk_correct(step.logits.float(), labels), len(labels))
             progress.update(batch)
             window_seconds += time.perf_counter() - tick
@@ -333,6 +347,8 @@ def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, secon
     state.history.train_errors.append((state.iteration, summary["top1_error"]))
     images_per_second = window.count / seconds
     values = {**summary, "lr": lr, "images_per_second": images_per_second, "skipped_steps": state.skipped_steps}
+    if run.scaler.is_enabled():
+        values |= {"loss_scale": run.scaler.get_scale(), "scaler_skipped_steps": state.scaler_skipped_steps}
     run_log.log("train", state.iteration, values)
     progress.set_postfix(loss=f"{summary['loss']:.3f}", top1=f"{summary['top1']:.3f}", lr=f"{lr:.4g}")
 

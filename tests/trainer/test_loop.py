@@ -62,7 +62,7 @@ def metrics(run_dir: Path, kind: str) -> list[dict]:
     return [{key: value for key, value in record.items() if key != "images_per_second"} for record in records]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_resume_is_bit_exact(tmp_path, cifar_root, precision):
     """20 iterations straight == 10, stop, resume, 10 more (the resume falls mid-epoch: 12 batches per epoch)."""
     straight = small_run(tmp_path / "a", cifar_root, "train.iterations=20", f"train.precision={precision}")
@@ -178,21 +178,21 @@ def test_final_protocol_at_the_end_of_training(tmp_path, imagefolder_root):
     )
 
 
-def nan_at_call(monkeypatch, call: int) -> None:
-    """Make the loss of the ``call``-th training step NaN (evaluation computes no loss)."""
+def poison_loss(monkeypatch, call: int, factor: float = float("nan")) -> None:
+    """Multiply the loss of the ``call``-th training step by ``factor`` (evaluation computes no loss)."""
     calls = {"count": 0}
     cross_entropy = torch.nn.functional.cross_entropy
 
     def poisoned(*args, **kwargs):
         calls["count"] += 1
         loss = cross_entropy(*args, **kwargs)
-        return loss * float("nan") if calls["count"] == call else loss
+        return loss * factor if calls["count"] == call else loss
 
     monkeypatch.setattr("trainer.loop.F.cross_entropy", poisoned)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cifar_root, monkeypatch):
-    nan_at_call(monkeypatch, 7)
+    poison_loss(monkeypatch, 7)
     config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.checkpoint_every=5")
     with pytest.raises(NonFiniteLoss, match="not finite at iteration 7; .*ckpt-000000005.pt"):
         train(config, LaunchEnv())
@@ -201,7 +201,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cifar_
 
 
 def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, cifar_root, monkeypatch):
-    nan_at_call(monkeypatch, 2)
+    poison_loss(monkeypatch, 2)
     config = small_run(tmp_path, cifar_root, "train.iterations=6", "train.skip_nonfinite=true")
     result, _ = train(config, LaunchEnv())
     records = metrics(tmp_path / "run", "train")
@@ -224,3 +224,11 @@ def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
     assert torch.equal(reference.fc.weight, load_checkpoint(source)["model"]["fc.weight"])
     with pytest.raises(UserError, match="already a plain state dict"):
         export_state_dict(tmp_path / "resnet18.pt", tmp_path / "again.pt")
+
+
+def test_fp16_logs_the_loss_scale_and_counts_overflow_steps(tmp_path, cifar_root, monkeypatch):
+    poison_loss(monkeypatch, 2, factor=1e30)  # finite, but its fp16 gradients at scale 2^16 overflow
+    train(small_run(tmp_path, cifar_root, "train.iterations=6", "train.precision=fp16"), LaunchEnv())
+    records = metrics(tmp_path / "run", "train")
+    assert records[0]["loss_scale"] == 32768 and records[0]["scaler_skipped_steps"] == 1
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["scaler"]["scale"] == records[-1]["loss_scale"]
