@@ -52,4 +52,4 @@ class StopSignals:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "none"
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"

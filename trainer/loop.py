@@ -341,6 +341,9 @@ def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, secon
     """Log the window's training metrics; ``seconds`` is its wall time less evaluations and checkpoints."""
     window = state.window.summed(run.device)
     state.window = TrainWindow()
+    if window.count == 0:  # every step of the window was skipped (train.skip_nonfinite)
+        run_log.log("train", state.iteration, {"lr": lr, "skipped_steps": state.skipped_steps})
+        return
     summary = window.summary()
     if not math.isfinite(summary["loss"]):
         raise RuntimeError(f"non-finite training loss at iteration {state.iteration}; the last checkpoint is kept")

@@ -200,6 +200,14 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cifar_
     assert checkpoint["iteration"] == 5 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
 
 
+def test_a_window_of_skipped_steps_logs_only_the_count(tmp_path, cifar_root, monkeypatch):
+    for call in (4, 5, 6):
+        poison_loss(monkeypatch, call)
+    train(small_run(tmp_path, cifar_root, "train.iterations=6", "train.skip_nonfinite=true"), LaunchEnv())
+    last = metrics(tmp_path / "run", "train")[-1]
+    assert last["iteration"] == 6 and last["skipped_steps"] == 3 and "loss" not in last
+
+
 def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, cifar_root, monkeypatch):
     poison_loss(monkeypatch, 2)
     config = small_run(tmp_path, cifar_root, "train.iterations=6", "train.skip_nonfinite=true")
