@@ -203,7 +203,7 @@ def find_resume_checkpoint(run: Run) -> Path | None:
 
 @dataclass
 class StepOutcome:
-    loss: torch.Tensor
+    loss: float
     logits: torch.Tensor
     skipped: bool  # the loss was not finite on some rank and train.skip_nonfinite is set: no update
     stop: bool  # some rank received a stop signal: checkpoint after this step and exit
@@ -214,7 +214,8 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, signals: St
     with maybe_autocast(run.device, run.config.train.precision):
         logits = run.wrapped(images)
         loss = F.cross_entropy(logits, labels)
-    nonfinite, stop = any_rank([not torch.isfinite(loss).item(), signals.received is not None], run.device)
+    loss_value = loss.item()  # the step's one host sync: the finiteness check and the logged loss both use it
+    nonfinite, stop = any_rank([not math.isfinite(loss_value), signals.received is not None], run.device)
     run.optimizer.zero_grad(set_to_none=True)
     scaler_skipped = False
     if not nonfinite:  # every rank takes the same branch, as DDP's collective backward requires
@@ -223,7 +224,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, signals: St
         run.scaler.step(run.optimizer)  # fp16: no update when a gradient overflowed (the same on every rank)
         run.scaler.update()
         scaler_skipped = run.scaler.is_enabled() and run.scaler.get_scale() < scale
-    return StepOutcome(loss.detach(), logits.detach(), skipped=nonfinite, stop=stop, scaler_skipped=scaler_skipped)
+    return StepOutcome(loss_value, logits.detach(), skipped=nonfinite, stop=stop, scaler_skipped=scaler_skipped)
 
 
 def run_evaluation(run: Run, batches: Any) -> EvalResult:
@@ -312,7 +313,7 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
                 state.skipped_steps += 1
             else:
                 state.scaler_skipped_steps += step.scaler_skipped
-                state.window.add(float(step.loss), *topk_correct(step.logits.float(), labels), len(labels))
+                state.window.add(step.loss, *topk_correct(step.logits.float(), labels), len(labels))
             progress.update(batch)
             window_seconds += time.perf_counter() - tick
             result = None
