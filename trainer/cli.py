@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import UserError
+from trainer.evaluate import PAPER_SCALES, PROTOCOLS
 
 log = logging.getLogger("residual")
 
@@ -186,11 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="top-1/top-5 of a checkpoint over a validation set")
     evaluation.add_argument("checkpoint", help="training checkpoint, DCP directory, or a state dict file")
     evaluation.add_argument("--data", required=True, help="ImageFolder root (with val/) or class folders, or CIFAR")
-    evaluation.add_argument("--protocol", choices=("center", "tencrop", "multiscale"), default="center")
+    evaluation.add_argument("--protocol", choices=PROTOCOLS, default="center")
     evaluation.add_argument(
         "--scales",
         type=parse_scales,
-        default=[224, 256, 384, 480, 640],
+        default=list(PAPER_SCALES),
         help="shorter sides for multiscale (default: the paper's 224,256,384,480,640)",
     )
     evaluation.add_argument("--batch", type=int, default=64, help="images per step over all ranks")

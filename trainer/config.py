@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError, require, require_one_of
+from trainer.evaluate import PAPER_SCALES, PROTOCOLS
 
 
 @dataclass
@@ -141,12 +142,12 @@ class EvalConfig:
 
     protocol: str = "center"
     final_protocol: str = "center"
-    scales: list[int] = field(default_factory=lambda: [224, 256, 384, 480, 640])  # shorter sides, Table 4
+    scales: list[int] = field(default_factory=lambda: list(PAPER_SCALES))  # shorter sides, Table 4
     batch_size: int = 256  # global: images per evaluation step over all ranks
 
     def __post_init__(self) -> None:
-        require_one_of("eval.protocol", self.protocol, ("center", "tencrop", "multiscale"))
-        require_one_of("eval.final_protocol", self.final_protocol, ("center", "tencrop", "multiscale"))
+        require_one_of("eval.protocol", self.protocol, PROTOCOLS)
+        require_one_of("eval.final_protocol", self.final_protocol, PROTOCOLS)
         require(len(self.scales) > 0, "eval.scales", self.scales, "needs at least one scale")
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 

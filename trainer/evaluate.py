@@ -21,7 +21,7 @@ from trainer.distributed import all_reduce_sum
 from trainer.precision import maybe_autocast
 
 PROTOCOLS = ("center", "tencrop", "multiscale")
-PAPER_SCALES = (224, 256, 384, 480, 640)
+PAPER_SCALES = (224, 256, 384, 480, 640)  # the shorter sides of multi-scale testing (Table 4)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from data_pipeline.torch_loader import build_eval_loader
 from trainer.checkpoint import Weights, load_model_state, read_weights
 from trainer.config import ModelConfig
 from trainer.distributed import LaunchEnv, init_process_group, pick_device
-from trainer.evaluate import EvalResult, evaluate
+from trainer.evaluate import PAPER_SCALES, EvalResult, evaluate
 from trainer.models import create_model, get_model_spec
 
 
@@ -31,7 +31,7 @@ class EvalRequest:
     checkpoint: Path
     data: Path
     protocol: str = "center"
-    scales: tuple[int, ...] = (224, 256, 384, 480, 640)
+    scales: tuple[int, ...] = PAPER_SCALES
     batch_size: int = 64  # global
     model: str | None = None
     out: Path | None = None
