@@ -1,24 +1,33 @@
-"""Checkpoints: one file per save in ``RUN_DIR/checkpoints``, written atomically, the last k kept.
+"""Checkpoints in ``RUN_DIR/checkpoints``, written atomically, the last k kept.
 
-A checkpoint is a plain dict of tensors and Python containers, read back with ``weights_only=True``; for
-evaluation, ``read_weights`` also takes FSDP2's DCP directories and plain state dicts (torchvision's files).
+DDP (and a single process) writes one file ``ckpt-N.pt``: a plain dict of tensors and Python containers, read back
+with ``weights_only=True``. FSDP2 writes a directory ``ckpt-N``: the sharded model and optimizer as a
+torch.distributed.checkpoint (DCP), each rank its own shards, beside ``train_state.pt`` (everything else). Both
+hold the model and the optimizer under the model's own parameter names (torch.distributed.checkpoint.state_dict),
+so either resumes into either strategy and any world size. For evaluation, ``read_weights`` also takes plain state
+dicts (torchvision's files).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline.errors import UserError
+from trainer.distributed import barrier
 
-CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)(\.pt)?$")
+TRAIN_STATE = "train_state.pt"  # in a DCP directory: what is not model or optimizer
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -26,7 +35,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (a ``.tmp`` left by a crash mid-write is not one)."""
+    """Complete checkpoints of a run, files and DCP directories, oldest first (a ``.tmp`` left by a crash
+    mid-write is not one)."""
     folder = checkpoint_dir(run_dir)
     if not folder.is_dir():
         return []
@@ -39,20 +49,84 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def save_checkpoint(run_dir: Path, iteration: int, state: dict[str, Any], *, keep: int) -> Path:
-    """Write to a temporary name, flush to disk, rename: a crash mid-write leaves the previous checkpoint whole."""
+def save_checkpoint(
+    run_dir: Path,
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_state: dict[str, Any],
+    *,
+    sharded: bool,
+    keep: int,
+    is_main: bool,
+) -> Path:
+    """Called on every rank. Written under a temporary name, flushed to disk, renamed: a crash mid-write leaves the
+    previous checkpoint whole."""
     folder = checkpoint_dir(run_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"ckpt-{iteration:09d}.pt"
+    path = folder / (f"ckpt-{iteration:09d}" if sharded else f"ckpt-{iteration:09d}.pt")
     partial = path.with_name(path.name + ".tmp")
-    with open(partial, "wb") as file:
+    options = StateDictOptions(full_state_dict=not sharded, cpu_offload=not sharded)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)  # a collective under FSDP2
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        remove(partial)
+    if sharded:
+        barrier()
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+        if is_main:
+            write_file(partial / TRAIN_STATE, train_state)
+        barrier()  # every rank's shards are written
+    elif is_main:
+        write_file(partial, {**train_state, "model": model_state, "optimizer": optimizer_state})
+    if is_main:
+        remove(path)
+        os.replace(partial, path)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            remove(old)
+    barrier()
+    return path
+
+
+def write_file(path: Path, state: dict[str, Any]) -> None:
+    with open(path, "wb") as file:
         torch.save(state, file)
         file.flush()
         os.fsync(file.fileno())
-    os.replace(partial, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
-    return path
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's step, schedule and data state, model name and config: a whole file, or a DCP directory's
+    ``train_state.pt``."""
+    return load_checkpoint(path / TRAIN_STATE if path.is_dir() else path)
+
+
+def load_model_and_optimizer(
+    path: Path, checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *, name: str
+) -> None:
+    """Called on every rank: load a checkpoint of either format into the model and optimizer of this run, whatever
+    their strategy and world size (DCP reshards; a full file is cut into this run's shards)."""
+    try:
+        if path.is_dir():
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+        else:
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=checkpoint["model"],
+                optim_state_dict=checkpoint["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+    except (RuntimeError, KeyError, ValueError) as error:  # another depth, width or class count
+        raise UserError(f"{path}: does not fit {name}: {str(error).strip().splitlines()[-1][:300]}") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -90,15 +164,16 @@ def read_weights(path: Path) -> Weights:
 
 
 def _read_dcp(path: Path) -> dict[str, Any]:
-    """A torch.distributed.checkpoint directory read whole into one process, through a temporary torch.save file."""
+    """A DCP checkpoint directory read whole into one process, through a temporary torch.save file."""
     if not (path / ".metadata").is_file():
         raise UserError(f"{path}: a directory without .metadata is not a torch.distributed.checkpoint checkpoint")
+    train_state = load_checkpoint(path / TRAIN_STATE) if (path / TRAIN_STATE).is_file() else {}
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as scratch:
         converted = Path(scratch) / "checkpoint.pt"
         dcp_to_torch_save(path, converted)
-        return load_checkpoint(converted)
+        return {**train_state, **load_checkpoint(converted)}
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: Path, name: str) -> None:

@@ -111,7 +111,8 @@ class TrainConfig:
     epochs: int | None = None
     precision: str = "bf16"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
+    accumulation: int = 1  # micro-batches per update: each rank forwards data.batch_size / (world x accumulation)
     device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
     seed: int = 0
     output_dir: str = "runs"
@@ -132,6 +133,7 @@ class TrainConfig:
             require(value is None or value > 0, f"train.{key}", value, "must be > 0 or null")
         require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
+        require(self.accumulation >= 1, "train.accumulation", self.accumulation, "must be >= 1")
 
 
 @dataclass
@@ -154,10 +156,16 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "ddp"
+    """Data parallelism over the ranks of a launch (one rank alone runs the plain model, whatever the strategy)."""
+
+    strategy: str = "ddp"  # "ddp": replicated model, one checkpoint file | "fsdp": FSDP2, a sharded DCP directory
+    static_graph: bool = False  # DDP: the graph is the same every step (lets DDP overlap more; no unused params)
+    bucket_cap_mb: int = 25  # DDP's gradient bucket size
+    reshard_after_forward: bool = True  # FSDP2: free the gathered parameters after forward (less memory)
 
     def __post_init__(self) -> None:
-        require_one_of("dist.strategy", self.strategy, ("ddp",))
+        require_one_of("dist.strategy", self.strategy, ("ddp", "fsdp"))
+        require(self.bucket_cap_mb >= 1, "dist.bucket_cap_mb", self.bucket_cap_mb, "must be >= 1")
 
 
 @dataclass
@@ -171,6 +179,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
     def global_batch(self) -> int:
+        """Images per update over all ranks: per-rank micro-batch x world size x train.accumulation."""
         return self.data.batch_size
 
 
@@ -207,8 +216,15 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         (train.iterations, train.epochs),
         "set exactly one of the two",
     )
-    for key, batch in (("data.batch_size", config.data.batch_size), ("eval.batch_size", config.eval.batch_size)):
-        require(batch % world_size == 0, key, batch, f"must be divisible by the world size {world_size}")
+    split = world_size * train.accumulation
+    require(
+        config.data.batch_size % split == 0,
+        "data.batch_size",
+        config.data.batch_size,
+        f"must be divisible by the world size x train.accumulation = {world_size} x {train.accumulation}",
+    )
+    batch = config.eval.batch_size
+    require(batch % world_size == 0, "eval.batch_size", batch, f"must be divisible by the world size {world_size}")
     for scale in config.eval.scales:
         require(
             scale >= config.data.crop_size,

@@ -1,17 +1,20 @@
-"""The launch environment, read once, and the process group and DDP wrap built from it."""
+"""The launch environment, read once, the process group built from it, and the collectives the trainer uses."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+import resource
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline.errors import UserError
+
+SLURM_PORT_BASE = 20000  # a SLURM job's rendezvous port: this + job id % 20000, unless MASTER_PORT is set
 
 
 @dataclass(frozen=True)
@@ -19,11 +22,21 @@ class LaunchEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    launcher: str = "none"  # "torchrun" | "slurm" | "none"
 
     @classmethod
-    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> LaunchEnv:
-        """torchrun's RANK, WORLD_SIZE and LOCAL_RANK; a plain process is rank 0 of 1."""
-        return cls(int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1)), int(environ.get("LOCAL_RANK", 0)))
+    def from_environ(cls, environ: MutableMapping[str, str] = os.environ) -> LaunchEnv:
+        """torchrun's RANK, WORLD_SIZE and LOCAL_RANK; else a SLURM task's SLURM_PROCID, SLURM_NTASKS and
+        SLURM_LOCALID, with the job's first host as the rendezvous (MASTER_ADDR/MASTER_PORT are set in
+        ``environ`` for torch.distributed when the job does not set them); else rank 0 of 1."""
+        if "RANK" in environ:
+            return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), "torchrun")
+        if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+            environ.setdefault("MASTER_ADDR", first_host(environ["SLURM_JOB_NODELIST"]))
+            environ.setdefault("MASTER_PORT", str(SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % 20000))
+            rank, world_size = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"])
+            return cls(rank, world_size, int(environ.get("SLURM_LOCALID", 0)), "slurm")
+        return cls()
 
     @property
     def is_main(self) -> bool:
@@ -34,6 +47,15 @@ class LaunchEnv:
         return self.world_size > 1
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-005,9],cpu1" -> "gpu003"."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if match is None:
+        raise UserError(f"SLURM_JOB_NODELIST={nodelist!r}: not a node list")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
 def pick_device(requested: str, launch: LaunchEnv) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(launch.local_rank)
@@ -42,15 +64,10 @@ def pick_device(requested: str, launch: LaunchEnv) -> torch.device:
 
 
 def init_process_group(launch: LaunchEnv, device: torch.device) -> None:
-    """NCCL on GPUs, gloo on CPU; torchrun's MASTER_ADDR/MASTER_PORT give the rendezvous."""
+    """NCCL on GPUs, gloo on CPU; MASTER_ADDR/MASTER_PORT (torchrun's, or the SLURM job's) give the rendezvous."""
     if launch.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
-
-
-def apply_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
 
 
 def barrier() -> None:
@@ -70,6 +87,22 @@ def all_reduce_sum(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     reduced = values.to(device)
     dist.all_reduce(reduced)
     return reduced.cpu()
+
+
+def all_gather_rows(row: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's ``row``, stacked in rank order: [world_size, len(row)], on every rank."""
+    if not dist.is_initialized():
+        return row.unsqueeze(0)
+    rows = [torch.empty_like(row, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, row.to(device))
+    return torch.stack(rows).cpu()
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """The peak memory of this rank: allocated on its GPU, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:

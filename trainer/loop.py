@@ -8,40 +8,41 @@ the metrics history the schedule reads, the open logging window and the RNG stat
 from __future__ import annotations
 
 import logging
-import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
 from data_pipeline import TrainLoader, UserError, build_train_loader, build_val_loader
 from data_pipeline.synthetic import ensure_synthetic
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint
+from trainer.checkpoint import (
+    latest_checkpoint,
+    load_model_and_optimizer,
+    read_train_state,
+    save_checkpoint,
+)
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import (
     LaunchEnv,
+    all_gather_rows,
     all_reduce_sum,
-    any_rank,
-    apply_ddp,
-    apply_sync_batchnorm,
     average_bn_buffers,
     barrier,
     init_process_group,
+    peak_memory_bytes,
     pick_device,
 )
 from trainer.evaluate import EvalResult, evaluate, topk_correct
 from trainer.faults import NonFiniteLoss, Preempted, StopSignals
-from trainer.models import create_model
-from trainer.optim import build_optimizer
-from trainer.precision import build_grad_scaler, maybe_autocast
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
+from trainer.step import Stepper, build_stepper
+from trainer.throughput import peak_flops, training_flops_per_image
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,16 @@ class TrainWindow:
 
 
 @dataclass
+class StepTimes:
+    """This rank's time between two log points: waiting for batches, and the rest of the steps (forward,
+    backward, update, the host sync at the loss)."""
+
+    data_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    steps: int = 0
+
+
+@dataclass
 class TrainState:
     iteration: int = 0
     skipped_steps: int = 0  # steps without an update because the loss was not finite
@@ -94,14 +105,13 @@ class Run:
     launch: LaunchEnv
     run_dir: Path
     device: torch.device
-    model: nn.Module  # the plain model: what is saved and exported
-    wrapped: nn.Module  # what runs the steps (DDP and/or compiled)
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    stepper: Stepper  # the model, its parallel wrapper, the optimizer and the gradient scaler
     loader: TrainLoader
     val_batches: Any
     schedule: LRSchedule
     total_iterations: int
+    peak_flops: float | None = None  # the GPUs' dense peak, for the model FLOP utilization
+    flops_per_image: float = 0.0  # training FLOPs: 3 x forward
 
 
 def build_run(config: Config, launch: LaunchEnv) -> Run:
@@ -117,24 +127,18 @@ def build_run(config: Config, launch: LaunchEnv) -> Run:
             f"{len(loader.classes)} classes"
         )
     val_batches = build_eval_batches(config, launch, config.eval.protocol)
-    torch.manual_seed(config.train.seed)
-    model = create_model(config.model.name, **config.model.overrides())
-    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    if config.model.sync_bn:
-        model = apply_sync_batchnorm(model, device)
-    wrapped = apply_ddp(model, device) if launch.distributed else model
-    if config.train.compile:
-        wrapped = torch.compile(wrapped)
+    stepper = build_stepper(config, launch, device)
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch
     schedule = build_schedule(
         config.schedule, config.optim, global_batch=config.global_batch(), iterations_per_epoch=loader.batches_per_epoch
     )
     run_dir = Path(train.output_dir) / train.run_name
-    optimizer = build_optimizer(model, config.optim)
-    scaler = build_grad_scaler(device, train.precision)
-    return Run(config, launch, run_dir, device, model, wrapped, optimizer, scaler, loader, val_batches, schedule, total)
+    run = Run(config, launch, run_dir, device, stepper, loader, val_batches, schedule, total)
+    run.peak_flops = peak_flops(device, train.precision)
+    if run.peak_flops is not None:
+        run.flops_per_image = training_flops_per_image(config)
+    return run
 
 
 def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str) -> Any:
@@ -148,15 +152,17 @@ def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str) -> Any:
     )
 
 
-def checkpoint_state(run: Run, state: TrainState) -> dict[str, Any]:
+def train_state_dict(run: Run, state: TrainState) -> dict[str, Any]:
+    """What a checkpoint holds besides the model and the optimizer."""
     return {
         "model_name": run.config.model.name,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
         "iteration": state.iteration,
+        "epoch": state.iteration // run.loader.batches_per_epoch,  # with the iteration: the data position
+        "strategy": run.config.dist.strategy,
+        "world_size": run.launch.world_size,
         "skipped_steps": state.skipped_steps,
         "scaler_skipped_steps": state.scaler_skipped_steps,
-        "scaler": run.scaler.state_dict(),
+        "scaler": run.stepper.scaler.state_dict(),
         "batches_per_epoch": run.loader.batches_per_epoch,
         "classes": run.loader.classes,
         "history": state.history.state_dict(),
@@ -176,13 +182,13 @@ def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
             f"{source}: saved with {checkpoint['batches_per_epoch']} batches per epoch, this run has "
             f"{run.loader.batches_per_epoch}: the data set or data.batch_size changed"
         )
-    load_model_state(run.model, checkpoint["model"], source=source, name=run.config.model.name)
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    stepper = run.stepper
+    load_model_and_optimizer(source, checkpoint, stepper.model, stepper.optimizer, name=run.config.model.name)
     torch.set_rng_state(checkpoint["rng"]["torch"])
     random.setstate(checkpoint["rng"]["python"])
     history = MetricHistory.from_state_dict(checkpoint["history"])
     window = TrainWindow(**checkpoint["window"]) if run.launch.is_main else TrainWindow()
-    run.scaler.load_state_dict(checkpoint["scaler"])
+    stepper.scaler.load_state_dict(checkpoint["scaler"])
     skipped = checkpoint["skipped_steps"], checkpoint["scaler_skipped_steps"]
     return TrainState(checkpoint["iteration"], *skipped, history, window)
 
@@ -201,36 +207,10 @@ def find_resume_checkpoint(run: Run) -> Path | None:
     return Path(resume)
 
 
-@dataclass
-class StepOutcome:
-    loss: float
-    logits: torch.Tensor
-    skipped: bool  # the loss was not finite on some rank and train.skip_nonfinite is set: no update
-    stop: bool  # some rank received a stop signal: checkpoint after this step and exit
-    scaler_skipped: bool = False  # fp16: the gradients overflowed, the scaler skipped the update
-
-
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, signals: StopSignals) -> StepOutcome:
-    with maybe_autocast(run.device, run.config.train.precision):
-        logits = run.wrapped(images)
-        loss = F.cross_entropy(logits, labels)
-    loss_value = loss.item()  # the step's one host sync: the finiteness check and the logged loss both use it
-    nonfinite, stop = any_rank([not math.isfinite(loss_value), signals.received is not None], run.device)
-    run.optimizer.zero_grad(set_to_none=True)
-    scaler_skipped = False
-    if not nonfinite:  # every rank takes the same branch, as DDP's collective backward requires
-        scale = run.scaler.get_scale() if run.scaler.is_enabled() else 1.0
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)  # fp16: no update when a gradient overflowed (the same on every rank)
-        run.scaler.update()
-        scaler_skipped = run.scaler.is_enabled() and run.scaler.get_scale() < scale
-    return StepOutcome(loss_value, logits.detach(), skipped=nonfinite, stop=stop, scaler_skipped=scaler_skipped)
-
-
 def run_evaluation(run: Run, batches: Any) -> EvalResult:
-    average_bn_buffers(run.model)
+    average_bn_buffers(run.stepper.model)
     return evaluate(
-        run.wrapped,
+        run.stepper.wrapped,
         batches,
         num_classes=run.config.model.num_classes,
         device=run.device,
@@ -246,19 +226,23 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     state = TrainState()
     source = find_resume_checkpoint(run)
     if source is not None:
-        state = restore(run, load_checkpoint(source), source)
+        state = restore(run, read_train_state(source), source)
         log.info("resumed from %s at iteration %d", source, state.iteration)
     if launch.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(to_yaml(config))
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
     run_log.text("config", "```\n" + to_yaml(config) + "```")
+    accumulation = config.train.accumulation
     log.info(
-        "%s: global batch %d (%d per rank x %d ranks), %d iterations (%d per epoch), run directory %s",
+        "%s, %s: global batch %d (%d per rank x %d ranks x %d accumulation), %d iterations (%d per epoch), "
+        "run directory %s",
         config.model.name,
+        config.dist.strategy if launch.distributed else "one process",
         config.global_batch(),
-        config.global_batch() // launch.world_size,
+        config.global_batch() // launch.world_size // accumulation,
         launch.world_size,
+        accumulation,
         run.total_iterations,
         run.loader.batches_per_epoch,
         run.run_dir,
@@ -291,17 +275,20 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
         mininterval=1.0,
         dynamic_ncols=True,
     )
-    result, window_seconds, tick = None, 0.0, time.perf_counter()
-    run.wrapped.train()
+    result, window_seconds, times = None, 0.0, StepTimes()
+    run.stepper.wrapped.train()
     while state.iteration < run.total_iterations:
         epoch, start = divmod(state.iteration, per_epoch)
-        for images, labels in run.loader.epoch(epoch, start):  # the wait for a batch counts in the window's time
+        tick = time.perf_counter()
+        for images, labels in run.loader.epoch(epoch, start):
+            arrived = time.perf_counter()
             lr = run.schedule.lr(state.iteration, state.history)
-            for group in run.optimizer.param_groups:
+            for group in run.stepper.optimizer.param_groups:
                 group["lr"] = lr
             images = images.to(run.device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(run.device, non_blocking=True)
-            step = train_step(run, images, labels, signals)
+            logging_step = (state.iteration + 1) % train.log_every == 0
+            step = run.stepper.step(images, labels, stop=signals.received is not None, grad_norm=logging_step)
             state.iteration += 1
             if step.skipped:
                 if not train.skip_nonfinite:
@@ -315,11 +302,16 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
                 state.scaler_skipped_steps += step.scaler_skipped
                 state.window.add(step.loss, *topk_correct(step.logits.float(), labels), len(labels))
             progress.update(batch)
-            window_seconds += time.perf_counter() - tick
+            done = time.perf_counter()
+            times.data_seconds += arrived - tick
+            times.compute_seconds += done - arrived
+            times.steps += 1
+            window_seconds += done - tick
             result = None
-            if state.iteration % train.log_every == 0:
-                log_window(run, state, run_log, lr=lr, seconds=window_seconds, progress=progress)
-                window_seconds = 0.0
+            if logging_step:
+                log_window(run, state, run_log, lr=lr, seconds=window_seconds, times=times, grad_norm=step.grad_norm)
+                progress.set_postfix(loss=f"{step.loss:.3f}", lr=f"{lr:.4g}")
+                window_seconds, times = 0.0, StepTimes()
             if state.iteration % eval_every == 0 or state.iteration == run.total_iterations:
                 result = run_evaluation(run, run.val_batches)
                 state.history.val_errors.append((state.iteration, 1 - result.top1))
@@ -333,28 +325,50 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
                 )
             if state.iteration == run.total_iterations:
                 break
-            tick = time.perf_counter()
+            tick = time.perf_counter()  # the wait for the next batch starts here: evaluations are not counted
     progress.close()
     return result
 
 
-def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, seconds: float, progress: tqdm) -> None:
-    """Log the window's training metrics; ``seconds`` is its wall time less evaluations and checkpoints."""
+def log_window(
+    run: Run, state: TrainState, run_log: RunLog, *, lr: float, seconds: float, times: StepTimes, grad_norm: float
+) -> None:
+    """Log the window's training metrics (``seconds``: its wall time less evaluations and checkpoints) and each
+    rank's times and peak memory, gathered on every rank (one collective each for sums and per-rank rows)."""
     window = state.window.summed(run.device)
     state.window = TrainWindow()
+    row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(run.device)]
+    per_rank = all_gather_rows(torch.tensor(row, dtype=torch.float64), run.device)
     if window.count == 0:  # every step of the window was skipped (train.skip_nonfinite)
         run_log.log("train", state.iteration, {"lr": lr, "skipped_steps": state.skipped_steps})
         return
     summary = window.summary()
-    if not math.isfinite(summary["loss"]):
-        raise RuntimeError(f"non-finite training loss at iteration {state.iteration}; the last checkpoint is kept")
     state.history.train_errors.append((state.iteration, summary["top1_error"]))
-    images_per_second = window.count / seconds
-    values = {**summary, "lr": lr, "images_per_second": images_per_second, "skipped_steps": state.skipped_steps}
-    if run.scaler.is_enabled():
-        values |= {"loss_scale": run.scaler.get_scale(), "scaler_skipped_steps": state.scaler_skipped_steps}
+    values = {**summary, "lr": lr, "grad_norm": grad_norm, "skipped_steps": state.skipped_steps}
+    scaler = run.stepper.scaler
+    if scaler.is_enabled():
+        values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": state.scaler_skipped_steps}
     run_log.log("train", state.iteration, values)
-    progress.set_postfix(loss=f"{summary['loss']:.3f}", top1=f"{summary['top1']:.3f}", lr=f"{lr:.4g}")
+    run_log.log("speed", state.iteration, speed_metrics(run, window.count / seconds, per_rank))
+
+
+def speed_metrics(run: Run, images_per_second: float, per_rank: torch.Tensor) -> dict[str, float]:
+    """Global images/s; the per-rank step time (compute, without the wait for data) as min/median/max and the
+    slowest rank; the share of the step spent waiting for data (of the slowest waiter); peak memory per rank."""
+    compute, data, memory = per_rank.T.tolist()
+    totals = [c + d for c, d in zip(compute, data, strict=True)]
+    metrics = {
+        "images_per_second": images_per_second,
+        "step_seconds_min": min(compute),
+        "step_seconds_median": statistics.median(compute),
+        "step_seconds_max": max(compute),
+        "slowest_rank": max(range(len(compute)), key=compute.__getitem__),
+        "data_wait_fraction": max(d / t for d, t in zip(data, totals, strict=True)),
+        **{f"peak_memory_gb/rank{rank}": value / 2**30 for rank, value in enumerate(memory)},
+    }
+    if run.peak_flops is not None:
+        metrics["mfu"] = run.flops_per_image * images_per_second / (run.peak_flops * run.launch.world_size)
+    return metrics
 
 
 def save(run: Run, state: TrainState) -> None:
@@ -362,9 +376,14 @@ def save(run: Run, state: TrainState) -> None:
     # gives rank 0 the saved window and the others an empty one logs the same figures.
     window = state.window.summed(run.device)
     state.window = window if run.launch.is_main else TrainWindow()
-    average_bn_buffers(run.model)
-    if run.launch.is_main:
-        save_checkpoint(
-            run.run_dir, state.iteration, checkpoint_state(run, state), keep=run.config.train.keep_checkpoints
-        )
-    barrier()
+    average_bn_buffers(run.stepper.model)
+    save_checkpoint(
+        run.run_dir,
+        state.iteration,
+        run.stepper.model,
+        run.stepper.optimizer,
+        train_state_dict(run, state),
+        sharded=run.config.dist.strategy == "fsdp",
+        keep=run.config.train.keep_checkpoints,
+        is_main=run.launch.is_main,
+    )

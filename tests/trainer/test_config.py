@@ -70,9 +70,11 @@ def test_bad_values_name_the_key(tmp_path, overrides, message):
 
 
 def test_batch_must_divide_by_the_world_size(tmp_path):
-    with pytest.raises(UserError, match="data.batch_size=256: must be divisible by the world size 3"):
+    with pytest.raises(UserError, match=r"data.batch_size=256: must be divisible by the world size x train.acc"):
         load_config(write_config(tmp_path), world_size=3)
     assert load_config(write_config(tmp_path), world_size=4).data.batch_size == 256
+    with pytest.raises(UserError, match=r"= 4 x 3"):
+        load_config(write_config(tmp_path), ["train.accumulation=3"], world_size=4)
 
 
 def test_missing_data_folder(tmp_path):

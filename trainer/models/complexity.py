@@ -10,13 +10,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from trainer.models.registry import create_model, get_model_spec, list_models
 
 
-def count_params_and_macs(name: str, **overrides: Any) -> tuple[int, int]:
-    """Counted on the meta device (no memory, no arithmetic). FlopCounterMode counts 2 FLOPs per multiply-add of
-    the convolutions and the fc layer, the operations the paper's FLOP figures count."""
-    spec = get_model_spec(name)
+def count_params_and_macs(name: str, image_size: int | None = None, **overrides: Any) -> tuple[int, int]:
+    """Counted on the meta device (no memory, no arithmetic), for one image of ``image_size`` (default: the
+    paper's, 224 or 32). FlopCounterMode counts 2 FLOPs per multiply-add of the convolutions and the fc layer, the
+    operations the paper's FLOP figures count."""
+    size = image_size or get_model_spec(name).image_size
     with torch.device("meta"):
         model = create_model(name, **overrides)
-        image = torch.empty(1, 3, spec.image_size, spec.image_size)
+        image = torch.empty(1, 3, size, size)
     with FlopCounterMode(display=False) as counter:
         model(image)
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2

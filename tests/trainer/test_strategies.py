@@ -1,0 +1,170 @@
+"""DDP and FSDP2 on two gloo ranks under torchrun: they follow one process, resume bit for bit after kill -9,
+resume into each other and into another world size, and come back under torchrun --max-restarts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_weights
+
+ROOT = Path(__file__).parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def trainer_command(ranks: int, *, max_restarts: int = 0) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "trainer"]
+    restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *restarts,
+            "-m", "trainer"]  # fmt: skip
+
+
+def run_trainer(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
+    # One thread per process, as torchrun sets it: kernels that split work over threads round differently.
+    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [*trainer_command(ranks), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environ)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record for record in map(json.loads, lines) if record["kind"] == kind]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {record["iteration"]: record["loss"] for record in records(run_dir, "train")}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_weights(latest_checkpoint(run_dir)).state_dict
+
+
+@pytest.fixture
+def short(quickstart_on_cifar, tmp_path) -> list[str]:
+    return [
+        *quickstart_on_cifar,
+        "data.batch_size=40",
+        "train.log_every=1",
+        "train.eval_every=10",
+        "train.precision=fp32",
+        "eval.batch_size=20",
+        f"train.output_dir={tmp_path}",
+    ]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_follow_one_process_with_the_same_global_batch(tmp_path, short, strategy):
+    """One process accumulating two micro-batches of 20 computes what two ranks of 20 do: the same BN batches,
+    the same mean gradient. The losses of 10 steps agree to float rounding."""
+    run_trainer(1, [*short, "train.iterations=10", "train.accumulation=2", "train.run_name=one"])
+    two = run_trainer(2, [*short, "train.iterations=10", f"dist.strategy={strategy}", "train.run_name=two"])
+    assert f"{strategy}: global batch 40 (20 per rank x 2 ranks x 1 accumulation)" in two.stderr
+    one, other = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == 10 and one.keys() == other.keys()
+    assert [other[i] for i in one] == pytest.approx([one[i] for i in one], rel=1e-4)
+    assert records(tmp_path / "two", "eval")[-1]["count"] == 100  # every test image once over both ranks
+    sharded = strategy == "fsdp"
+    assert [path.is_dir() for path in list_checkpoints(tmp_path / "two")] == [sharded]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
+    """2N steps straight == N steps, kill -9 of the whole launch, resume, N more: weights and logs bit for bit."""
+    args = [*short, "train.iterations=24", "train.checkpoint_every=12", f"dist.strategy={strategy}"]
+    run_trainer(2, [*args, "train.run_name=straight"])
+
+    process = subprocess.Popen(
+        [*trainer_command(2), *args, "train.run_name=killed"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_until(lambda: list_checkpoints(tmp_path / "killed"), process)
+    assert process.poll() is None, "the run finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert [int(path.name[5:14]) for path in list_checkpoints(tmp_path / "killed")] == [12]
+    resumed = run_trainer(2, [*args, "train.run_name=killed"])
+    assert "resumed from" in resumed.stderr and "at iteration 12" in resumed.stderr
+
+    straight, killed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(straight[name], killed[name]) for name in straight)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+
+
+def test_checkpoints_resume_across_strategies_and_world_sizes(tmp_path, short):
+    """FSDP2 on 2 ranks -> 1 process, and 1 process -> FSDP2 on 2 ranks, and DDP on 2 -> FSDP2 on 2: each second
+    half follows the straight single-process run (accumulating, so that BN sees the same batches)."""
+    steps = ["train.checkpoint_every=6", "train.accumulation=1"]
+    one = [*short, *steps, "train.accumulation=2"]
+    run_trainer(1, [*one, "train.iterations=12", "train.run_name=straight"])
+    reference = losses(tmp_path / "straight")
+
+    for name, first, second in (
+        ("fsdp-to-one", (2, ["dist.strategy=fsdp"]), (1, ["train.accumulation=2"])),
+        ("one-to-fsdp", (1, ["train.accumulation=2"]), (2, ["dist.strategy=fsdp"])),
+        ("ddp-to-fsdp", (2, ["dist.strategy=ddp"]), (2, ["dist.strategy=fsdp"])),
+    ):
+        (ranks_a, keys_a), (ranks_b, keys_b) = first, second
+        run_trainer(ranks_a, [*short, *steps, *keys_a, "train.iterations=6", f"train.run_name={name}"])
+        result = run_trainer(ranks_b, [*short, *steps, *keys_b, "train.iterations=12", f"train.run_name={name}"])
+        assert "at iteration 6" in result.stderr, name
+        resumed = losses(tmp_path / name)
+        assert [resumed[i] for i in range(7, 13)] == pytest.approx([reference[i] for i in range(7, 13)], rel=1e-4)
+
+
+def test_a_rank_killed_under_max_restarts_comes_back_from_the_checkpoint(tmp_path, short):
+    args = [*short, "train.iterations=40", "train.checkpoint_every=10", "train.run_name=restarts"]
+    process = subprocess.Popen(
+        [*trainer_command(2, max_restarts=1), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: list_checkpoints(tmp_path / "restarts"), process)
+        worker = rank_process(process.pid, rank=1)
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stderr
+    assert read_weights(latest_checkpoint(tmp_path / "restarts")).config["train"]["iterations"] == 40
+    iterations = [record["iteration"] for record in records(tmp_path / "restarts", "train")]
+    assert iterations == list(range(1, 41))  # continued, no step logged twice
+
+
+def rank_process(launcher: int, *, rank: int) -> int:
+    """The pid of the worker of ``rank`` started by a torchrun agent (its environment says RANK=rank)."""
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in environ and parent != launcher and os.getsid(pid) == launcher:
+            return pid
+    raise AssertionError(f"no rank {rank} worker of {launcher}")
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout} s (exit code {process.poll()})")

@@ -1,0 +1,66 @@
+"""Data parallelism over the ranks of a launch (``dist.strategy``): DDP, or FSDP2 per residual block then the root,
+and the switch that lets the micro-batches of an accumulated step skip the gradient reduction."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.config import DistConfig
+from trainer.models import BasicBlock, Bottleneck
+from trainer.precision import AUTOCAST_DTYPES
+
+
+def parallelize(model: nn.Module, config: DistConfig, *, precision: str, device: torch.device, world_size: int):
+    """The module that runs the training steps. One rank alone runs ``model`` itself; FSDP2 shards ``model`` in
+    place (its state dict keeps the plain model's names), DDP wraps it."""
+    if world_size == 1:
+        return model
+    if config.strategy == "fsdp":
+        shard_fully(model, device=device, world_size=world_size, precision=precision, config=config)
+        return model
+    return DistributedDataParallel(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        bucket_cap_mb=config.bucket_cap_mb,
+        static_graph=config.static_graph,
+    )
+
+
+def shard_fully(model: nn.Module, *, device: torch.device, world_size: int, precision: str, config: DistConfig):
+    """FSDP2: one parameter group per residual block, then the root (the stem and the classifier).
+
+    With bf16 or fp16, the blocks gather their parameters in that type and reduce gradients in fp32. BatchNorm
+    keeps fp32 parameters in a group of its own that does not cast its input: under the blocks' policy alone its
+    weight would be bf16 while its running statistics stay fp32 ("expected scalar type BFloat16 but found Float"),
+    the failure of pytorch/torchtitan#674. BatchNorm then runs in mixed precision, as under autocast.
+    """
+    mesh = init_device_mesh(device.type, (world_size,))
+    reshard = config.reshard_after_forward
+    low = AUTOCAST_DTYPES.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low is not None else None)
+    if low is not None:
+        keep_fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                fully_shard(module, mesh=mesh, mp_policy=keep_fp32, reshard_after_forward=reshard)
+    for module in model.modules():
+        if isinstance(module, BasicBlock | Bottleneck):
+            fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
+def gradient_sync(module: nn.Module, enabled: bool) -> AbstractContextManager:
+    """Whether this backward reduces gradients over ranks: only the last micro-batch of an accumulated step does."""
+    module = getattr(module, "_orig_mod", module)  # under torch.compile
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(enabled)
+    elif isinstance(module, DistributedDataParallel) and not enabled:
+        return module.no_sync()
+    return nullcontext()

@@ -1,0 +1,27 @@
+"""Model FLOP utilization (MFU): the share of the GPUs' dense peak that the model's own arithmetic uses,
+3 x forward FLOPs per image (forward, and backward at twice the forward) x images/s / (peak x GPUs)."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.config import Config
+from trainer.models.complexity import count_params_and_macs
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s for bf16 and fp16, from NVIDIA's data sheets; the first name
+# found in torch.cuda.get_device_name() wins, so the more specific names come first.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0))
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """One GPU's peak FLOP/s for the training precision; None on a CPU, in fp32 or for a GPU not in the table."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def training_flops_per_image(config: Config) -> float:
+    size = 32 if config.data.format == "cifar" else config.data.crop_size  # CIFAR trains on the 32x32 images
+    _, macs = count_params_and_macs(config.model.name, image_size=size, **config.model.overrides())
+    return 3 * 2 * macs
