@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import resource
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +67,18 @@ def init_process_group(launch: LaunchEnv, device: torch.device) -> None:
     """NCCL on GPUs, gloo on CPU; MASTER_ADDR/MASTER_PORT (torchrun's, or the SLURM job's) give the rendezvous."""
     if launch.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size)
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, store=restart_store(launch))
+
+
+def restart_store(launch: LaunchEnv, environ: Mapping[str, str] = os.environ) -> dist.Store | None:
+    """A fresh key space for a torchrun restart (``--max-restarts``). torchrun gives every attempt the same shared
+    store, which still holds the addresses the previous attempt's ranks published: the new ranks would connect to
+    dead ones ("Gloo connectFullMesh failed ... Connection refused", pytorch/pytorch#167288). None: the default."""
+    attempt = int(environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if attempt == 0 or environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    shared = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), launch.world_size, is_master=False)
+    return dist.PrefixStore(f"residual/attempt-{attempt}", shared)
 
 
 def barrier() -> None:

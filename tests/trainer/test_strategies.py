@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_weights
+from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_train_state, read_weights
+from trainer.faults import REQUEUE_EXIT_CODE
 
 ROOT = Path(__file__).parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -91,11 +92,11 @@ def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
     )
     wait_until(lambda: list_checkpoints(tmp_path / "killed"), process)
     assert process.poll() is None, "the run finished before it could be killed"
-    os.killpg(process.pid, signal.SIGKILL)
+    kill_tree(process.pid)
     process.wait()
     assert [int(path.name[5:14]) for path in list_checkpoints(tmp_path / "killed")] == [12]
     resumed = run_trainer(2, [*args, "train.run_name=killed"])
-    assert "resumed from" in resumed.stderr and "at iteration 12" in resumed.stderr
+    assert "ckpt-000000012.pt at iteration 12" in resumed.stderr or "ckpt-000000012 at iteration 12" in resumed.stderr, resumed.stderr[-3000:]
 
     straight, killed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
     assert all(torch.equal(straight[name], killed[name]) for name in straight)
@@ -124,7 +125,7 @@ def test_checkpoints_resume_across_strategies_and_world_sizes(tmp_path, short):
 
 
 def test_a_rank_killed_under_max_restarts_comes_back_from_the_checkpoint(tmp_path, short):
-    args = [*short, "train.iterations=40", "train.checkpoint_every=10", "train.run_name=restarts"]
+    args = [*short, "train.iterations=60", "train.checkpoint_every=10", "train.run_name=restarts"]
     process = subprocess.Popen(
         [*trainer_command(2, max_restarts=1), *args],
         cwd=ROOT,
@@ -139,26 +140,73 @@ def test_a_rank_killed_under_max_restarts_comes_back_from_the_checkpoint(tmp_pat
         os.kill(worker, signal.SIGKILL)
         _, stderr = process.communicate(timeout=300)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, stderr[-3000:]
+        kill_tree(process.pid)
+    assert process.returncode == 0, stderr[-12000:]
     assert "resumed from" in stderr
-    assert read_weights(latest_checkpoint(tmp_path / "restarts")).config["train"]["iterations"] == 40
+    assert read_train_state(latest_checkpoint(tmp_path / "restarts"))["iteration"] == 60
     iterations = [record["iteration"] for record in records(tmp_path / "restarts", "train")]
-    assert iterations == list(range(1, 41))  # continued, no step logged twice
+    assert iterations == list(range(1, 61))  # continued, no step logged twice
 
 
-def rank_process(launcher: int, *, rank: int) -> int:
-    """The pid of the worker of ``rank`` started by a torchrun agent (its environment says RANK=rank)."""
+def test_sigusr1_makes_fsdp_ranks_checkpoint_and_exit_for_requeue(tmp_path, short):
+    """SLURM signals every task: each FSDP2 rank finishes its step, the sharded checkpoint is written, and the
+    ranks exit with the requeue code; a new start resumes from that checkpoint."""
+    args = [*short, "train.iterations=100000", "dist.strategy=fsdp", "train.run_name=usr1"]
+    process = subprocess.Popen(
+        [*trainer_command(2), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: (tmp_path / "usr1/metrics.jsonl").exists(), process)
+        workers = [rank_process(process.pid, rank=rank) for rank in (0, 1)]
+        os.kill(workers[1], signal.SIGUSR1)  # one rank's signal is enough: the ranks agree at the next step
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        kill_tree(process.pid)
+    assert f"exitcode  : {REQUEUE_EXIT_CODE}" in stderr, stderr[-3000:]
+    (checkpoint,) = list_checkpoints(tmp_path / "usr1")
+    assert checkpoint.is_dir() and (checkpoint / ".metadata").is_file()
+    stopped_at = read_train_state(checkpoint)["iteration"]
+    resumed = run_trainer(2, [*args, f"train.iterations={stopped_at + 2}"])
+    assert f"at iteration {stopped_at}" in resumed.stderr
+
+
+def descendants(root: int) -> list[int]:
+    """Every living process started by ``root``, directly or not (torchrun's workers have sessions of their own)."""
+    children: dict[int, list[int]] = {}
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError):
             continue
-        if f"RANK={rank}".encode() in environ and parent != launcher and os.getsid(pid) == launcher:
+        children.setdefault(parent, []).append(pid)
+    found, pending = [], [root]
+    while pending:
+        kids = children.get(pending.pop(), [])
+        found.extend(kids)
+        pending.extend(kids)
+    return sorted(found)
+
+
+def kill_tree(root: int) -> None:
+    """kill -9 of a launch: the agent and every worker, at once."""
+    for pid in [root, *descendants(root)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def rank_process(launcher: int, *, rank: int) -> int:
+    """The pid of the training worker of ``rank`` under a torchrun agent: the first process whose environment
+    says RANK=rank (the worker's own children inherit it)."""
+    for pid in descendants(launcher):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
             return pid
-    raise AssertionError(f"no rank {rank} worker of {launcher}")
+    raise AssertionError(f"no rank {rank} worker under {launcher}")
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> None:
