@@ -7,6 +7,7 @@ residual models [--json]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
 residual data verify DIR
 residual bench eval [--model NAME] [--batch B]
+residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision bf16] [--steps N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -99,6 +100,19 @@ def cmd_bench_eval(args: argparse.Namespace) -> None:
     from trainer.bench import bench_eval
 
     bench_eval(model_name=args.model, batch_size=args.batch, images=args.images, workers=args.workers)
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from trainer.bench import bench_train
+
+    bench_train(
+        model_name=args.model,
+        batch=args.batch,
+        strategy=args.strategy,
+        precision=args.precision,
+        steps=args.steps,
+        rounds=args.rounds,
+    )
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -214,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench_eval.add_argument("--images", type=int, default=128, help="synthetic 320x256 validation images")
     bench_eval.add_argument("--workers", type=int, default=2)
     bench_eval.set_defaults(run=cmd_bench_eval)
+    bench_train = bench.add_parser("train", help="images/s of the trainer's step against a minimal loop")
+    bench_train.add_argument("--model", default="resnet50")
+    bench_train.add_argument("--batch", type=int, default=32, help="images per rank and step")
+    bench_train.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    bench_train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
+    bench_train.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    bench_train.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
+    bench_train.set_defaults(run=cmd_bench_train)
 
     models = commands.add_parser("models", help="params and mult-adds of every model beside the paper's")
     models.add_argument("--json", action="store_true", help="a JSON list instead of the table")

@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_pipeline.errors import UserError
-from trainer.checkpoint import list_checkpoints
 from trainer.config import load_config
 from trainer.distributed import LaunchEnv, average_bn_buffers
 from trainer.loop import train
