@@ -110,3 +110,14 @@ def test_data_verify_exit_codes(tmp_path, imagefolder_root):
     assert "1 images checked, 1 not decodable" in result.stderr
     missing = run(RESIDUAL, "data", "verify", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "folder does not exist" in missing.stderr
+
+
+def test_bench_train_prints_the_ratio():
+    result = subprocess.run(
+        [RESIDUAL, "bench", "train", "--model", "resnet20", "--batch", "8", "--steps", "1", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trainer / minimal = " in result.stdout and "[resnet20, batch 8 per rank, bf16, one process" in result.stdout

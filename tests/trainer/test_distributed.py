@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from data_pipeline.errors import UserError
 from trainer.config import load_config
-from trainer.distributed import LaunchEnv, average_bn_buffers
+from trainer.distributed import LaunchEnv, average_bn_buffers, first_host
 from trainer.loop import train
 from trainer.models import create_model
 
@@ -88,3 +88,20 @@ def test_sync_bn_is_refused_on_the_cpu(tmp_path, cifar_root):
     )
     with pytest.raises(UserError, match="model.sync_bn=true: SyncBatchNorm runs on GPUs only"):
         train(config, LaunchEnv())
+
+
+def test_a_slurm_task_is_a_rank_with_the_jobs_first_host_as_rendezvous():
+    environ = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu[007-009,12],cpu1",
+    }
+    launch = LaunchEnv.from_environ(environ)
+    assert launch == LaunchEnv(rank=5, world_size=8, local_rank=1, launcher="slurm")
+    assert environ["MASTER_ADDR"] == "gpu007" and environ["MASTER_PORT"] == str(20000 + 4242)
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", **environ}  # torchrun inside a SLURM job wins
+    assert LaunchEnv.from_environ(torchrun) == LaunchEnv(1, 2, 1, "torchrun")
+    assert LaunchEnv.from_environ({}) == LaunchEnv()
+    assert first_host("node1") == "node1" and first_host("a[1-2],b") == "a1"

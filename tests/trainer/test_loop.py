@@ -247,3 +247,14 @@ def test_fp16_logs_the_loss_scale_and_counts_overflow_steps(tmp_path, cifar_root
     records = metrics(tmp_path / "run", "train")
     assert records[0]["loss_scale"] == 32768 and records[0]["scaler_skipped_steps"] == 1
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["scaler"]["scale"] == records[-1]["loss_scale"]
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_like_the_eager_one(tmp_path, cifar_root):
+    """train.compile=true: torch.compile (inductor, C++ on the CPU) gives the eager run's losses."""
+    common = ("train.iterations=3", "train.precision=fp32", "train.log_every=1", "data.batch_size=16")
+    train(small_run(tmp_path / "eager", cifar_root, *common), LaunchEnv())
+    train(small_run(tmp_path / "compiled", cifar_root, *common, "train.compile=true"), LaunchEnv())
+    eager, compiled = metrics(tmp_path / "eager/run", "train"), metrics(tmp_path / "compiled/run", "train")
+    assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-5)  # the same first forward
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-2)
