@@ -7,6 +7,10 @@ residual models [--json]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
 residual data verify DIR
 residual bench eval [--model NAME] [--batch B]
+residual submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--tasks-per-node T] [--partition P ...]
+              [--array seeds=1,2,3 | --array-file CONFIGS] [--dry-run]
+residual jobs [RUNS_DIR]
+residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
 residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision bf16] [--steps N] [--rounds R]
 """
 
@@ -115,6 +119,42 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_submit(args: argparse.Namespace) -> None:
+    from cluster.slurm import Resources, plan, submit
+
+    resources = Resources(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        time=args.time,
+        mem=args.mem,
+    )
+    runs = plan(args.config, list(args.overrides), resources, args.array, args.array_file)
+    result = submit(runs, resources, dry_run=args.dry_run)
+    if args.dry_run:
+        print(result)
+        return
+    for run, job in zip(runs, result, strict=True):
+        print(f"submitted job {job.job_id}: {run.run_dir}  ({resources.tasks} tasks)")
+        print(f"  logs: {job.paths.stdout}  {job.paths.stderr}")
+    print(f"watch: residual jobs {runs[0].run_dir.parent}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from cluster.jobs import format_jobs, jobs_table
+
+    rows = jobs_table(Path(args.runs_dir))
+    if not rows:
+        print(f"no SLURM jobs recorded below {args.runs_dir}")
+        return
+    print(format_jobs(rows))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from trainer.models.complexity import complexity_table
 
@@ -220,6 +260,29 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="training checkpoint file or DCP directory")
     export.add_argument("out", help="the .pt file to write")
     export.set_defaults(run=cmd_export)
+
+    slurm = commands.add_parser("submit", help="submit a training run to SLURM (submitit)")
+    slurm.add_argument("config", help="YAML config")
+    slurm.add_argument("overrides", nargs="*", help="key=value config overrides")
+    slurm.add_argument("--nodes", type=int, default=1)
+    slurm.add_argument("--gpus-per-node", type=int, default=1, help="one task per GPU; 0: CPU tasks (gloo)")
+    slurm.add_argument("--tasks-per-node", type=int, help="ranks per node (default: one per GPU)")
+    slurm.add_argument("--cpus-per-task", type=int)
+    slurm.add_argument("--partition")
+    slurm.add_argument("--account")
+    slurm.add_argument("--qos")
+    slurm.add_argument("--constraint")
+    slurm.add_argument("--time", default="24:00:00", help="time limit, [D-]HH:MM:SS")
+    slurm.add_argument("--mem", help="memory per node, e.g. 400G")
+    array = slurm.add_mutually_exclusive_group()
+    array.add_argument("--array", metavar="KEY=V1,V2", help="one run per value (seeds=1,2,3 sets train.seed)")
+    array.add_argument("--array-file", metavar="CONFIGS", help="a file listing one config per line, one run each")
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    slurm.set_defaults(run=cmd_submit)
+
+    jobs = commands.add_parser("jobs", help="the project's SLURM jobs: state, elapsed, last step, last top-1")
+    jobs.add_argument("runs_dir", nargs="?", default="runs")
+    jobs.set_defaults(run=cmd_jobs)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_eval = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")
