@@ -323,7 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may follow options too: `residual submit CONFIG --nodes 4 optim.lr=0.2`
+    stray = [item for item in unknown if item.startswith("-") or "=" not in item]
+    if stray or (unknown and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     try:
         return args.run(args) or 0
     except UserError as error:
