@@ -155,6 +155,12 @@ def cmd_jobs(args: argparse.Namespace) -> None:
     print(format_jobs(rows))
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from cluster.sweep import run_sweep
+
+    print(run_sweep(Path(args.sweep), resume=args.resume, address=args.address))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from trainer.models.complexity import complexity_table
 
@@ -283,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="the project's SLURM jobs: state, elapsed, last step, last top-1")
     jobs.add_argument("runs_dir", nargs="?", default="runs")
     jobs.set_defaults(run=cmd_jobs)
+
+    sweep = commands.add_parser("sweep", help="a Ray Tune sweep over config keys (ASHA on the validation top-1)")
+    sweep.add_argument("sweep", help="sweep YAML: base config, overrides, search space, scheduler, resources")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
+    sweep.add_argument("--address", help="an existing Ray cluster (default: a local one on 127.0.0.1)")
+    sweep.set_defaults(run=cmd_sweep)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_eval = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")

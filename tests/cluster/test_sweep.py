@@ -1,0 +1,108 @@
+"""`residual sweep` with a local Ray on 127.0.0.1: ASHA over the learning rate of the quickstart config."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.sweep import load_sweep
+from data_pipeline.errors import UserError
+from trainer.config import load_config
+
+RESIDUAL = str(Path(sys.executable).parent / "residual")
+ROOT = Path(__file__).parents[2]
+
+
+def write_sweep(tmp_path: Path, cifar_root: Path, iterations: int) -> Path:
+    sweep = {
+        "base": "configs/quickstart.yaml",
+        "overrides": [
+            f"train.iterations={iterations}",
+            "train.eval_every=10",
+            "train.checkpoint_every=10",
+            "data.workers=0",
+            "data.batch_size=32",
+            f"data.root={cifar_root}",
+            "data.synthesize=null",
+            "eval.batch_size=50",
+        ],
+        "space": {"optim.lr": {"grid": [0.001, 0.01, 0.1, 0.4]}},
+        "scheduler": "asha",
+        "grace_period": 1,
+        "reduction_factor": 2,
+        "resources": {"cpu": 1},
+        "output_dir": str(tmp_path),
+        "name": "lr",
+    }
+    path = tmp_path / "lr.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def trial_rows(output: str) -> list[list[str]]:
+    return [line.split() for line in output.splitlines() if line.startswith("run_trial_")]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_asha_sweep_stops_the_worst_trials_and_writes_the_best_config(tmp_path, cifar_root):
+    start = time.monotonic()
+    result = subprocess.run(
+        [RESIDUAL, "sweep", str(write_sweep(tmp_path, cifar_root, 40))],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = trial_rows(result.stdout)
+    assert len(rows) == 4 and all(row[2] != "failed" for row in rows), result.stdout
+    evaluations = [int(row[3]) for row in rows]
+    assert max(evaluations) == 4 and min(evaluations) < 4, result.stdout  # ASHA stopped some early
+    best = load_config(tmp_path / "lr/best.yaml")
+    assert best.optim.lr == float(rows[0][1]) and best.train.run_name == "lr-best"
+    assert len(list((tmp_path / "lr/runs").glob("run_trial_*/tensorboard"))) == 4  # every trial's curves, one place
+    assert "ray::" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    print(f"4-trial ASHA sweep: {time.monotonic() - start:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_an_interrupted_sweep_resumes_to_completion(tmp_path, cifar_root):
+    sweep = write_sweep(tmp_path, cifar_root, 100)
+    driver = subprocess.Popen([RESIDUAL, "sweep", str(sweep)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    metrics = tmp_path / "lr/runs"
+    deadline = time.monotonic() + 180
+    while not any(metrics.glob("run_trial_*/checkpoints/ckpt-*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment and stops
+    interrupted, _ = driver.communicate(timeout=180)
+    assert "unfinished (interrupted)" in interrupted, interrupted
+
+    result = subprocess.run(
+        [RESIDUAL, "sweep", str(sweep), "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = trial_rows(result.stdout)
+    assert len(rows) == 4 and all(row[2] != "failed" for row in rows) and "unfinished" not in result.stdout
+    assert max(int(row[3]) for row in rows) == 10 and (tmp_path / "lr/best.yaml").exists()
+
+
+def test_bad_sweeps_are_refused_with_the_key(tmp_path):
+    def sweep(**fields) -> Path:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({"base": "configs/quickstart.yaml", **fields}))
+        return path
+
+    for fields, message in (
+        ({"space": {}}, "space: empty"),
+        ({"space": {"optim.lrr": {"grid": [0.1]}}}, "space.optim.lrr: .*lrr"),
+        ({"space": {"optim.lr": {"normal": [0, 1]}}}, "space.optim.lr: one of grid, choice, loguniform, uniform"),
+        ({"space": {"optim.lr": {"loguniform": [0.1]}}}, r"space.optim.lr.loguniform: \[0.1\]"),
+    ):
+        with pytest.raises(UserError, match=message):
+            load_sweep(sweep(**fields))
