@@ -256,6 +256,8 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
         if final != config.eval.protocol:
             result = run_evaluation(run, build_eval_batches(config, launch, final))
             run_log.log("eval", state.iteration, {"protocol": final, **result.as_dict()})
+        final_metrics = {"top1": result.top1, "top5": result.top5, "top1_error": 1 - result.top1}
+        run_log.hparams(state.iteration, to_dict(config), {f"hparams/{k}": v for k, v in final_metrics.items()})
     finally:
         run_log.close()
     return result, run_log
@@ -275,7 +277,7 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
         mininterval=1.0,
         dynamic_ncols=True,
     )
-    result, window_seconds, times = None, 0.0, StepTimes()
+    result, window_seconds, times, first_batch = None, 0.0, StepTimes(), True
     run.stepper.wrapped.train()
     while state.iteration < run.total_iterations:
         epoch, start = divmod(state.iteration, per_epoch)
@@ -287,6 +289,9 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
                 group["lr"] = lr
             images = images.to(run.device, non_blocking=True, memory_format=memory_format)
             labels = labels.to(run.device, non_blocking=True)
+            if first_batch:
+                run_log.batch_image(state.iteration, images, run.config.data.mean, run.config.data.std)
+                first_batch = False
             logging_step = (state.iteration + 1) % train.log_every == 0
             step = run.stepper.step(images, labels, stop=signals.received is not None, grad_norm=logging_step)
             state.iteration += 1

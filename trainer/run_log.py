@@ -1,5 +1,12 @@
 """What a run records, on rank 0 only: TensorBoard scalars and ``metrics.jsonl`` in the run directory.
 
+TensorBoard, for the operators who watch it: ``train/`` (loss, running top-1/top-5, lr, gradient norm, fp16 loss
+scale and skipped steps), ``speed/`` (global images/s, per-rank step time min/median/max and the slowest rank,
+the share of the step spent waiting for data, peak memory per rank, model FLOP utilization on GPUs),
+``eval/PROTOCOL/`` (top-1/top-5 and their errors); a custom-scalars layout that groups them as Training, Speed,
+Evaluation and Health; the resolved config as text; the first augmented batch as an image; and, when the run
+ends, its hyperparameters with the final metrics (the HParams tab compares the runs of a sweep).
+
 A resumed run continues the same curves: TensorBoard purges the events logged after the checkpoint it resumes
 from (``purge_step``) and metrics.jsonl drops its records past it, so no point is duplicated.
 """
@@ -7,10 +14,41 @@ from (``purge_step``) and metrics.jsonl drops its records past it, so no point i
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+from torchvision.utils import make_grid
+
+# The custom-scalars tab: what answers "is it learning, is it fast, is anything stuck" on one screen. Each chart
+# plots the tags its regular expressions match.
+LAYOUT = {
+    "Training": {
+        "loss": ["Multiline", ["train/loss"]],
+        "running top-1 / top-5": ["Multiline", ["train/top1$", "train/top5$"]],
+        "learning rate": ["Multiline", ["train/lr"]],
+    },
+    "Evaluation": {
+        "top-1 / top-5 error": ["Multiline", [r"eval/.*/top1_error", r"eval/.*/top5_error"]],
+        "top-1 / top-5": ["Multiline", [r"eval/.*/top1$", r"eval/.*/top5$"]],
+    },
+    "Speed": {
+        "images/s (all ranks)": ["Multiline", ["speed/images_per_second"]],
+        "step seconds per rank: min / median / max": ["Multiline", [r"speed/step_seconds_.*"]],
+        "waiting for data (share of the step)": ["Multiline", ["speed/data_wait_fraction"]],
+        "peak memory per rank (GB)": ["Multiline", [r"speed/peak_memory_gb/.*"]],
+        "model FLOP utilization": ["Multiline", ["speed/mfu"]],
+    },
+    "Health": {
+        "gradient norm": ["Multiline", ["train/grad_norm"]],
+        "slowest rank": ["Multiline", ["speed/slowest_rank"]],
+        "skipped steps (non-finite loss, fp16 overflow)": ["Multiline", [r"train/.*skipped_steps"]],
+        "fp16 loss scale": ["Multiline", ["train/loss_scale"]],
+    },
+}
 
 
 class RunLog:
@@ -25,6 +63,7 @@ class RunLog:
         # Events at the resumed iteration itself were logged before its checkpoint: keep them, purge later ones.
         purge = start_iteration + 1 if start_iteration > 0 else None
         self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge)
+        self.writer.add_custom_scalars(LAYOUT)
 
     def _truncate_metrics(self, *, after: int) -> None:
         if not self.metrics_path.exists():
@@ -49,6 +88,37 @@ class RunLog:
         if self.enabled:
             self.writer.add_text(tag, text)
 
+    def batch_image(self, iteration: int, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Up to 32 images of a batch as the model gets them, denormalized: a broken pipeline shows at once."""
+        if not self.enabled:
+            return
+        images = images[:32].detach().float().cpu()
+        images = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+        self.writer.add_image("data/first_augmented_batch", make_grid(images.clamp(0, 1), nrow=8), iteration)
+
+    def hparams(self, iteration: int, config: dict[str, Any], metrics: dict[str, float]) -> None:
+        """The run's config (flattened: ``optim.lr``, ...) and final metrics for the HParams tab, in this run's own
+        directory (torch's ``add_hparams`` would open a sub-run)."""
+        if not self.enabled:
+            return
+        values = {key: value if isinstance(value, int | float | str | bool) else str(value)
+                  for key, value in flatten(config).items()}  # fmt: skip
+        experiment, start, end = hparams(values, metrics)
+        for summary in (experiment, start, end):
+            self.writer.file_writer.add_summary(summary)
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, iteration)
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from data_pipeline.errors import UserError
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -117,9 +118,20 @@ def test_run_directory_and_logs(tmp_path, cifar_root):
     assert [r["iteration"] for r in metrics(run_dir, "eval")] == [5, 10, 12]
     assert result.count == 100 and metrics(run_dir, "eval")[-1]["correct1"] == result.correct1
     assert [r["lr"] for r in metrics(run_dir, "train")] == pytest.approx([0.1, 0.1, 0.01, 0.01])
-    events = EventAccumulator(str(run_log.tensorboard_dir))
+    events = EventAccumulator(str(run_log.tensorboard_dir), size_guidance={"tensors": 0, "images": 0})
     events.Reload()
+    assert events.Tags()["images"] == ["data/first_augmented_batch"]
+    assert {"custom_scalars__config__", "config/text_summary"} <= set(events.Tags()["tensors"])
+    assert set(events.PluginTagToContent("hparams")) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
     tags = set(events.Tags()["scalars"])
+    assert {f"eval/center/{name}" for name in ("top1", "top5", "top1_error", "top5_error")} <= tags
+    assert events.Scalars("hparams/top1")[-1].value == pytest.approx(result.top1)
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    assert [category.title for category in layout.category] == ["Training", "Evaluation", "Speed", "Health"]
     assert {"train/loss", "train/top1", "train/top5", "train/lr", "train/grad_norm", "eval/center/top1"} <= tags
     speed = ("images_per_second", "step_seconds_min", "step_seconds_median", "step_seconds_max", "slowest_rank")
     assert {f"speed/{name}" for name in (*speed, "data_wait_fraction", "peak_memory_gb/rank0")} <= tags
