@@ -11,6 +11,8 @@ residual submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--tasks-per-
               [--array seeds=1,2,3 | --array-file CONFIGS] [--dry-run]
 residual jobs [RUNS_DIR]
 residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
+residual tensorboard [RUNS_DIR] [--port P] [--host H]
+residual report RUN_DIR [RUN_DIR ...] [--out DIR]
 residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision bf16] [--steps N] [--rounds R]
 """
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -161,6 +164,22 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(run_sweep(Path(args.sweep), resume=args.resume, address=args.address))
 
 
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    runs = Path(args.runs_dir)
+    if not runs.is_dir():
+        raise UserError(f"{runs}: no such folder of runs")
+    print(f"TensorBoard for {runs}: http://{args.host}:{args.port}/#custom_scalars", flush=True)
+    command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs), "--host", args.host]
+    return subprocess.call([*command, "--port", str(args.port), "--reload_interval", "5"])
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from trainer.report import write_report
+
+    for path in write_report([Path(run) for run in args.run_dirs], Path(args.out)):
+        print(f"wrote {path}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from trainer.models.complexity import complexity_table
 
@@ -295,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (Tuner.restore)")
     sweep.add_argument("--address", help="an existing Ray cluster (default: a local one on 127.0.0.1)")
     sweep.set_defaults(run=cmd_sweep)
+
+    board = commands.add_parser("tensorboard", help="TensorBoard over the runs, on 127.0.0.1 unless asked")
+    board.add_argument("runs_dir", nargs="?", default="runs")
+    board.add_argument("--port", type=int, default=6006)
+    board.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    board.set_defaults(run=cmd_tensorboard)
+
+    report = commands.add_parser("report", help="the paper's figures and table for some runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", default="report", help="folder for the PNG figures and report.md")
+    report.set_defaults(run=cmd_report)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bench_eval = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")

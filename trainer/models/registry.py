@@ -90,6 +90,40 @@ for _depth, _params in [(20, 0.27e6), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6), 
         _register(f"plain{_depth}", _cifar(_depth, residual=False), "cifar10", _params, None)
 
 
+# Validation errors (%) the paper reports, as (top-1, top-5; None where it gives none), per protocol: ImageNet
+# 10-crop (Tables 2, 3) and multi-scale (Table 4), CIFAR-10 on the original test image (Table 6). ResNet-34 has a
+# row per shortcut option; the other ImageNet ResNets use B.
+PAPER_ERRORS: dict[tuple[str, str], tuple[float, float | None]] = {
+    ("plain18", "tencrop"): (27.94, None),
+    ("plain34", "tencrop"): (28.54, 10.02),
+    ("resnet18", "tencrop"): (27.88, None),
+    ("resnet34-A", "tencrop"): (25.03, 7.76),
+    ("resnet34", "tencrop"): (24.52, 7.46),
+    ("resnet34-C", "tencrop"): (24.19, 7.40),
+    ("resnet50", "tencrop"): (22.85, 6.71),
+    ("resnet101", "tencrop"): (21.75, 6.05),
+    ("resnet152", "tencrop"): (21.43, 5.71),
+    ("resnet34", "multiscale"): (21.84, 5.71),
+    ("resnet34-C", "multiscale"): (21.53, 5.60),
+    ("resnet50", "multiscale"): (20.74, 5.25),
+    ("resnet101", "multiscale"): (19.87, 4.60),
+    ("resnet152", "multiscale"): (19.38, 4.49),
+    ("resnet20", "center"): (8.75, None),
+    ("resnet32", "center"): (7.51, None),
+    ("resnet44", "center"): (7.17, None),
+    ("resnet56", "center"): (6.97, None),
+    ("resnet110", "center"): (6.43, None),
+    ("resnet1202", "center"): (7.93, None),
+}
+
+
+def paper_error(name: str, protocol: str, shortcut: str | None = None) -> tuple[float, float | None] | None:
+    """The paper's (top-1, top-5) error in % for a model evaluated with ``protocol``, if it reports one."""
+    if name == "resnet34" and shortcut in ("A", "C"):
+        name = f"resnet34-{shortcut}"
+    return PAPER_ERRORS.get((name, protocol))
+
+
 def list_models() -> list[str]:
     return list(_REGISTRY)
 

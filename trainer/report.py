@@ -1,0 +1,123 @@
+"""``residual report RUN_DIR ...``: the paper's figures and table for one's own runs.
+
+The figures follow Fig. 4 and Fig. 6: error (%) against iterations, training error thin, validation error bold,
+one colour per run; plain and residual nets side by side when both are present (the degradation figure). The
+table gives each run's final errors beside the paper's for the same model and protocol (reference/resnet-paper.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib as mpl
+import yaml
+from matplotlib.figure import Figure
+
+from data_pipeline.errors import UserError
+from trainer.models import get_model_spec, paper_error
+
+
+@dataclass
+class RunHistory:
+    name: str
+    model: str
+    shortcut: str | None
+    dataset: str
+    protocol: str  # of the evaluations during training
+    train_error: list[tuple[int, float]] = field(default_factory=list)  # (iteration, %)
+    val_error: list[tuple[int, float]] = field(default_factory=list)
+    finals: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # protocol: (iteration, top-1, top-5)
+
+
+def read_run(run_dir: Path) -> RunHistory:
+    """A run directory's config.yaml and metrics.jsonl."""
+    config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
+    if not config_path.is_file() or not metrics_path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (needs config.yaml and metrics.jsonl)")
+    config = yaml.safe_load(config_path.read_text())
+    model = config["model"]["name"]
+    history = RunHistory(
+        config["train"]["run_name"], model, config["model"].get("shortcut"), get_model_spec(model).dataset,
+        config["eval"]["protocol"],
+    )  # fmt: skip
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        iteration = record["iteration"]
+        if record["kind"] == "train" and "top1_error" in record:
+            history.train_error.append((iteration, 100 * record["top1_error"]))
+        elif record["kind"] == "eval":
+            top1, top5 = 100 * record["top1_error"], 100 * record["top5_error"]
+            if record["protocol"] == history.protocol:
+                history.val_error.append((iteration, top1))
+            history.finals[record["protocol"]] = (iteration, top1, top5)
+    return history
+
+
+def plot(runs: list[RunHistory], out: Path) -> list[Path]:
+    """One PNG per data set; plain nets on the left and residual nets on the right when a set has both."""
+    written = []
+    colours = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    for dataset in sorted({run.dataset for run in runs}):
+        chosen = [run for run in runs if run.dataset == dataset]
+        groups = [("plain", [r for r in chosen if r.model.startswith("plain")]),
+                  ("ResNet", [r for r in chosen if not r.model.startswith("plain")])]  # fmt: skip
+        groups = [(title, members) for title, members in groups if members]
+        figure = Figure(figsize=(6 * len(groups), 4.2))  # no pyplot: no GUI backend, no global state
+        axes = figure.subplots(1, len(groups), sharey=True, squeeze=False)
+        for axis, (title, members) in zip(axes[0], groups, strict=True):
+            for index, run in enumerate(members):
+                colour = colours[index % len(colours)]
+                if run.train_error:
+                    axis.plot(*zip(*run.train_error, strict=True), color=colour, linewidth=0.8, alpha=0.8)
+                if run.val_error:
+                    axis.plot(*zip(*run.val_error, strict=True), color=colour, linewidth=2.4, label=label(run, runs))
+            axis.set_title(f"{title} ({'CIFAR-10' if dataset == 'cifar10' else 'ImageNet'})")
+            axis.set_xlabel("iterations")
+            axis.ticklabel_format(axis="x", style="sci", scilimits=(0, 4))
+            axis.grid(alpha=0.3)
+            axis.legend(loc="upper right", fontsize=9)
+        axes[0][0].set_ylabel("error (%)")
+        figure.text(0.5, -0.02, "thin: training error (running, top-1); bold: validation error (top-1)",
+                    ha="center", fontsize=9)  # fmt: skip
+        figure.tight_layout()
+        path = out / f"errors-{dataset}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+    return written
+
+
+def label(run: RunHistory, runs: list[RunHistory]) -> str:
+    """The model's name, as in the paper's legends; with the run's name where two runs train the same model."""
+    return run.model if sum(other.model == run.model for other in runs) == 1 else f"{run.model} ({run.name})"
+
+
+def table(runs: list[RunHistory]) -> str:
+    """Markdown: each run's final errors per protocol beside the paper's."""
+    lines = [
+        "| run | model | protocol | iterations | top-1 err % | top-5 err % | paper top-1 err % | paper top-5 err % |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def number(value: float | None) -> str:
+        return f"{value:.2f}" if value is not None else "-"
+
+    for run in runs:
+        for protocol, (iteration, top1, top5) in run.finals.items():
+            paper = paper_error(run.model, protocol, run.shortcut) or (None, None)
+            lines.append(
+                f"| {run.name} | {run.model} | {protocol} | {iteration} | {top1:.2f} | {top5:.2f} | "
+                f"{number(paper[0])} | {number(paper[1])} |"
+            )
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+    runs = [read_run(run_dir) for run_dir in run_dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot(runs, out)
+    images = "\n".join(f"![{path.stem}]({path.name})" for path in figures)
+    markdown = out / "report.md"
+    markdown.write_text(f"# Report\n\n{images}\n\n{table(runs)}\n\nRuns: {', '.join(map(str, run_dirs))}\n")
+    return [*figures, markdown]
