@@ -1,0 +1,119 @@
+"""What operators and researchers look at: `residual tensorboard` in a real headless browser, `residual report`."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trainer.config import load_config
+from trainer.distributed import LaunchEnv
+from trainer.loop import train
+
+ROOT = Path(__file__).parents[2]
+RESIDUAL = str(Path(sys.executable).parent / "residual")
+ARTIFACTS = Path(os.environ.get("RESIDUAL_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def short_run(runs: Path, cifar_root: Path, name: str, *overrides: str) -> Path:
+    config = load_config(
+        ROOT / "configs/quickstart.yaml",
+        [
+            f"data.root={cifar_root}",
+            "data.synthesize=null",
+            "data.batch_size=32",
+            "data.workers=0",
+            "eval.batch_size=50",
+            "train.iterations=12",
+            "train.log_every=3",
+            "train.eval_every=6",
+            "train.progress=false",
+            f"train.output_dir={runs}",
+            f"train.run_name={name}",
+            *overrides,
+        ],
+    )
+    train(config, LaunchEnv())
+    return runs / name
+
+
+def test_report_writes_the_figure_and_the_table_with_the_paper_column(tmp_path, cifar_root):
+    runs = [short_run(tmp_path, cifar_root, name, f"model.name={name}") for name in ("plain20", "resnet20")]
+    result = subprocess.run(
+        [RESIDUAL, "report", *map(str, runs), "--out", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    figure = tmp_path / "report/errors-cifar10.png"
+    assert Image.open(figure).size[0] > 800  # plain and residual side by side
+    table = (tmp_path / "report/report.md").read_text()
+    assert "| resnet20 | resnet20 | center | 12 |" in table and table.split("| resnet20 | resnet20 |")[1].count("8.75")
+    assert "| plain20 | plain20 | center | 12 |" in table  # the paper gives no number: "-"
+    assert "![errors-cifar10](errors-cifar10.png)" in table
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=15000"]  # fmt: skip
+    return subprocess.run([shutil.which("chromium"), *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_tensorboard_renders_the_run_and_its_charts_in_a_browser(tmp_path, cifar_root):
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium: `apt-get install chromium` (tools/test.sh installs it)")
+    short_run(tmp_path / "runs", cifar_root, "quickstart")
+    port = free_port()
+    board = subprocess.Popen([RESIDUAL, "tensorboard", str(tmp_path / "runs"), "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                runs = get_json(f"{base}/data/runs")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and board.poll() is None, "TensorBoard did not start"
+                time.sleep(0.5)
+        assert runs == ["quickstart/tensorboard"]
+        tags = get_json(f"{base}/data/plugin/scalars/tags")["quickstart/tensorboard"]
+        assert {"train/loss", "speed/images_per_second", "eval/center/top1_error", "train/grad_norm"} <= set(tags)
+        layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
+        assert [category["title"] for category in layout["category"]] == ["Training", "Evaluation", "Speed", "Health"]
+
+        dom = chromium("--dump-dom", f"{base}/#timeseries", profile=tmp_path / "profile-dom").stdout
+        assert "quickstart/tensorboard" in dom  # the page ran and listed the run
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        screenshot = ARTIFACTS / "tensorboard-custom-scalars.png"
+        shot = chromium(f"--screenshot={screenshot}", f"{base}/#custom_scalars", profile=tmp_path / "profile-png")
+        assert screenshot.exists(), shot.stderr[-2000:]
+        # The charts drew the run's curves: pixels of its colour (TensorBoard's first run is orange, #ff7043).
+        pixels = Image.open(screenshot).convert("RGB").get_flattened_data()
+        curve = sum(1 for r, g, b in pixels if r > 230 and 90 < g < 130 and 50 < b < 90)
+        assert curve > 500, f"{curve} pixels of the run's colour: no chart drawn (see {screenshot})"
+    finally:
+        board.terminate()
+        board.wait(timeout=30)
