@@ -33,7 +33,8 @@ class SynthConfig:
 class DataConfig:
     root: str = "data/imagenet"
     format: str = "imagefolder"  # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches)
-    backend: str = "torch"  # "torch" (torchvision transforms + DataLoader)
+    backend: str = "torch"  # "torch" (torchvision transforms + DataLoader) | "dali" (data_pipeline.dali_loader)
+    device: str = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only mode) | "auto"
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
     workers: int = 4  # loader processes per rank
     train_augment: str = "scale"  # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
@@ -48,7 +49,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require_one_of("data.format", self.format, ("imagefolder", "cifar"))
-        require_one_of("data.backend", self.backend, ("torch",))
+        require_one_of("data.backend", self.backend, ("torch", "dali"))
+        require_one_of("data.device", self.device, ("auto", "cpu", "gpu"))
         require_one_of("data.train_augment", self.train_augment, ("scale", "random_resized_crop"))
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")

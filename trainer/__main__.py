@@ -4,4 +4,5 @@ import sys
 
 from trainer.cli import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+if __name__ == "__main__":  # not in the worker processes that DALI and DataLoader spawn, which import this module
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -270,3 +270,15 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, cifar_root):
     eager, compiled = metrics(tmp_path / "eager/run", "train"), metrics(tmp_path / "compiled/run", "train")
     assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-5)  # the same first forward
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-2)
+
+
+def test_the_dali_backend_trains_and_resumes_bit_exact(tmp_path, cifar_root):
+    """data.backend=dali (CPU-only mode here): 10 + 10 iterations == 20, and the evaluation counts every image."""
+    common = ("data.backend=dali", "train.precision=fp32")
+    train(small_run(tmp_path / "a", cifar_root, "train.iterations=20", *common), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=10", *common), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=20", *common), LaunchEnv())
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / f"{name}/run")) for name in "ab")
+    assert all(torch.equal(tensor, b["model"][name]) for name, tensor in a["model"].items())
+    assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
+    assert metrics(tmp_path / "b/run", "eval")[-1]["count"] == 100

@@ -1,0 +1,315 @@
+"""The DALI path (``data.backend=dali``): the paper's augmentations as DALI pipelines, on the GPU (JPEG decoding
+with ``device="mixed"``, every op on the GPU, CUDA tensors out) or, without one, in DALI's CPU-only mode
+(``device_id=None``). ``data.device`` forces either; the choice is logged.
+
+Order, sharding and resume are the torchvision path's: the same ``ShardedEpochSampler`` picks each rank's images
+of each batch, and every random parameter of a sample's augmentation (scale, crop position, flip, lighting) is
+drawn from that sample's own seed in Python and fed to the pipeline with the encoded image. So a DALI epoch can
+start at any batch, and a resumed run sees the same crops, with no reader state to checkpoint. The pipelines
+receive encoded files (ImageFolder) or the in-memory CIFAR arrays through ``external_source``; with
+``data.workers > 0`` the files are read by that many DALI worker processes (parallel external source).
+
+Batches are the torch path's: N x 3 x H x W normalized float32 images and int64 labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
+from data_pipeline.errors import UserError
+from data_pipeline.torch_loader import Batch, ShardedEpochSampler
+from data_pipeline.transforms import PCA_EIGENVALUES, PCA_EIGENVECTORS
+
+log = logging.getLogger(__name__)
+CIFAR_PADDING = 4
+
+
+def dali_device(requested: str) -> str:
+    """ "gpu" when asked for or (``auto``) when CUDA is present, else "cpu"."""
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise UserError("data.device=gpu: no CUDA device here; data.device=cpu runs DALI in its CPU-only mode")
+    return "gpu" if requested == "gpu" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def train_parameters(config: DataConfig, seed: int) -> dict[str, np.ndarray]:
+    """A sample's augmentation, drawn from its own seed: CIFAR: the crop's offset in the 4-padded image and the
+    flip; ImageNet: the shorter side in [scale_min, scale_max], the crop's relative position, the flip and the
+    normalization mean shifted by the PCA lighting noise (adding the shift before normalizing is subtracting it
+    from the mean)."""
+    rng = np.random.default_rng(seed)
+    flip = np.array(rng.integers(0, 2), dtype=np.int32)
+    if config.format == "cifar":
+        offset = rng.integers(-CIFAR_PADDING, CIFAR_PADDING + 1, size=2).astype(np.int32)  # (x, y)
+        return {"offset": offset, "flip": flip}
+    shorter = np.array(rng.integers(config.scale_min, config.scale_max + 1), dtype=np.float32)
+    position = rng.random(2).astype(np.float32)
+    alpha = rng.normal(0.0, config.lighting_std, 3) if config.lighting_std > 0 else np.zeros(3)
+    shift = np.asarray(PCA_EIGENVECTORS) @ (alpha * np.asarray(PCA_EIGENVALUES))
+    mean = ((np.asarray(config.mean) - shift) * 255).astype(np.float32)
+    return {"shorter": shorter, "position": position, "flip": flip, "mean": mean}
+
+
+class SampleReader:
+    """What a pipeline is fed per sample: the encoded file of an ImageFolder image (DALI decodes it) or a CIFAR
+    image (H x W x C, from the arrays in memory), and its label. Picklable, for DALI's worker processes."""
+
+    def __init__(self, dataset: ImageFolderDataset | CifarDataset) -> None:
+        self.paths = [path for path, _ in dataset.samples] if isinstance(dataset, ImageFolderDataset) else None
+        self.labels = np.asarray(
+            [label for _, label in dataset.samples] if self.paths is not None else dataset.labels.numpy()
+        )
+        if self.paths is None:
+            self.images = np.ascontiguousarray(dataset.images.permute(0, 2, 3, 1).numpy())
+
+    def encoded(self, index: int) -> np.ndarray:
+        if self.paths is None:
+            return self.images[index]
+        return np.fromfile(self.paths[index], dtype=np.uint8)
+
+    def label(self, index: int) -> np.ndarray:
+        return np.array(self.labels[index], dtype=np.int64)
+
+
+class TrainSource:
+    """The external source of a training pipeline: batch k of the epochs it was started for, as lists of
+    per-sample arrays (encoded file or CIFAR image, label, augmentation parameters)."""
+
+    def __init__(self, reader: SampleReader, sampler: ShardedEpochSampler, config: DataConfig) -> None:
+        self.reader = reader
+        self.sampler = sampler
+        self.config = config
+        self.first_epoch, self.first_batch = 0, 0
+
+    def samples(self, epoch: int, batch: int) -> list[tuple[int, int]]:
+        sampler = self.sampler
+        sampler.set_epoch(epoch, batch)
+        iterator = iter(sampler)
+        return [next(iterator) for _ in range(sampler.per_rank)]
+
+    def __call__(self, info) -> tuple[list[np.ndarray], ...]:
+        """DALI's BatchInfo counts batches and epochs since the pipeline started: epoch k of it is our
+        ``first_epoch + k``, which starts at ``first_batch`` when k == 0."""
+        epoch = self.first_epoch + info.epoch_idx
+        batch = info.iteration + (self.first_batch if info.epoch_idx == 0 else 0)
+        if batch >= self.sampler.batches_per_epoch:
+            raise StopIteration
+        picked = self.samples(epoch, batch)
+        data = [self.reader.encoded(index) for index, _ in picked]
+        labels = [self.reader.label(index) for index, _ in picked]
+        parameters = [train_parameters(self.config, seed) for _, seed in picked]
+        return (data, labels, *([p[key] for p in parameters] for key in sorted(parameters[0])))
+
+    def parameter_names(self) -> list[str]:
+        return sorted(train_parameters(self.config, 0))
+
+
+def _normalization(config: DataConfig) -> dict:
+    return {"mean": [255 * m for m in config.mean], "std": [255 * s for s in config.std]}
+
+
+def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *, batch: int, workers: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    names = ["data", "labels", *source.parameter_names()]
+    parallel = workers > 0
+
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=max(2, workers),
+        device_id=torch.cuda.current_device() if device == "gpu" else None,
+        py_num_workers=max(1, workers),
+        py_start_method="spawn",
+        prefetch_queue_depth=2,
+    )
+    def pipeline():
+        layouts = ["HWC" if config.format == "cifar" else "", *[""] * (len(names) - 1)]
+        outputs = fn.external_source(
+            source=source, num_outputs=len(names), batch=True, batch_info=True, parallel=parallel, layout=layouts
+        )
+        given = dict(zip(names, outputs, strict=True))
+        labels = given["labels"]
+        if config.format == "cifar":
+            images = given["data"].gpu() if device == "gpu" else given["data"]
+            padded = fn.slice(  # a 32 x 32 window at (x, y) in -4..4 of the zero-padded image
+                images, start=given["offset"], shape=[32, 32], axis_names="WH", out_of_bounds_policy="pad",
+                fill_values=0,
+            )  # fmt: skip
+            images = fn.crop_mirror_normalize(
+                padded, mirror=given["flip"], dtype=types.FLOAT, output_layout="CHW", **_normalization(config)
+            )
+        else:
+            images = fn.decoders.image(given["data"], device="mixed" if device == "gpu" else "cpu",
+                                       output_type=types.RGB)  # fmt: skip
+            images = fn.resize(images, resize_shorter=given["shorter"], antialias=True)
+            images = fn.crop_mirror_normalize(
+                images,
+                crop=(config.crop_size, config.crop_size),
+                crop_pos_x=given["position"][0],
+                crop_pos_y=given["position"][1],
+                mirror=given["flip"],
+                mean=given["mean"],
+                std=[255 * s for s in config.std],
+                dtype=types.FLOAT,
+                output_layout="CHW",
+            )
+        return images, labels.gpu() if device == "gpu" else labels
+
+    return pipeline()
+
+
+@dataclass
+class DaliTrainLoader:
+    """The DALI counterpart of ``TrainLoader``: ``epoch(e, start_batch)`` yields (images, labels) batches."""
+
+    source: TrainSource
+    sampler: ShardedEpochSampler
+    classes: list[str]
+    device: str
+    workers: int
+    _pipeline: object = None
+    _next_epoch: tuple[int, int] | None = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        if self._next_epoch != (epoch, start_batch):  # a new start (or a jump): a pipeline for it
+            self.source.first_epoch, self.source.first_batch = epoch, start_batch
+            self._pipeline = build_train_pipeline(
+                self.source, self.source.config, self.device, batch=self.sampler.per_rank, workers=self.workers
+            )
+            self._pipeline.build()
+        self._next_epoch = (epoch + 1, 0)
+        return run_pipeline(self._pipeline)
+
+
+def run_pipeline(pipeline) -> Iterator[Batch]:
+    """Batches until the source's epoch ends; the pipeline is then reset for the next one."""
+    while True:
+        try:
+            images, labels = pipeline.run()
+        except StopIteration:
+            pipeline.reset()
+            return
+        yield to_torch(images, torch.float32), to_torch(labels, torch.int64)
+
+
+def to_torch(tensors, dtype: torch.dtype) -> torch.Tensor:
+    """A dense DALI TensorList as a torch tensor on its device (a copy: DALI reuses its buffers)."""
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    tensor = tensors.as_tensor()
+    if isinstance(tensors, TensorListGPU):
+        out = torch.empty(tensor.shape(), dtype=dtype, device=torch.device("cuda", torch.cuda.current_device()))
+        feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
+        return out
+    return torch.from_numpy(np.array(tensor)).to(dtype)
+
+
+def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> DaliTrainLoader:
+    if config.format != "cifar" and config.train_augment != "scale":
+        raise UserError(
+            f"data.train_augment={config.train_augment!r} with data.backend=dali: the DALI path implements the "
+            "paper's scale augmentation; RandomResizedCrop runs on the torch path (data.backend=torch)"
+        )
+    dataset = open_dataset(config.root, config.format, train=True)
+    if len(dataset) < config.batch_size:
+        raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
+    sampler = ShardedEpochSampler(
+        len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size, seed=seed
+    )
+    device = dali_device(config.device)
+    log.info("data: DALI %s pipeline (%s), %d reader workers", device, config.format, config.workers)
+    source = TrainSource(SampleReader(dataset), sampler, config)
+    return DaliTrainLoader(source, sampler, dataset.classes, device, config.workers)
+
+
+class EvalSource:
+    """The external source of an evaluation pipeline: this rank's contiguous share of the val set in batches (the
+    last one smaller), so that every image is counted exactly once over the ranks."""
+
+    def __init__(self, reader: SampleReader, indices: range, batch: int) -> None:
+        self.reader, self.indices, self.batch = reader, indices, batch
+
+    def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        chosen = self.indices[info.iteration * self.batch : (info.iteration + 1) * self.batch]
+        if len(chosen) == 0:
+            raise StopIteration
+        return [self.reader.encoded(i) for i in chosen], [self.reader.label(i) for i in chosen]
+
+
+def ten_crop_windows() -> list[tuple[float, float, int]]:
+    """(relative x, relative y, mirror) of the ten views in torchvision's TenCrop order: the corners and center of
+    the image, then those of its mirror image (whose top-left crop is the mirrored top-right one, and so on)."""
+    five = [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]
+    mirrored = [(1.0, 0.0), (0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (0.5, 0.5)]
+    return [(x, y, 0) for x, y in five] + [(x, y, 1) for x, y in mirrored]
+
+
+def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, protocol: str, workers: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(
+        batch_size=source.batch,
+        num_threads=max(2, workers),
+        device_id=torch.cuda.current_device() if device == "gpu" else None,
+        py_num_workers=max(1, workers),
+        py_start_method="spawn",
+    )
+    def pipeline():
+        layout = "HWC" if config.format == "cifar" else ""
+        data, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
+                                          parallel=workers > 0, layout=[layout, ""])  # fmt: skip
+        normalize = dict(dtype=types.FLOAT, output_layout="CHW", **_normalization(config))
+        if config.format == "cifar":  # the 32 x 32 test image as is
+            images = fn.crop_mirror_normalize(data.gpu() if device == "gpu" else data, **normalize)
+        else:
+            images = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+            images = fn.resize(images, resize_shorter=config.val_resize, antialias=True)
+            crop = (config.crop_size, config.crop_size)
+            if protocol == "center":
+                images = fn.crop_mirror_normalize(images, crop=crop, **normalize)
+            else:  # tencrop: B x 10 x 3 x crop x crop
+                views = [fn.crop_mirror_normalize(images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, **normalize)
+                         for x, y, m in ten_crop_windows()]  # fmt: skip
+                images = fn.stack(*views, axis=0)
+        return images, labels.gpu() if device == "gpu" else labels
+
+    return pipeline()
+
+
+class DaliEvalLoader:
+    """Iterates over this rank's val share; the pipeline is built at the first pass (DALI's memory pools never
+    shrink: no eval pipeline is held before an evaluation needs it) and reused by the later ones."""
+
+    def __init__(self, source: EvalSource, config: DataConfig, device: str, protocol: str) -> None:
+        self.source, self.config, self.device, self.protocol = source, config, device, protocol
+        self.pipeline = None
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.pipeline is None:
+            self.pipeline = build_eval_pipeline(
+                self.source, self.config, self.device, protocol=self.protocol, workers=self.config.workers
+            )
+            self.pipeline.build()
+        return run_pipeline(self.pipeline)
+
+
+def build_dali_val_loader(
+    config: DataConfig, *, rank: int, world_size: int, batch_per_rank: int, protocol: str
+) -> DaliEvalLoader:
+    if protocol == "multiscale":
+        raise UserError("multiscale evaluation runs on the torch path (data.backend=torch or `residual eval`)")
+    dataset = open_dataset(config.root, config.format, train=False)
+    share = range(rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size)
+    source = EvalSource(SampleReader(dataset), share, batch_per_rank)
+    return DaliEvalLoader(source, config, dali_device(config.device), protocol)
