@@ -14,12 +14,14 @@ Batches are the torch path's: N x 3 x H x W normalized float32 images and int64 
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
@@ -38,22 +40,30 @@ def dali_device(requested: str) -> str:
     return "gpu" if requested == "gpu" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def train_parameters(config: DataConfig, seed: int) -> dict[str, np.ndarray]:
-    """A sample's augmentation, drawn from its own seed: CIFAR: the crop's offset in the 4-padded image and the
-    flip; ImageNet: the shorter side in [scale_min, scale_max], the crop's relative position, the flip and the
-    normalization mean shifted by the PCA lighting noise (adding the shift before normalizing is subtracting it
-    from the mean)."""
+def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """A sample's augmentation, drawn from its own seed. CIFAR: the crop's offset in the 4-padded image and the
+    flip. ImageNet (an image of ``size`` = (width, height)): the shorter side S in [scale_min, scale_max] and the
+    crop's place, as the window of the original image that the crop covers (``anchor``, ``shape``: the crop of
+    side c of the image resized to shorter side S is the window of side c * short / S resized to c, so only the
+    window is decoded and resized); the flip; the normalization mean shifted by the PCA lighting noise (adding
+    the shift before normalizing is subtracting it from the mean)."""
     rng = np.random.default_rng(seed)
     flip = np.array(rng.integers(0, 2), dtype=np.int32)
     if config.format == "cifar":
         offset = rng.integers(-CIFAR_PADDING, CIFAR_PADDING + 1, size=2).astype(np.int32)  # (x, y)
         return {"offset": offset, "flip": flip}
-    shorter = np.array(rng.integers(config.scale_min, config.scale_max + 1), dtype=np.float32)
-    position = rng.random(2).astype(np.float32)
+    shorter = int(rng.integers(config.scale_min, config.scale_max + 1))
+    position = rng.random(2)
     alpha = rng.normal(0.0, config.lighting_std, 3) if config.lighting_std > 0 else np.zeros(3)
     shift = np.asarray(PCA_EIGENVECTORS) @ (alpha * np.asarray(PCA_EIGENVALUES))
     mean = ((np.asarray(config.mean) - shift) * 255).astype(np.float32)
-    return {"shorter": shorter, "position": position, "flip": flip, "mean": mean}
+    width, height = size or (config.scale_min, config.scale_min)
+    scale = shorter / min(width, height)  # as torchvision's RandomShortestSize: the long side truncated
+    resized = np.array([int(width * scale), int(height * scale)]) if width != height else np.array([shorter] * 2)
+    resized[np.argmin([width, height])] = shorter
+    corner = np.floor(position * (resized - config.crop_size + 1))  # RandomCrop's uniform integer corner
+    anchor, shape = corner / scale, np.full(2, config.crop_size / scale)
+    return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean}
 
 
 class SampleReader:
@@ -75,6 +85,13 @@ class SampleReader:
 
     def label(self, index: int) -> np.ndarray:
         return np.array(self.labels[index], dtype=np.int64)
+
+    def size(self, encoded: np.ndarray) -> tuple[int, int] | None:
+        """(width, height) of an encoded image, from its header alone; None for a CIFAR image."""
+        if self.paths is None:
+            return None
+        with Image.open(io.BytesIO(encoded.tobytes())) as image:
+            return image.size
 
 
 class TrainSource:
@@ -103,11 +120,12 @@ class TrainSource:
         picked = self.samples(epoch, batch)
         data = [self.reader.encoded(index) for index, _ in picked]
         labels = [self.reader.label(index) for index, _ in picked]
-        parameters = [train_parameters(self.config, seed) for _, seed in picked]
+        sizes = [self.reader.size(encoded) for encoded in data]
+        parameters = [train_parameters(self.config, seed, size) for (_, seed), size in zip(picked, sizes, strict=True)]
         return (data, labels, *([p[key] for p in parameters] for key in sorted(parameters[0])))
 
     def parameter_names(self) -> list[str]:
-        return sorted(train_parameters(self.config, 0))
+        return sorted(train_parameters(self.config, 0, None if self.config.format == "cifar" else (1, 1)))
 
 
 def _normalization(config: DataConfig) -> dict:
@@ -145,14 +163,13 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
                 padded, mirror=given["flip"], dtype=types.FLOAT, output_layout="CHW", **_normalization(config)
             )
         else:
-            images = fn.decoders.image(given["data"], device="mixed" if device == "gpu" else "cpu",
-                                       output_type=types.RGB)  # fmt: skip
-            images = fn.resize(images, resize_shorter=given["shorter"], antialias=True)
+            images = fn.decoders.image_slice(  # decodes the crop's window only
+                given["data"], given["anchor"], given["shape"], axis_names="WH", output_type=types.RGB,
+                normalized_anchor=False, normalized_shape=False, device="mixed" if device == "gpu" else "cpu",
+            )  # fmt: skip
+            images = fn.resize(images, size=(config.crop_size, config.crop_size), antialias=True)
             images = fn.crop_mirror_normalize(
                 images,
-                crop=(config.crop_size, config.crop_size),
-                crop_pos_x=given["position"][0],
-                crop_pos_y=given["position"][1],
                 mirror=given["flip"],
                 mean=given["mean"],
                 std=[255 * s for s in config.std],

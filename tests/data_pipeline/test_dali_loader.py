@@ -8,7 +8,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.config import DataConfig
 from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader, train_parameters
-from data_pipeline.datasets import open_dataset
+from data_pipeline.datasets import decode_rgb, open_dataset
 from data_pipeline.torch_loader import build_train_loader, build_val_loader, sample_seed
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
@@ -85,3 +85,38 @@ def test_evaluation_views_match_the_torch_path_and_count_every_image_once(imagef
         (dali,) = list(build_dali_val_loader(cifar, rank=0, world_size=1, batch_per_rank=100, protocol="center"))
         (reference,) = list(build_val_loader(cifar, rank=0, world_size=1, batch_per_rank=100, protocol="center"))
         torch.testing.assert_close(dali[0], reference[0], atol=1e-5, rtol=0)
+
+
+def test_the_decoded_window_is_the_crop_of_the_rescaled_image(imagefolder_root):
+    """Decoding only the crop's window and resizing it to the crop gives what resizing the whole image to the
+    drawn shorter side and cropping gives (torchvision's order), up to resampling."""
+    config = imagefolder_config(imagefolder_root, lighting_std=0.1)
+    loader = build_dali_train_loader(config, rank=0, world_size=1, seed=7)
+    images, _ = next(loader.epoch(0))
+    dataset = open_dataset(imagefolder_root, "imagefolder", train=True)
+    for image, (index, seed) in zip(images, loader.source.samples(0, 0), strict=True):
+        decoded = decode_rgb(dataset.samples[index][0])
+        height, width = decoded.shape[-2:]
+        parameters = train_parameters(config, seed, (width, height))
+        shorter = round(config.crop_size * min(width, height) / float(parameters["shape"][0]))
+        assert config.scale_min <= shorter <= config.scale_max
+        left, top = np.rint(parameters["anchor"] * shorter / min(width, height)).astype(int)
+        expected = TF.resize(decoded, shorter, antialias=True).float()[:, top : top + 32, left : left + 32] / 255
+        expected = expected.flip(-1) if parameters["flip"] else expected
+        expected = TF.normalize(expected, (parameters["mean"] / 255).tolist(), STD)
+        assert (image - expected).abs().mean() < 0.1
+
+
+def test_the_scale_augmentation_follows_its_distribution():
+    """Over many samples of a 500 x 375 image: the shorter side is uniform over [256, 480], the 224 crop lies
+    inside the rescaled image, the flip is a fair coin."""
+    config = DataConfig(root="unused")
+    drawn = [train_parameters(config, sample_seed(0, 0, i), (500, 375)) for i in range(9000)]
+    shorter = np.array([round(224 * 375 / float(p["shape"][0])) for p in drawn])
+    counts = np.bincount(shorter - 256, minlength=225)
+    assert shorter.min() == 256 and shorter.max() == 480 and len(counts) == 225
+    assert counts.min() > 9000 / 225 * 0.4 and counts.max() < 9000 / 225 * 1.8
+    windows = np.array([np.concatenate([p["anchor"], p["shape"]]) for p in drawn])
+    assert (windows[:, :2] >= 0).all() and (windows[:, 0] + windows[:, 2] <= 500 + 1e-3).all()
+    assert (windows[:, 1] + windows[:, 3] <= 375 + 1e-3).all()
+    assert 0.47 < np.mean([p["flip"] for p in drawn]) < 0.53
