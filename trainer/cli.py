@@ -13,6 +13,7 @@ residual jobs [RUNS_DIR]
 residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
 residual tensorboard [RUNS_DIR] [--port P] [--host H]
 residual report RUN_DIR [RUN_DIR ...] [--out DIR]
+residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
 residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision bf16] [--steps N] [--rounds R]
 """
 
@@ -180,6 +181,14 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def cmd_bench_loader(args: argparse.Namespace) -> None:
+    from data_pipeline.bench import bench_loader
+
+    backends = ["dali", "torch"] if args.backend == "both" else [args.backend]
+    bench_loader(data=args.data, backends=backends, pipeline=args.pipeline, batch=args.batch, batches=args.batches,
+                 rounds=args.rounds, workers=args.workers)  # fmt: skip
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from trainer.models.complexity import complexity_table
 
@@ -333,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_eval.add_argument("--images", type=int, default=128, help="synthetic 320x256 validation images")
     bench_eval.add_argument("--workers", type=int, default=2)
     bench_eval.set_defaults(run=cmd_bench_eval)
+    bench_loader = bench.add_parser("loader", help="images/s of the DALI and torchvision loaders, and their ratio")
+    bench_loader.add_argument("--data", required=True, help="an ImageFolder root (train/ and val/)")
+    bench_loader.add_argument("--backend", choices=("dali", "torch", "both"), default="both")
+    bench_loader.add_argument("--pipeline", choices=("paper", "val", "tencrop"), default="paper")
+    bench_loader.add_argument("--batch", type=int, default=64)
+    bench_loader.add_argument("--batches", type=int, default=10, help="batches per timed round")
+    bench_loader.add_argument("--rounds", type=int, default=3)
+    bench_loader.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    bench_loader.set_defaults(run=cmd_bench_loader)
     bench_train = bench.add_parser("train", help="images/s of the trainer's step against a minimal loop")
     bench_train.add_argument("--model", default="resnet50")
     bench_train.add_argument("--batch", type=int, default=32, help="images per rank and step")
