@@ -198,23 +198,30 @@ class DaliTrainLoader:
         return self.sampler.batches_per_epoch
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        if self._next_epoch != (epoch, start_batch):  # a new start (or a jump): a pipeline for it
+        """The pipeline runs on into the next epoch when the last one was read to its end; a new start, a jump or
+        an epoch left unfinished gets a pipeline of its own."""
+        if self._next_epoch != (epoch, start_batch):
             self.source.first_epoch, self.source.first_batch = epoch, start_batch
             self._pipeline = build_train_pipeline(
                 self.source, self.source.config, self.device, batch=self.sampler.per_rank, workers=self.workers
             )
             self._pipeline.build()
-        self._next_epoch = (epoch + 1, 0)
-        return run_pipeline(self._pipeline)
+        self._next_epoch = None
+
+        def finished() -> None:
+            self._next_epoch = (epoch + 1, 0)
+
+        return run_pipeline(self._pipeline, finished)
 
 
-def run_pipeline(pipeline) -> Iterator[Batch]:
-    """Batches until the source's epoch ends; the pipeline is then reset for the next one."""
+def run_pipeline(pipeline, finished) -> Iterator[Batch]:
+    """Batches until the source's epoch ends; the pipeline is then reset for the next one and ``finished()``."""
     while True:
         try:
             images, labels = pipeline.run()
         except StopIteration:
             pipeline.reset()
+            finished()
             return
         yield to_torch(images, torch.float32), to_torch(labels, torch.int64)
 
@@ -310,15 +317,16 @@ class DaliEvalLoader:
 
     def __init__(self, source: EvalSource, config: DataConfig, device: str, protocol: str) -> None:
         self.source, self.config, self.device, self.protocol = source, config, device, protocol
-        self.pipeline = None
+        self.pipeline, self.ready = None, False  # ready: built, or the last pass read to its end
 
     def __iter__(self) -> Iterator[Batch]:
-        if self.pipeline is None:
+        if not self.ready:
             self.pipeline = build_eval_pipeline(
                 self.source, self.config, self.device, protocol=self.protocol, workers=self.config.workers
             )
             self.pipeline.build()
-        return run_pipeline(self.pipeline)
+        self.ready = False
+        return run_pipeline(self.pipeline, lambda: setattr(self, "ready", True))
 
 
 def build_dali_val_loader(

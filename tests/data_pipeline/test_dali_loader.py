@@ -120,3 +120,18 @@ def test_the_scale_augmentation_follows_its_distribution():
     assert (windows[:, :2] >= 0).all() and (windows[:, 0] + windows[:, 2] <= 500 + 1e-3).all()
     assert (windows[:, 1] + windows[:, 3] <= 375 + 1e-3).all()
     assert 0.47 < np.mean([p["flip"] for p in drawn]) < 0.53
+
+
+def test_an_epoch_left_unfinished_does_not_leak_into_the_next(cifar_root):
+    loader = build_dali_train_loader(cifar_config(cifar_root), rank=0, world_size=1, seed=0)
+    first = next(loader.epoch(0))  # abandoned after one batch
+    whole = list(loader.epoch(1))
+    assert len(whole) == loader.batches_per_epoch
+    assert torch.equal(whole[0][0], next(build_dali_train_loader(cifar_config(cifar_root), rank=0, world_size=1,
+                                                                  seed=0).epoch(1))[0])  # fmt: skip
+    assert not torch.equal(first[0], whole[0][0])
+    evaluation = build_dali_val_loader(cifar_config(cifar_root), rank=0, world_size=1, batch_per_rank=30,
+                                       protocol="center")  # fmt: skip
+    next(iter(evaluation))
+    assert sum(len(labels) for _, labels in evaluation) == 100  # a new pass after an unfinished one is whole
+    assert sum(len(labels) for _, labels in evaluation) == 100
