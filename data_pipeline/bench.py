@@ -3,6 +3,7 @@ in one run, with the ratio of their medians (docs/benchmarks.md keeps the figure
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 
@@ -16,15 +17,15 @@ PIPELINES = ("paper", "val", "tencrop")
 
 def bench_loader(*, data: str, backends: list[str], pipeline: str, batch: int, batches: int, rounds: int,
                  workers: int) -> None:  # fmt: skip
-    loaders = {backend: make_loader(data, backend, pipeline, batch, workers) for backend in backends}
+    """Training pipelines: ``batches`` batches per round from one endless stream of epochs (steady state);
+    evaluation pipelines: one whole pass over the val set per round."""
+    streams = {backend: make_stream(data, backend, pipeline, batch, workers) for backend in backends}
     rates: dict[str, list[float]] = {backend: [] for backend in backends}
     for round_index in range(rounds + 1):  # round 0 warms up: worker start, pipeline build, file cache
-        for backend, loader in loaders.items():
+        for backend, stream in streams.items():
             start, images = time.perf_counter(), 0
-            for index, (views, _) in enumerate(loader(round_index)):
+            for views, _ in stream(batches):
                 images += len(views)
-                if index + 1 == batches:
-                    break
             if views.is_cuda:
                 torch.cuda.synchronize()
             if round_index > 0:
@@ -40,11 +41,12 @@ def bench_loader(*, data: str, backends: list[str], pipeline: str, batch: int, b
         )
 
 
-def make_loader(data: str, backend: str, pipeline: str, batch: int, workers: int):
+def make_stream(data: str, backend: str, pipeline: str, batch: int, workers: int):
     config = DataConfig(root=data, backend=backend, batch_size=batch, workers=workers)
     if pipeline == "paper":
         train = build_train_loader(config, rank=0, world_size=1, seed=0)
-        return lambda round_index: train.epoch(round_index % max(1, train.batches_per_epoch))
-    evaluation = build_val_loader(config, rank=0, world_size=1, batch_per_rank=batch, protocol=pipeline.replace(
-        "val", "center"))  # fmt: skip
-    return lambda round_index: iter(evaluation)
+        endless = itertools.chain.from_iterable(train.epoch(epoch) for epoch in itertools.count())
+        return lambda batches: itertools.islice(endless, batches)
+    protocol = "center" if pipeline == "val" else pipeline
+    evaluation = build_val_loader(config, rank=0, world_size=1, batch_per_rank=batch, protocol=protocol)
+    return lambda batches: iter(evaluation)

@@ -347,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_loader.add_argument("--backend", choices=("dali", "torch", "both"), default="both")
     bench_loader.add_argument("--pipeline", choices=("paper", "val", "tencrop"), default="paper")
     bench_loader.add_argument("--batch", type=int, default=64)
-    bench_loader.add_argument("--batches", type=int, default=10, help="batches per timed round")
+    bench_loader.add_argument(
+        "--batches", type=int, default=30, help="training batches per round (evaluation: one pass per round)"
+    )
     bench_loader.add_argument("--rounds", type=int, default=3)
     bench_loader.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     bench_loader.set_defaults(run=cmd_bench_loader)
