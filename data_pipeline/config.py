@@ -33,6 +33,7 @@ class SynthConfig:
 class DataConfig:
     root: str = "data/imagenet"
     format: str = "imagefolder"  # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches)
+    #                              | "webdataset" (train/*.tar, val/*.tar with indexes: `residual data shard`)
     backend: str = "torch"  # "torch" (torchvision transforms + DataLoader) | "dali" (data_pipeline.dali_loader)
     device: str = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only mode) | "auto"
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
@@ -48,7 +49,7 @@ class DataConfig:
     synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist
 
     def __post_init__(self) -> None:
-        require_one_of("data.format", self.format, ("imagefolder", "cifar"))
+        require_one_of("data.format", self.format, ("imagefolder", "cifar", "webdataset"))
         require_one_of("data.backend", self.backend, ("torch", "dali"))
         require_one_of("data.device", self.device, ("auto", "cpu", "gpu"))
         require_one_of("data.train_augment", self.train_augment, ("scale", "random_resized_crop"))

@@ -28,6 +28,7 @@ from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_datase
 from data_pipeline.errors import UserError
 from data_pipeline.torch_loader import Batch, ShardedEpochSampler
 from data_pipeline.transforms import PCA_EIGENVALUES, PCA_EIGENVECTORS
+from data_pipeline.webdataset import WebDatasetDataset
 
 log = logging.getLogger(__name__)
 CIFAR_PADDING = 4
@@ -70,15 +71,18 @@ class SampleReader:
     """What a pipeline is fed per sample: the encoded file of an ImageFolder image (DALI decodes it) or a CIFAR
     image (H x W x C, from the arrays in memory), and its label. Picklable, for DALI's worker processes."""
 
-    def __init__(self, dataset: ImageFolderDataset | CifarDataset) -> None:
+    def __init__(self, dataset: ImageFolderDataset | CifarDataset | WebDatasetDataset) -> None:
+        self.dataset = dataset if isinstance(dataset, WebDatasetDataset) else None  # reads at the indexed offsets
         self.paths = [path for path, _ in dataset.samples] if isinstance(dataset, ImageFolderDataset) else None
-        self.labels = np.asarray(
-            [label for _, label in dataset.samples] if self.paths is not None else dataset.labels.numpy()
-        )
-        if self.paths is None:
+        if isinstance(dataset, CifarDataset):
+            self.labels = dataset.labels.numpy()
             self.images = np.ascontiguousarray(dataset.images.permute(0, 2, 3, 1).numpy())
+        else:
+            self.labels = np.asarray([sample[-1] for sample in dataset.samples])
 
     def encoded(self, index: int) -> np.ndarray:
+        if self.dataset is not None:
+            return self.dataset.encoded(index)
         if self.paths is None:
             return self.images[index]
         return np.fromfile(self.paths[index], dtype=np.uint8)
@@ -88,7 +92,7 @@ class SampleReader:
 
     def size(self, encoded: np.ndarray) -> tuple[int, int] | None:
         """(width, height) of an encoded image, from its header alone; None for a CIFAR image."""
-        if self.paths is None:
+        if encoded.ndim == 3:  # a CIFAR image, not an encoded file
             return None
         with Image.open(io.BytesIO(encoded.tobytes())) as image:
             return image.size

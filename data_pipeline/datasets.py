@@ -87,8 +87,14 @@ class CifarDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
-def open_dataset(root: str | Path, data_format: str, *, train: bool) -> ImageFolderDataset | CifarDataset:
+def open_dataset(root: str | Path, data_format: str, *, train: bool) -> Dataset:
+    """``data.format``: "imagefolder" (root/train, root/val), "cifar" (the python batches in root), "webdataset"
+    (shards in root/train, root/val, written by `residual data shard`)."""
     root = Path(root)
     if data_format == "cifar":
         return CifarDataset(root, train=train)
+    if data_format == "webdataset":
+        from data_pipeline.webdataset import WebDatasetDataset
+
+        return WebDatasetDataset(root / ("train" if train else "val"))
     return ImageFolderDataset(root / ("train" if train else "val"))

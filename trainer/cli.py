@@ -5,6 +5,7 @@ residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--sc
 residual export CHECKPOINT OUT.pt
 residual models [--json]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
+residual data shard SRC OUT [--shard-size N]
 residual data verify DIR
 residual bench eval [--model NAME] [--batch B]
 residual submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--tasks-per-node T] [--partition P ...]
@@ -187,6 +188,16 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
     backends = ["dali", "torch"] if args.backend == "both" else [args.backend]
     bench_loader(data=args.data, backends=backends, pipeline=args.pipeline, batch=args.batch, batches=args.batches,
                  rounds=args.rounds, workers=args.workers)  # fmt: skip
+
+
+def cmd_data_shard(args: argparse.Namespace) -> None:
+    from data_pipeline.webdataset import shard_imagefolder
+
+    if args.shard_size < 1:
+        raise UserError(f"--shard-size {args.shard_size}: must be at least 1")
+    counts = shard_imagefolder(Path(args.source), Path(args.out), shard_size=args.shard_size)
+    shards = ", ".join(f"{split}: {count} shards" for split, count in counts.items())
+    print(f"wrote {args.out} ({shards}; data.format=webdataset data.root={args.out})")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -376,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=parse_size, default=(64, 64), help="WxH of ImageFolder images (CIFAR: 32x32)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data_synth)
+    shard = data.add_parser("shard", help="an ImageFolder root's train/ and val/ as WebDataset shards with indexes")
+    shard.add_argument("source", help="ImageFolder root (train/<class>/*, val/<class>/*)")
+    shard.add_argument("out", help="folder for train/*.tar, val/*.tar and classes.txt")
+    shard.add_argument("--shard-size", type=int, default=5000, help="samples per shard")
+    shard.set_defaults(run=cmd_data_shard)
     verify = data.add_parser("verify", help="decode every image below a folder; list those that fail (exit 1)")
     verify.add_argument("root")
     verify.add_argument("--workers", type=int, default=os.cpu_count() or 1)

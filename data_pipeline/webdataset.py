@@ -1,0 +1,120 @@
+"""WebDataset shards: tar files of samples ``KEY.jpg`` + ``KEY.cls`` (the integer label as text), each with the
+index that DALI's ``fn.readers.webdataset`` reads (``.idx``: "v1.2 N", then per sample its files' extension, data
+offset, size and name), and ``.labels`` (one label per line, in index order) so that opening a set reads no image.
+
+``residual data shard SRC OUT --shard-size N`` writes SRC's train/ and val/ ImageFolder trees as
+OUT/train/shard-000000.tar ... and OUT/val/..., with OUT/classes.txt. ``WebDatasetDataset`` reads a folder of
+shards by random access through the indexes: the sampler, augmentations and both backends work as on folders.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from data_pipeline.datasets import ImageFolderDataset
+from data_pipeline.errors import UserError
+
+INDEX_VERSION = "v1.2"
+
+
+def write_shards(source: Path, out: Path, *, shard_size: int) -> list[Path]:
+    """One split (an ImageFolder tree) as shards of ``shard_size`` samples; returns the tar files."""
+    dataset = ImageFolderDataset(source)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for start in range(0, len(dataset), shard_size):
+        path = out / f"shard-{start // shard_size:06d}.tar"
+        entries, labels = [], []
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for index in range(start, min(start + shard_size, len(dataset))):
+                image_path, label = dataset.samples[index]
+                key = f"{index:09d}"
+                files = []
+                for extension, data in (("jpg", Path(image_path).read_bytes()), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                    data_offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    files.append(f"{extension} {data_offset} {len(data)} {key}.{extension}")
+                entries.append(" ".join(files))
+                labels.append(str(label))
+        path.with_suffix(".idx").write_text(f"{INDEX_VERSION} {len(entries)}\n" + "\n".join(entries) + "\n")
+        path.with_suffix(".labels").write_text("\n".join(labels) + "\n")
+        written.append(path)
+    return written
+
+
+def shard_imagefolder(source: Path, out: Path, *, shard_size: int) -> dict[str, int]:
+    """``residual data shard``: train/ and val/ of an ImageFolder root; returns the shard count per split."""
+    counts = {}
+    for split in ("train", "val"):
+        if (source / split).is_dir():
+            counts[split] = len(write_shards(source / split, out / split, shard_size=shard_size))
+    if not counts:
+        raise UserError(f"{source}: no train/ or val/ folder to shard")
+    classes = ImageFolderDataset(source / next(iter(counts))).classes
+    (out / "classes.txt").write_text("\n".join(classes) + "\n")
+    return counts
+
+
+class WebDatasetDataset(Dataset):
+    """The samples of every ``*.tar`` in ``root`` (sorted), read through their ``.idx`` indexes."""
+
+    def __init__(self, root: Path) -> None:
+        shards = sorted(root.glob("*.tar"))
+        if not shards:
+            raise UserError(f"{root}: no .tar shards (`residual data shard` writes them)")
+        self.samples: list[tuple[str, int, int, int]] = []  # (tar, offset of the image, its size, label)
+        for shard in shards:
+            self.samples += read_index(shard)
+        classes = root.parent / "classes.txt"
+        count = max(label for *_, label in self.samples) + 1
+        self.classes = classes.read_text().split() if classes.is_file() else [str(i) for i in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def encoded(self, index: int) -> np.ndarray:
+        path, offset, size, _ = self.samples[index]
+        return np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, *_, label = self.samples[index]
+        try:
+            with Image.open(io.BytesIO(self.encoded(index).tobytes())) as image:
+                return pil_to_tensor(image.convert("RGB")), label
+        except OSError as error:
+            raise UserError(f"{path}: sample {index}: cannot decode image ({error})") from None
+
+
+def read_index(shard: Path) -> list[tuple[str, int, int, int]]:
+    index = shard.with_suffix(".idx")
+    if not index.is_file():
+        raise UserError(f"{shard}: no index {index.name} (`residual data shard` writes one with each shard)")
+    lines = index.read_text().splitlines()
+    labels_file = shard.with_suffix(".labels")
+    labels = [int(line) for line in labels_file.read_text().split()] if labels_file.is_file() else None
+    samples = []
+    for number, line in enumerate(lines[1:]):
+        fields = line.split()
+        files = {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+        image = next((files[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in files), None)
+        if image is None:
+            raise UserError(f"{shard}: sample {number} has no image file ({', '.join(files)})")
+        if labels is not None:
+            label = labels[number]
+        elif "cls" in files:
+            offset, size, _ = files["cls"]
+            label = int(np.fromfile(shard, dtype=np.uint8, count=size, offset=offset).tobytes())
+        else:
+            raise UserError(f"{shard}: sample {image[2].rsplit('.', 1)[0]} has no .cls label")
+        samples.append((str(shard), image[0], image[1], label))
+    return samples
