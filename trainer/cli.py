@@ -5,6 +5,7 @@ residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--sc
 residual export CHECKPOINT OUT.pt
 residual models [--json]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
+residual data prepare-imagenet IMAGES OUT (--devkit GROUND_TRUTH META.mat | --solution LOC_val_solution.csv)
 residual data shard SRC OUT [--shard-size N]
 residual data verify DIR
 residual bench eval [--model NAME] [--batch B]
@@ -200,6 +201,17 @@ def cmd_data_shard(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({shards}; data.format=webdataset data.root={args.out})")
 
 
+def cmd_prepare_imagenet(args: argparse.Namespace) -> None:
+    from data_pipeline.imagenet import labels_from_devkit, labels_from_solution, prepare_val
+
+    for path in [args.images, *(args.devkit or []), *([args.solution] if args.solution else [])]:
+        if not Path(path).exists():
+            raise UserError(f"{path}: does not exist")
+    labels = labels_from_devkit(*map(Path, args.devkit)) if args.devkit else labels_from_solution(Path(args.solution))
+    count = prepare_val(Path(args.images), Path(args.out), labels, mode=args.mode)
+    print(f"placed {count} images in {len(set(labels.values()))} class folders under {args.out}")
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     from trainer.models.complexity import complexity_table
 
@@ -387,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=parse_size, default=(64, 64), help="WxH of ImageFolder images (CIFAR: 32x32)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data_synth)
+    imagenet = data.add_parser("prepare-imagenet", help="sort ILSVRC2012's val images into val/<wnid>/ folders")
+    imagenet.add_argument("images", help="the folder of ILSVRC2012_val_*.JPEG")
+    imagenet.add_argument("out", help="the val/ folder to write (next to train/)")
+    truth = imagenet.add_mutually_exclusive_group(required=True)
+    truth.add_argument("--devkit", nargs=2, metavar=("GROUND_TRUTH_TXT", "META_MAT"),
+                       help="ILSVRC2012_validation_ground_truth.txt and the devkit's meta.mat")  # fmt: skip
+    truth.add_argument("--solution", metavar="LOC_VAL_SOLUTION_CSV", help="Kaggle's LOC_val_solution.csv")
+    imagenet.add_argument("--mode", choices=("link", "copy", "move"), default="link")
+    imagenet.set_defaults(run=cmd_prepare_imagenet)
     shard = data.add_parser("shard", help="an ImageFolder root's train/ and val/ as WebDataset shards with indexes")
     shard.add_argument("source", help="ImageFolder root (train/<class>/*, val/<class>/*)")
     shard.add_argument("out", help="folder for train/*.tar, val/*.tar and classes.txt")
