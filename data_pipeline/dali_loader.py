@@ -90,6 +90,38 @@ class SampleReader:
     def label(self, index: int) -> np.ndarray:
         return np.array(self.labels[index], dtype=np.int64)
 
+    def name(self, index: int) -> str:
+        if self.paths is not None:
+            return self.paths[index]
+        if self.dataset is not None:
+            path, offset, *_ = self.dataset.samples[index]
+            return f"{path} (image at byte {offset})"
+        return f"CIFAR image {index}"
+
+    def defect(self, encoded: np.ndarray) -> str | None:
+        """Why an encoded file cannot be an image, from cheap checks (no decode): its header does not parse, or a
+        JPEG lacks its end marker (a truncated file). None for a CIFAR image or a file that passes."""
+        if encoded.ndim == 3:
+            return None
+        data = encoded.tobytes()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.size  # noqa: B018 (parses the header)
+        except OSError as error:
+            return f"not an image ({error})"
+        if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return "truncated JPEG (no end-of-image marker)"
+        return None
+
+    def decode_error(self, index: int) -> str | None:
+        """Why Pillow cannot decode sample ``index`` fully, if it cannot."""
+        try:
+            with Image.open(io.BytesIO(self.encoded(index).tobytes())) as image:
+                image.load()
+        except OSError as error:
+            return str(error)
+        return None
+
     def size(self, encoded: np.ndarray) -> tuple[int, int] | None:
         """(width, height) of an encoded image, from its header alone; None for a CIFAR image."""
         if encoded.ndim == 3:  # a CIFAR image, not an encoded file
@@ -107,6 +139,7 @@ class TrainSource:
         self.sampler = sampler
         self.config = config
         self.first_epoch, self.first_batch = 0, 0
+        self.skipped = 0  # files skipped by data.skip_corrupt, in this process
 
     def samples(self, epoch: int, batch: int) -> list[tuple[int, int]]:
         sampler = self.sampler
@@ -121,12 +154,42 @@ class TrainSource:
         batch = info.iteration + (self.first_batch if info.epoch_idx == 0 else 0)
         if batch >= self.sampler.batches_per_epoch:
             raise StopIteration
-        picked = self.samples(epoch, batch)
+        picked = [(self.usable(index), seed) for index, seed in self.samples(epoch, batch)]
         data = [self.reader.encoded(index) for index, _ in picked]
         labels = [self.reader.label(index) for index, _ in picked]
         sizes = [self.reader.size(encoded) for encoded in data]
         parameters = [train_parameters(self.config, seed, size) for (_, seed), size in zip(picked, sizes, strict=True)]
         return (data, labels, *([p[key] for p in parameters] for key in sorted(parameters[0])))
+
+    def usable(self, index: int) -> int:
+        """``index``, or with data.skip_corrupt the next sample whose file passes the cheap checks (warned about
+        and counted); without it, a file that fails them stops the run with its name."""
+        for offset in range(len(self.reader.labels)):
+            candidate = (index + offset) % len(self.reader.labels)
+            defect = self.reader.defect(self.reader.encoded(candidate))
+            if defect is None:
+                return candidate
+            if not self.config.skip_corrupt:
+                raise UserError(
+                    f"{self.reader.name(candidate)}: {defect}; data.skip_corrupt=true skips such files, "
+                    "`residual data verify` lists them"
+                )
+            self.skipped += 1
+            log.warning("skipped %s: %s (%d skipped by this process)", self.reader.name(candidate), defect,
+                        self.skipped)  # fmt: skip
+        raise UserError("no decodable image in the training set")
+
+    def explain(self, epoch: int, start: int, produced: int) -> str | None:
+        """After DALI failed on a batch: the files of that batch Pillow cannot decode either, named."""
+        batch = start + produced
+        if batch >= self.sampler.batches_per_epoch:
+            return None
+        bad = [
+            (self.reader.name(i), error)
+            for i, _ in self.samples(epoch, batch)
+            if (error := self.reader.decode_error(i))
+        ]
+        return "; ".join(f"{name}: cannot decode ({error})" for name, error in bad) or None
 
     def parameter_names(self) -> list[str]:
         return sorted(train_parameters(self.config, 0, None if self.config.format == "cifar" else (1, 1)))
@@ -215,11 +278,15 @@ class DaliTrainLoader:
         def finished() -> None:
             self._next_epoch = (epoch + 1, 0)
 
-        return run_pipeline(self._pipeline, finished)
+        return run_pipeline(
+            self._pipeline, finished, lambda produced: self.source.explain(epoch, start_batch, produced)
+        )
 
 
-def run_pipeline(pipeline, finished) -> Iterator[Batch]:
-    """Batches until the source's epoch ends; the pipeline is then reset for the next one and ``finished()``."""
+def run_pipeline(pipeline, finished, explain=lambda produced: None) -> Iterator[Batch]:
+    """Batches until the source's epoch ends; the pipeline is then reset for the next one and ``finished()``.
+    When DALI fails on a batch, ``explain(batches produced)`` names the files at fault, where it can."""
+    produced = 0
     while True:
         try:
             images, labels = pipeline.run()
@@ -227,6 +294,12 @@ def run_pipeline(pipeline, finished) -> Iterator[Batch]:
             pipeline.reset()
             finished()
             return
+        except RuntimeError as error:
+            culprits = explain(produced)
+            if culprits is None:
+                raise
+            raise UserError(f"{culprits} (DALI: {str(error).strip().splitlines()[-1][:200]})") from None
+        produced += 1
         yield to_torch(images, torch.float32), to_torch(labels, torch.int64)
 
 

@@ -3,6 +3,7 @@ batches. Images come out as uint8 C x H x W tensors; augmentation is data_pipeli
 
 from __future__ import annotations
 
+import logging
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data_pipeline.errors import UserError
 
+log = logging.getLogger(__name__)
+
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
 
@@ -26,7 +29,8 @@ def decode_rgb(path: str) -> torch.Tensor:
             return pil_to_tensor(image.convert("RGB"))
     except OSError as error:  # Pillow's UnidentifiedImageError and truncated-file errors are OSErrors
         raise UserError(
-            f"{path}: cannot decode image ({error}); `residual data verify` lists every such file"
+            f"{path}: cannot decode image ({error}); data.skip_corrupt=true skips such files in training, "
+            "`residual data verify` lists them"
         ) from None
 
 
@@ -52,6 +56,26 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         return decode_rgb(path), label
+
+
+class SkippingCorrupt(Dataset):
+    """``data.skip_corrupt`` on the torch path: a sample whose image cannot be decoded is replaced by the next
+    one that can, with a warning that names the file and counts the skips of this process."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset, self.classes, self.skipped = dataset, dataset.classes, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.dataset)):
+            try:
+                return self.dataset[(index + offset) % len(self.dataset)]
+            except UserError as error:
+                self.skipped += 1
+                log.warning("skipped %s (%d skipped by this process)", error, self.skipped)
+        raise UserError("no decodable image in the training set")
 
 
 def _read_cifar_batch(path: Path) -> dict:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_pipeline.config import DataConfig
-from data_pipeline.datasets import open_dataset
+from data_pipeline.datasets import SkippingCorrupt, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.transforms import build_eval_transform, build_train_transform
 
@@ -107,6 +107,8 @@ def _loader_options(config: DataConfig) -> dict:
 
 def build_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
     dataset = open_dataset(config.root, config.format, train=True)
+    if config.skip_corrupt:
+        dataset = SkippingCorrupt(dataset)
     if len(dataset) < config.batch_size:
         raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
     sampler = ShardedEpochSampler(

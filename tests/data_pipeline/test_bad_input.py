@@ -1,0 +1,50 @@
+"""A corrupt or truncated image in training: stopped with the file's name, or with data.skip_corrupt skipped and
+counted, on both backends."""
+
+import logging
+import shutil
+
+import pytest
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import UserError
+from data_pipeline.loaders import build_train_loader
+
+
+@pytest.fixture
+def damaged(imagefolder_root, tmp_path):
+    root = tmp_path / "damaged"
+    shutil.copytree(imagefolder_root, root)
+    images = sorted(path for path in (root / "train").rglob("*") if path.is_file())
+    truncated, garbage = images[3], images[20]
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    garbage.write_bytes(b"this is not a JPEG")
+    return root, {truncated.name, garbage.name}
+
+
+def config(root, backend: str, skip: bool) -> DataConfig:
+    return DataConfig(root=str(root), backend=backend, batch_size=12, workers=0, skip_corrupt=skip, scale_min=40,
+                      scale_max=56, crop_size=32, val_resize=36)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_damaged_file_stops_training_with_its_name(damaged, backend):
+    root, names = damaged
+    loader = build_train_loader(config(root, backend, skip=False), rank=0, world_size=1, seed=0)
+    with pytest.raises(UserError) as raised:
+        for _ in loader.epoch(0):
+            pass
+    assert any(name in str(raised.value) for name in names), raised.value
+    assert "data.skip_corrupt=true skips such files" in str(raised.value)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_skip_corrupt_skips_and_counts(damaged, backend, caplog):
+    root, names = damaged
+    loader = build_train_loader(config(root, backend, skip=True), rank=0, world_size=1, seed=0)
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader.epoch(0))
+    assert len(batches) == loader.batches_per_epoch and all(len(labels) == 12 for _, labels in batches)
+    skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert {name for name in names if any(name in message for message in skipped)} == names
+    assert "(2 skipped by this process)" in skipped[-1]
