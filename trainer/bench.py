@@ -54,7 +54,9 @@ def bench_eval(*, model_name: str, batch_size: int, images: int, workers: int) -
     )
 
 
-def bench_train(*, model_name: str, batch: int, strategy: str, precision: str, steps: int, rounds: int) -> None:
+def bench_train(
+    *, model_name: str, batch: int, strategy: str, precision: str, steps: int, rounds: int, fsdp_mixed_precision: str
+) -> None:
     """Images/s of the trainer's step (``Stepper.step``, the lr set and the running top-1/top-5, everything the
     loop does per batch but load it) and of a minimal hand-written loop of the same model, batch, precision and
     wrapper, on the same synthetic tensors, measured alternately; the ratio of their medians. Under torchrun,
@@ -67,7 +69,7 @@ def bench_train(*, model_name: str, batch: int, strategy: str, precision: str, s
     config = Config(
         model=ModelConfig(name=model_name, num_classes=classes),
         train=TrainConfig(iterations=steps, precision=precision),
-        dist=DistConfig(strategy=strategy),
+        dist=DistConfig(strategy=strategy, fsdp_mixed_precision=fsdp_mixed_precision),
     )
     config.data.batch_size = batch * launch.world_size
     config.data.format = "imagefolder" if spec.dataset == "imagenet" else "cifar"
@@ -100,7 +102,9 @@ def bench_train(*, model_name: str, batch: int, strategy: str, precision: str, s
     where = f"{launch.world_size} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     print(
         f"trainer / minimal = {trainer / reference:.3f}  [{model_name}, batch {batch} per rank, {precision}, "
-        f"{strategy if launch.distributed else 'one process'}, {where}, torch {torch.__version__}, "
+        f"{strategy if launch.distributed else 'one process'}"
+        f"{f' ({fsdp_mixed_precision})' if launch.distributed and strategy == 'fsdp' else ''}, {where}, "
+        f"torch {torch.__version__}, "
         f"medians of {rounds} rounds of {steps} steps]"
     )
     peak = peak_flops(device, precision)

@@ -122,6 +122,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         precision=args.precision,
         steps=args.steps,
         rounds=args.rounds,
+        fsdp_mixed_precision=args.fsdp_mixed_precision,
     )
 
 
@@ -381,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--batch", type=int, default=32, help="images per rank and step")
     bench_train.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
     bench_train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
+    bench_train.add_argument("--fsdp-mixed-precision", choices=("policy", "autocast"), default="policy")
     bench_train.add_argument("--steps", type=int, default=10, help="steps per timed round")
     bench_train.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
     bench_train.set_defaults(run=cmd_bench_train)

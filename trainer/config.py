@@ -162,10 +162,14 @@ class DistConfig:
     static_graph: bool = False  # DDP: the graph is the same every step (lets DDP overlap more; no unused params)
     bucket_cap_mb: int = 25  # DDP's gradient bucket size
     reshard_after_forward: bool = True  # FSDP2: free the gathered parameters after forward (less memory)
+    # FSDP2 with bf16/fp16: "policy" gathers the blocks' parameters in that type (half the traffic; BatchNorm in
+    # fp32 groups of its own); "autocast" keeps fp32 parameters and gathers, with autocast (fewer collectives)
+    fsdp_mixed_precision: str = "policy"
 
     def __post_init__(self) -> None:
         require_one_of("dist.strategy", self.strategy, ("ddp", "fsdp"))
         require(self.bucket_cap_mb >= 1, "dist.bucket_cap_mb", self.bucket_cap_mb, "must be >= 1")
+        require_one_of("dist.fsdp_mixed_precision", self.fsdp_mixed_precision, ("policy", "autocast"))
 
 
 @dataclass

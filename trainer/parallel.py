@@ -36,14 +36,15 @@ def parallelize(model: nn.Module, config: DistConfig, *, precision: str, device:
 def shard_fully(model: nn.Module, *, device: torch.device, world_size: int, precision: str, config: DistConfig):
     """FSDP2: one parameter group per residual block, then the root (the stem and the classifier).
 
-    With bf16 or fp16, the blocks gather their parameters in that type and reduce gradients in fp32. BatchNorm
+    With bf16 or fp16 (and ``dist.fsdp_mixed_precision=policy``), the blocks gather their parameters in that type
+    and reduce gradients in fp32; autocast runs the ops either way. BatchNorm
     keeps fp32 parameters in a group of its own that does not cast its input: under the blocks' policy alone its
     weight would be bf16 while its running statistics stay fp32 ("expected scalar type BFloat16 but found Float"),
     the failure of pytorch/torchtitan#674. BatchNorm then runs in mixed precision, as under autocast.
     """
     mesh = init_device_mesh(device.type, (world_size,))
     reshard = config.reshard_after_forward
-    low = AUTOCAST_DTYPES.get(precision)
+    low = AUTOCAST_DTYPES.get(precision) if config.fsdp_mixed_precision == "policy" else None
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low is not None else None)
     if low is not None:
         keep_fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)

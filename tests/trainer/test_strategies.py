@@ -78,6 +78,19 @@ def test_two_ranks_follow_one_process_with_the_same_global_batch(tmp_path, short
     assert [path.is_dir() for path in list_checkpoints(tmp_path / "two")] == [sharded]
 
 
+@pytest.mark.parametrize("mixed_precision", ["policy", "autocast"])
+def test_fsdp_in_bf16_follows_one_process(tmp_path, short, mixed_precision):
+    """bf16 under FSDP2: parameters gathered in bf16 with BatchNorm in fp32 groups (policy), or fp32 gathers under
+    autocast; either follows one bf16 process closely (both round the convolutions' weights to bf16)."""
+    bf16 = [*short, "train.iterations=8", "train.precision=bf16"]
+    run_trainer(1, [*bf16, "train.accumulation=2", "train.run_name=one"])
+    fsdp = [f"dist.fsdp_mixed_precision={mixed_precision}", "dist.strategy=fsdp", "train.run_name=fsdp"]
+    run_trainer(2, [*bf16, *fsdp])
+    one, other = losses(tmp_path / "one"), losses(tmp_path / "fsdp")
+    assert [other[i] for i in one] == pytest.approx([one[i] for i in one], rel=2e-2)
+    assert records(tmp_path / "fsdp", "eval")[-1]["count"] == 100
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
     """2N steps straight == N steps, kill -9 of the whole launch, resume, N more: weights and logs bit for bit."""
