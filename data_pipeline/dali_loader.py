@@ -46,8 +46,9 @@ def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None
     flip. ImageNet (an image of ``size`` = (width, height)): the shorter side S in [scale_min, scale_max] and the
     crop's place, as the window of the original image that the crop covers (``anchor``, ``shape``: the crop of
     side c of the image resized to shorter side S is the window of side c * short / S resized to c, so only the
-    window is decoded and resized); the flip; the normalization mean shifted by the PCA lighting noise (adding
-    the shift before normalizing is subtracting it from the mean)."""
+    window is decoded and resized; with data.train_augment=random_resized_crop, RandomResizedCrop's window); the
+    flip; the normalization mean shifted by the PCA lighting noise (adding the shift before normalizing is
+    subtracting it from the mean)."""
     rng = np.random.default_rng(seed)
     flip = np.array(rng.integers(0, 2), dtype=np.int32)
     if config.format == "cifar":
@@ -59,12 +60,36 @@ def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None
     shift = np.asarray(PCA_EIGENVECTORS) @ (alpha * np.asarray(PCA_EIGENVALUES))
     mean = ((np.asarray(config.mean) - shift) * 255).astype(np.float32)
     width, height = size or (config.scale_min, config.scale_min)
+    if config.train_augment == "random_resized_crop":
+        left, top, crop_width, crop_height = random_resized_window(rng, width, height)
+        anchor, shape = np.array([left, top]), np.array([crop_width, crop_height])
+        return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean}
     scale = shorter / min(width, height)  # as torchvision's RandomShortestSize: the long side truncated
     resized = np.array([int(width * scale), int(height * scale)]) if width != height else np.array([shorter] * 2)
     resized[np.argmin([width, height])] = shorter
     corner = np.floor(position * (resized - config.crop_size + 1))  # RandomCrop's uniform integer corner
     anchor, shape = corner / scale, np.full(2, config.crop_size / scale)
     return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean}
+
+
+def random_resized_window(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's window (scale 0.08-1 of the area, aspect 3/4-4/3 log-uniform, 10 tries, then the
+    center crop of the clamped aspect), as torchvision draws it: (left, top, width, height)."""
+    area, log_ratio = width * height, (np.log(3 / 4), np.log(4 / 3))
+    for _ in range(10):
+        target, ratio = area * rng.uniform(0.08, 1.0), np.exp(rng.uniform(*log_ratio))
+        crop_width, crop_height = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            return (int(rng.integers(0, width - crop_width + 1)), int(rng.integers(0, height - crop_height + 1)),
+                    crop_width, crop_height)  # fmt: skip
+    in_ratio = width / height
+    if in_ratio < 3 / 4:
+        crop_width, crop_height = width, round(width / (3 / 4))
+    elif in_ratio > 4 / 3:
+        crop_width, crop_height = round(height * 4 / 3), height
+    else:
+        crop_width, crop_height = width, height
+    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
 
 
 class SampleReader:
@@ -317,11 +342,6 @@ def to_torch(tensors, dtype: torch.dtype) -> torch.Tensor:
 
 
 def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> DaliTrainLoader:
-    if config.format != "cifar" and config.train_augment != "scale":
-        raise UserError(
-            f"data.train_augment={config.train_augment!r} with data.backend=dali: the DALI path implements the "
-            "paper's scale augmentation; RandomResizedCrop runs on the torch path (data.backend=torch)"
-        )
     dataset = open_dataset(config.root, config.format, train=True)
     if len(dataset) < config.batch_size:
         raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")

@@ -4,6 +4,7 @@ augmentations exactly as specified, deterministic per sample whatever the worker
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.config import DataConfig
@@ -135,3 +136,25 @@ def test_an_epoch_left_unfinished_does_not_leak_into_the_next(cifar_root):
     next(iter(evaluation))
     assert sum(len(labels) for _, labels in evaluation) == 100  # a new pass after an unfinished one is whole
     assert sum(len(labels) for _, labels in evaluation) == 100
+
+
+def test_random_resized_crop_windows_follow_torchvision(imagefolder_root):
+    """data.train_augment=random_resized_crop on DALI: windows of 8-100% of the area with aspect 3/4-4/3 inside
+    the image, resized to the crop."""
+    config = DataConfig(root="unused", train_augment="random_resized_crop")
+    windows = [train_parameters(config, sample_seed(0, 0, i), (500, 375)) for i in range(4000)]
+    shapes = np.array([w["shape"] for w in windows])
+    corners = np.array([w["anchor"] for w in windows])
+    area = shapes[:, 0] * shapes[:, 1] / (500 * 375)
+    torch.manual_seed(0)
+    reference = [v2.RandomResizedCrop(32).make_params([torch.empty(3, 375, 500)]) for _ in range(4000)]
+    reference_area = np.array([p["height"] * p["width"] for p in reference]) / (500 * 375)
+    assert area.min() > 0.07 and area.max() <= 1.0
+    assert np.quantile(area, [0.25, 0.5, 0.75]) == pytest.approx(np.quantile(reference_area, [0.25, 0.5, 0.75]),
+                                                                abs=0.03)  # fmt: skip
+    ratio = shapes[:, 0] / shapes[:, 1]
+    assert ratio.min() > 0.74 and ratio.max() < 1.35
+    assert (corners >= 0).all() and (corners + shapes <= [500, 375]).all()
+    rrc = imagefolder_config(imagefolder_root, train_augment="random_resized_crop")
+    images, _ = next(build_dali_train_loader(rrc, rank=0, world_size=1, seed=0).epoch(0))
+    assert images.shape == (12, 3, 32, 32)
