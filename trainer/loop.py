@@ -334,8 +334,9 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
             tick = time.perf_counter()  # the wait for the next batch starts here: evaluations are not counted
         if epoch == start_epoch and run.device.type == "cuda":  # DALI's pools grow, never shrink: say how far
             free, total = torch.cuda.mem_get_info(run.device)
+            peak = torch.cuda.max_memory_allocated(run.device)
             log.info("after the first epoch: %.1f of %.1f GB of the GPU in use (torch's peak allocation %.1f GB)",
-                     (total - free) / 2**30, total / 2**30, torch.cuda.max_memory_allocated(run.device) / 2**30)  # fmt: skip
+                     (total - free) / 2**30, total / 2**30, peak / 2**30)  # fmt: skip
     progress.close()
     return result
 
