@@ -123,20 +123,21 @@ class SampleReader:
             return f"{path} (image at byte {offset})"
         return f"CIFAR image {index}"
 
-    def defect(self, encoded: np.ndarray) -> str | None:
-        """Why an encoded file cannot be an image, from cheap checks (no decode): its header does not parse, or a
-        JPEG lacks its end marker (a truncated file). None for a CIFAR image or a file that passes."""
+    def inspect(self, encoded: np.ndarray) -> tuple[tuple[int, int] | None, str | None]:
+        """An encoded file's (width, height) from its header alone, and why it cannot be an image if the cheap
+        checks say so (no decode): the header does not parse, or a JPEG lacks its end marker (a truncated file).
+        (None, None) for a CIFAR image."""
         if encoded.ndim == 3:
-            return None
-        data = encoded.tobytes()
+            return None, None
+        data = encoded.data  # no copy
         try:
             with Image.open(io.BytesIO(data)) as image:
-                image.size  # noqa: B018 (parses the header)
+                size = image.size
         except OSError as error:
-            return f"not an image ({error})"
-        if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-            return "truncated JPEG (no end-of-image marker)"
-        return None
+            return None, f"not an image ({error})"
+        if bytes(data[:2]) == b"\xff\xd8" and not bytes(data[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
+            return None, "truncated JPEG (no end-of-image marker)"
+        return size, None
 
     def decode_error(self, index: int) -> str | None:
         """Why Pillow cannot decode sample ``index`` fully, if it cannot."""
@@ -146,13 +147,6 @@ class SampleReader:
         except OSError as error:
             return str(error)
         return None
-
-    def size(self, encoded: np.ndarray) -> tuple[int, int] | None:
-        """(width, height) of an encoded image, from its header alone; None for a CIFAR image."""
-        if encoded.ndim == 3:  # a CIFAR image, not an encoded file
-            return None
-        with Image.open(io.BytesIO(encoded.tobytes())) as image:
-            return image.size
 
 
 class TrainSource:
@@ -179,21 +173,24 @@ class TrainSource:
         batch = info.iteration + (self.first_batch if info.epoch_idx == 0 else 0)
         if batch >= self.sampler.batches_per_epoch:
             raise StopIteration
-        picked = [(self.usable(index), seed) for index, seed in self.samples(epoch, batch)]
-        data = [self.reader.encoded(index) for index, _ in picked]
-        labels = [self.reader.label(index) for index, _ in picked]
-        sizes = [self.reader.size(encoded) for encoded in data]
-        parameters = [train_parameters(self.config, seed, size) for (_, seed), size in zip(picked, sizes, strict=True)]
+        data, labels, parameters = [], [], []
+        for index, seed in self.samples(epoch, batch):
+            index, encoded, size = self.usable(index)
+            data.append(encoded)
+            labels.append(self.reader.label(index))
+            parameters.append(train_parameters(self.config, seed, size))
         return (data, labels, *([p[key] for p in parameters] for key in sorted(parameters[0])))
 
-    def usable(self, index: int) -> int:
-        """``index``, or with data.skip_corrupt the next sample whose file passes the cheap checks (warned about
-        and counted); without it, a file that fails them stops the run with its name."""
+    def usable(self, index: int) -> tuple[int, np.ndarray, tuple[int, int] | None]:
+        """Sample ``index`` (its index, encoded file and size), or with data.skip_corrupt the next one whose file
+        passes the cheap checks (warned about and counted); without it, a file that fails them stops the run with
+        its name."""
         for offset in range(len(self.reader.labels)):
             candidate = (index + offset) % len(self.reader.labels)
-            defect = self.reader.defect(self.reader.encoded(candidate))
+            encoded = self.reader.encoded(candidate)
+            size, defect = self.reader.inspect(encoded)
             if defect is None:
-                return candidate
+                return candidate, encoded, size
             if not self.config.skip_corrupt:
                 raise UserError(
                     f"{self.reader.name(candidate)}: {defect}; data.skip_corrupt=true skips such files, "
