@@ -1,8 +1,11 @@
 """`residual sweep` with a local Ray on 127.0.0.1: ASHA over the learning rate of the quickstart config."""
 
+import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,3 +109,27 @@ def test_bad_sweeps_are_refused_with_the_key(tmp_path):
     ):
         with pytest.raises(UserError, match=message):
             load_sweep(sweep(**fields))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_sweep_attaches_to_a_running_ray_cluster(tmp_path, cifar_root):
+    """--address: the trials run on an existing Ray head, started here on 127.0.0.1."""
+    ray = str(Path(sys.executable).parent / "ray")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Loopback only; no token authentication (Ray 2.60's `ray start --head` turns it on and keeps the token in
+    # ~/.ray, which a test should not touch); a short temp dir below (socket paths have a length limit).
+    environ = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    head = [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+            "--num-cpus=2", f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"]  # fmt: skip
+    subprocess.run(head, check=True, capture_output=True, env=environ, timeout=120)
+    try:
+        sweep = write_sweep(tmp_path, cifar_root, 20)
+        result = subprocess.run([RESIDUAL, "sweep", str(sweep), "--address", f"127.0.0.1:{port}"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600, env=environ)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert len(trial_rows(result.stdout)) == 4 and (tmp_path / "lr/best.yaml").exists()
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120, env=environ)
