@@ -221,20 +221,25 @@ def _normalization(config: DataConfig) -> dict:
     return {"mean": [255 * m for m in config.mean], "std": [255 * s for s in config.std]}
 
 
+def _pipeline_options(batch: int, device: str, workers: int) -> dict:
+    """What every pipeline here is built with: its batch, the GPU or DALI's CPU-only mode (``device_id=None``),
+    CPU threads, and ``workers`` reader processes started with spawn (CUDA may be initialised already)."""
+    return dict(
+        batch_size=batch,
+        num_threads=max(2, workers),
+        device_id=torch.cuda.current_device() if device == "gpu" else None,
+        py_num_workers=max(1, workers),
+        py_start_method="spawn",
+    )
+
+
 def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *, batch: int, workers: int):
     from nvidia.dali import fn, pipeline_def, types
 
     names = ["data", "labels", *source.parameter_names()]
     parallel = workers > 0
 
-    @pipeline_def(
-        batch_size=batch,
-        num_threads=max(2, workers),
-        device_id=torch.cuda.current_device() if device == "gpu" else None,
-        py_num_workers=max(1, workers),
-        py_start_method="spawn",
-        prefetch_queue_depth=2,
-    )
+    @pipeline_def(**_pipeline_options(batch, device, workers))
     def pipeline():
         layouts = ["HWC" if config.format == "cifar" else "", *[""] * (len(names) - 1)]
         outputs = fn.external_source(
@@ -261,7 +266,7 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
                 images,
                 mirror=given["flip"],
                 mean=given["mean"],
-                std=[255 * s for s in config.std],
+                std=_normalization(config)["std"],
                 dtype=types.FLOAT,
                 output_layout="CHW",
             )
@@ -376,13 +381,7 @@ def ten_crop_windows() -> list[tuple[float, float, int]]:
 def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, protocol: str, workers: int):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(
-        batch_size=source.batch,
-        num_threads=max(2, workers),
-        device_id=torch.cuda.current_device() if device == "gpu" else None,
-        py_num_workers=max(1, workers),
-        py_start_method="spawn",
-    )
+    @pipeline_def(**_pipeline_options(source.batch, device, workers))
     def pipeline():
         layout = "HWC" if config.format == "cifar" else ""
         data, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,

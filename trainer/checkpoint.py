@@ -201,6 +201,6 @@ def export_state_dict(source: Path, out: Path) -> str:
         raise UserError(f"{source}: already a plain state dict; nothing to export")
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".tmp")
-    torch.save(weights.state_dict, partial)
+    write_file(partial, weights.state_dict)
     os.replace(partial, out)
     return weights.model_name

@@ -87,6 +87,11 @@ class StepTimes:
     compute_seconds: float = 0.0
     steps: int = 0
 
+    @property
+    def seconds(self) -> float:
+        """The window's wall time, less evaluations and checkpoints."""
+        return self.data_seconds + self.compute_seconds
+
 
 @dataclass
 class TrainState:
@@ -277,7 +282,7 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
         mininterval=1.0,
         dynamic_ncols=True,
     )
-    result, window_seconds, times, first_batch = None, 0.0, StepTimes(), True
+    result, times, first_batch = None, StepTimes(), True
     start_epoch = state.iteration // per_epoch
     run.stepper.wrapped.train()
     while state.iteration < run.total_iterations:
@@ -312,12 +317,11 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
             times.data_seconds += arrived - tick
             times.compute_seconds += done - arrived
             times.steps += 1
-            window_seconds += done - tick
             result = None
             if logging_step:
-                log_window(run, state, run_log, lr=lr, seconds=window_seconds, times=times, grad_norm=step.grad_norm)
+                log_window(run, state, run_log, lr=lr, times=times, grad_norm=step.grad_norm)
                 progress.set_postfix(loss=f"{step.loss:.3f}", lr=f"{lr:.4g}")
-                window_seconds, times = 0.0, StepTimes()
+                times = StepTimes()
             if state.iteration % eval_every == 0 or state.iteration == run.total_iterations:
                 result = run_evaluation(run, run.val_batches)
                 state.history.val_errors.append((state.iteration, 1 - result.top1))
@@ -341,11 +345,9 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
     return result
 
 
-def log_window(
-    run: Run, state: TrainState, run_log: RunLog, *, lr: float, seconds: float, times: StepTimes, grad_norm: float
-) -> None:
-    """Log the window's training metrics (``seconds``: its wall time less evaluations and checkpoints) and each
-    rank's times and peak memory, gathered on every rank (one collective each for sums and per-rank rows)."""
+def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, times: StepTimes, grad_norm: float) -> None:
+    """Log the window's training metrics and each rank's times and peak memory, gathered on every rank (one
+    collective each for sums and per-rank rows); images/s is over rank 0's time."""
     window = state.window.summed(run.device)
     state.window = TrainWindow()
     row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(run.device)]
@@ -360,7 +362,7 @@ def log_window(
     if scaler.is_enabled():
         values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": state.scaler_skipped_steps}
     run_log.log("train", state.iteration, values)
-    run_log.log("speed", state.iteration, speed_metrics(run, window.count / seconds, per_rank))
+    run_log.log("speed", state.iteration, speed_metrics(run, window.count / times.seconds, per_rank))
 
 
 def speed_metrics(run: Run, images_per_second: float, per_rank: torch.Tensor) -> dict[str, float]:
