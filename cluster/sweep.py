@@ -39,6 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.errors import UserError
 from trainer.config import Config, load_config, to_yaml
+from trainer.distributed import TRIAL_CPUS
 
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 
@@ -136,8 +137,9 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, runs_dir: str) -> None
     command = [*trainer_command(sweep.ranks), sweep.base, *sweep.overrides, *overrides,
                f"train.output_dir={runs_dir}", f"train.run_name={name}", "train.progress=false"]  # fmt: skip
     log = open(Path(runs_dir) / f"{name}.log", "a")  # noqa: SIM115 (closed in the finally below)
+    environ = os.environ | {TRIAL_CPUS: str(max(1, int(sweep.resources.get("cpu", 1))))}  # the trainer's threads
     process = subprocess.Popen(
-        command, cwd=sweep.workdir, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        command, cwd=sweep.workdir, env=environ, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
     )
     try:
         while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from data_pipeline.errors import require, require_one_of
 
@@ -37,7 +38,9 @@ class DataConfig:
     backend: str = "torch"  # "torch" (torchvision transforms + DataLoader) | "dali" (data_pipeline.dali_loader)
     device: str = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only mode) | "auto"
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
-    workers: int = 4  # loader processes per rank
+    # loader processes per rank, or "auto": none for CIFAR-format data on the torch backend (held as tensors); else
+    # on a GPU all the rank's cores but one, on a CPU half of them (trainer.hardware.plan_threads)
+    workers: Any = "auto"
     train_augment: str = "scale"  # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
     scale_min: int = 256
     scale_max: int = 480
@@ -55,7 +58,8 @@ class DataConfig:
         require_one_of("data.device", self.device, ("auto", "cpu", "gpu"))
         require_one_of("data.train_augment", self.train_augment, ("scale", "random_resized_crop"))
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
-        require(self.workers >= 0, "data.workers", self.workers, "must be >= 0")
+        valid_workers = self.workers == "auto" or (type(self.workers) is int and self.workers >= 0)
+        require(valid_workers, "data.workers", self.workers, 'must be "auto" or an integer >= 0')
         require(0 < self.scale_min <= self.scale_max, "data.scale_min", self.scale_min, "must be in (0, scale_max]")
         require(self.crop_size <= self.scale_min, "data.crop_size", self.crop_size, "must be <= data.scale_min")
         require(self.crop_size <= self.val_resize, "data.crop_size", self.crop_size, "must be <= data.val_resize")

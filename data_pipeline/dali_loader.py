@@ -27,11 +27,10 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.torch_loader import Batch, ShardedEpochSampler
-from data_pipeline.transforms import PCA_EIGENVALUES, PCA_EIGENVECTORS
+from data_pipeline.transforms import CIFAR_PADDING, PCA_EIGENVALUES, PCA_EIGENVECTORS, cifar_crop_flip
 from data_pipeline.webdataset import WebDatasetDataset
 
 log = logging.getLogger(__name__)
-CIFAR_PADDING = 4
 
 
 def dali_device(requested: str) -> str:
@@ -43,17 +42,19 @@ def dali_device(requested: str) -> str:
 
 def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
     """A sample's augmentation, drawn from its own seed. CIFAR: the crop's offset in the 4-padded image and the
-    flip. ImageNet (an image of ``size`` = (width, height)): the shorter side S in [scale_min, scale_max] and the
+    flip, as the tensor path draws them (``cifar_crop_flip``).
+    ImageNet (an image of ``size`` = (width, height)): the shorter side S in [scale_min, scale_max] and the
     crop's place, as the window of the original image that the crop covers (``anchor``, ``shape``: the crop of
     side c of the image resized to shorter side S is the window of side c * short / S resized to c, so only the
     window is decoded and resized; with data.train_augment=random_resized_crop, RandomResizedCrop's window); the
     flip; the normalization mean shifted by the PCA lighting noise (adding the shift before normalizing is
     subtracting it from the mean)."""
+    if config.format == "cifar":
+        left, top, flip = (int(value[0]) for value in cifar_crop_flip(np.array([seed])))
+        offset = np.array([left, top], dtype=np.int32) - CIFAR_PADDING  # (x, y) of the window in the padded image
+        return {"offset": offset, "flip": np.array(flip, dtype=np.int32)}
     rng = np.random.default_rng(seed)
     flip = np.array(rng.integers(0, 2), dtype=np.int32)
-    if config.format == "cifar":
-        offset = rng.integers(-CIFAR_PADDING, CIFAR_PADDING + 1, size=2).astype(np.int32)  # (x, y)
-        return {"offset": offset, "flip": flip}
     shorter = int(rng.integers(config.scale_min, config.scale_max + 1))
     position = rng.random(2)
     alpha = rng.normal(0.0, config.lighting_std, 3) if config.lighting_std > 0 else np.zeros(3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -28,6 +29,17 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
     mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
     mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) % 2**64
     return (mixed ^ (mixed >> 31)) % 2**32
+
+
+def sample_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """``sample_seed`` of many positions at once (uint64 arithmetic wraps modulo 2**64, as the scalar version's
+    ``% 2**64`` does)."""
+    with np.errstate(over="ignore"):
+        base = np.uint64((seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) % 2**64)
+        mixed = base + positions.astype(np.uint64) * np.uint64(0x94D049BB133111EB)
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (mixed ^ (mixed >> np.uint64(31))) & np.uint64(2**32 - 1)
 
 
 class ShardedEpochSampler(Sampler[tuple[int, int]]):
@@ -54,9 +66,18 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.per_rank
 
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The epoch's permutation of the data set."""
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
+        return torch.randperm(self.dataset_size, generator=generator)
+
+    def rank_positions(self, batch: int) -> np.ndarray:
+        """The positions in the epoch's order of this rank's share of global batch ``batch``."""
+        start = batch * self.global_batch + self.rank * self.per_rank
+        return np.arange(start, start + self.per_rank)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
-        order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        order = self.epoch_order(self.epoch).tolist()
         for batch in range(self.start_batch, self.batches_per_epoch):
             start = batch * self.global_batch + self.rank * self.per_rank
             for position in range(start, start + self.per_rank):
@@ -106,6 +127,8 @@ def _loader_options(config: DataConfig) -> dict:
 
 
 def build_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
+    """Image files (ImageFolder, WebDataset shards) read and augmented one at a time in DataLoader workers."""
+    assert config.format != "cifar", "CIFAR-format data goes through data_pipeline.cifar_tensors"
     dataset = open_dataset(config.root, config.format, train=True)
     if config.skip_corrupt:
         dataset = SkippingCorrupt(dataset)

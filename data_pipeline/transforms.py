@@ -5,11 +5,13 @@ AlexNet PCA lighting, per-channel mean/std normalization (the modern stand-in fo
 ImageNet val: shorter side 256, center 224; the paper's test views (Sec. 3.4): ten crops (the corners and center
 of 224 and their flips) of the 256 image, or the whole image at several shorter sides with its flip.
 CIFAR-10 train (Sec. 4.2): 4-pixel zero padding (black, before normalization), random 32 crop, flip; CIFAR-10
-test: the image as is.
+test: the image as is. CIFAR's augmentation runs on whole batches of uint8 tensors (``augment_cifar_batch``), each
+image's crop and flip a hash of its own seed (``cifar_crop_flip``), so no work is done per image in Python.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torchvision.transforms import v2
@@ -41,13 +43,49 @@ class PCALighting(nn.Module):
         return image + shift.view(3, 1, 1)
 
 
+CIFAR_PADDING = 4
+
+
+def cifar_crop_flip(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's crop corner (left, top in 0..8 of the 40 x 40 zero-padded image) and flip (0/1), a function of
+    its 32-bit seed alone: splitmix64's finalizer, three fields of its bits (the modulo bias is 7 in 65,536)."""
+    with np.errstate(over="ignore"):
+        mixed = seeds.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        mixed = mixed ^ (mixed >> np.uint64(31))
+    positions = 2 * CIFAR_PADDING + 1
+    left = (mixed & np.uint64(0xFFFF)) % np.uint64(positions)
+    top = ((mixed >> np.uint64(16)) & np.uint64(0xFFFF)) % np.uint64(positions)
+    flip = (mixed >> np.uint64(32)) & np.uint64(1)
+    return left.astype(np.int64), top.astype(np.int64), flip.astype(np.int64)
+
+
+def augment_cifar_batch(images: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
+    """The paper's CIFAR-10 augmentation (Sec. 4.2) of a uint8 B x 3 x 32 x 32 batch, on its device: zero-pad 4
+    pixels, take each image's 32 x 32 crop at its corner, mirror the images whose flip is 1. One gather."""
+    left, top, flip = (torch.from_numpy(values).to(images.device) for values in cifar_crop_flip(seeds))
+    size = images.shape[-1]
+    padded = torch.nn.functional.pad(images, [CIFAR_PADDING] * 4)
+    steps = torch.arange(size, device=images.device)
+    rows = top[:, None] + steps  # B x 32
+    columns = left[:, None] + torch.where(flip[:, None].bool(), steps.flip(0), steps)
+    batch = torch.arange(len(images), device=images.device)[:, None, None, None]
+    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+    return padded[batch, channels, rows[:, None, :, None], columns[:, None, None, :]]
+
+
+def normalize_batch(images: torch.Tensor, config: DataConfig) -> torch.Tensor:
+    """uint8 images to float32 in [0, 1], then the per-channel mean/std: what ``_to_normalized`` does per image."""
+    return TF.normalize(TF.to_dtype(images, torch.float32, scale=True), config.mean, config.std)
+
+
 def _to_normalized(config: DataConfig) -> list[nn.Module]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(config.mean, config.std)]
 
 
 def build_train_transform(config: DataConfig) -> v2.Compose:
-    if config.format == "cifar":
-        return v2.Compose([v2.RandomCrop(32, padding=4, fill=0), v2.RandomHorizontalFlip(), *_to_normalized(config)])
+    """One image file's training augmentation (CIFAR's is ``augment_cifar_batch``, on whole batches)."""
     if config.train_augment == "scale":
         resize_crop = [
             v2.RandomShortestSize(list(range(config.scale_min, config.scale_max + 1)), antialias=True),

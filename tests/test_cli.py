@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from trainer.hardware import detect_cpu
+
 ROOT = Path(__file__).parents[1]
 RESIDUAL = str(Path(sys.executable).parent / "residual")
 
@@ -82,7 +84,7 @@ def test_python_m_trainer_is_the_train_entry_point(tmp_path, quickstart_on_cifar
 
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path):
-    """The embedded default, shortened for CI: 150 of its 1000 iterations on a 3,000-image synthetic set."""
+    """The embedded default, shortened for CI: 150 of its 250 iterations on a 3,000-image synthetic set."""
     result = run(
         RESIDUAL,
         "train",
@@ -120,4 +122,16 @@ def test_bench_train_prints_the_ratio():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "trainer / minimal = " in result.stdout and "[resnet20, batch 8 per rank, bf16, one process" in result.stdout
+    auto = "bf16" if detect_cpu().bf16_native else "fp32"  # bench's precision is auto, as training's
+    assert (
+        "trainer / minimal = " in result.stdout and f"[resnet20, batch 8 per rank, {auto}, one process" in result.stdout
+    )
+
+
+def test_bench_train_end_to_end_prints_the_wall_time_ratio():
+    command = [RESIDUAL, "bench", "train", "--end-to-end", "--config", "configs/cifar10/resnet20.yaml",
+               "--iterations", "4", "--per-class", "20", "--rounds", "1"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"round 1 cli .* s  top-1 .*%\nround 1 bare .* s  top-1", result.stdout), result.stdout
+    assert re.search(r"cli / bare = \d+\.\d{3}  \[resnet20, 4 iterations of 128, ", result.stdout), result.stdout

@@ -13,12 +13,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline.config import DataConfig
-from data_pipeline.datasets import ImageFolderDataset
-from data_pipeline.synthetic import synthesize_imagefolder
+from data_pipeline.datasets import CifarDataset, ImageFolderDataset
+from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.config import Config, DistConfig, ModelConfig, TrainConfig
 from trainer.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
 from trainer.evaluate import evaluate, topk_correct
+from trainer.hardware import resolve_precision
 from trainer.models import create_model, get_model_spec
 from trainer.precision import maybe_autocast
 from trainer.step import build_stepper
@@ -64,6 +65,9 @@ def bench_train(
     launch = LaunchEnv.from_environ()
     device = pick_device("auto", launch)
     init_process_group(launch, device)
+    precision, reason = resolve_precision(precision, device)
+    if launch.is_main:
+        print(f"precision {precision}: {reason}")
     spec = get_model_spec(model_name)
     classes = 1000 if spec.dataset == "imagenet" else 10
     config = Config(
@@ -147,3 +151,88 @@ def timed(step, steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def bench_end_to_end(*, config_path: str, iterations: int, rounds: int, per_class: int) -> None:
+    """Wall time of the CLI's whole training (``trainer.loop.train``: data, augmentation, step, logging, evaluation,
+    checkpoints) against a bare loop of the same recipe (model, batch, SGD, lr steps, precision, batched pad-crop-flip
+    of a CIFAR-format set held as one tensor, one evaluation at the end), on the same synthetic data, alternating;
+    the ratio of the medians. Both run in this process, after one untimed warm-up of each."""
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch) / "data"
+        synthesize_cifar(root, classes=10, train_per_class=per_class, val_per_class=max(1, per_class // 5), seed=0)
+        overrides = [f"data.root={root}", "data.synthesize=null", f"train.iterations={iterations}",
+                     f"train.output_dir={scratch}/runs", "train.progress=false", "train.resume=never"]  # fmt: skip
+        config = load_config(config_path, overrides)
+        launch = LaunchEnv()
+        precision, reason = resolve_precision(config.train.precision, pick_device(config.train.device, launch))
+        print(f"precision {precision}: {reason}")
+        seconds: dict[str, list[float]] = {"cli": [], "bare": []}
+        for round_index in range(rounds + 1):  # round 0 warms up (allocator, kernels, page cache)
+            warm_up = round_index == 0
+            for name in ("cli", "bare"):
+                started = time.perf_counter()
+                if name == "cli":
+                    result, _ = train(load_config(config_path, overrides), launch)
+                    top1 = result.top1
+                else:
+                    top1 = bare_loop(config, precision, iterations=10 if warm_up else iterations)
+                elapsed = time.perf_counter() - started
+                if not warm_up:
+                    seconds[name].append(elapsed)
+                    print(f"round {round_index} {name:<4} {elapsed:7.1f} s  top-1 {100 * top1:.2f}%", flush=True)
+    cli, bare = statistics.median(seconds["cli"]), statistics.median(seconds["bare"])
+    print(
+        f"cli / bare = {cli / bare:.3f}  [{config.model.name}, {iterations} iterations of {config.data.batch_size}, "
+        f"{precision}, {per_class * 10} synthetic CIFAR-format images, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, medians of {rounds} rounds: cli {cli:.1f} s, bare {bare:.1f} s]"
+    )
+
+
+def bare_loop(config: Config, precision: str, *, iterations: int) -> float:
+    """A 60-line training script of ``config``'s recipe, as one writes it by hand; returns its final top-1."""
+    data = config.data
+    train_set = CifarDataset(Path(data.root), train=True)
+    val_set = CifarDataset(Path(data.root), train=False)
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(data.std).view(1, 3, 1, 1) * 255
+    torch.manual_seed(config.train.seed)
+    model = create_model(config.model.name, **config.model.overrides()).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum, weight_decay=config.optim.weight_decay
+    )
+    milestones = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.schedule.milestones, config.schedule.gamma)
+    device = torch.device("cpu")
+    batch, count = data.batch_size, len(train_set)
+    order = torch.randperm(count)
+    for iteration in range(iterations):
+        start = iteration * batch % (count - count % batch)
+        if start == 0:
+            order = torch.randperm(count)
+        indices = order[start : start + batch]
+        images = torch.nn.functional.pad(train_set.images[indices], [4] * 4)
+        shifts = torch.randint(0, 9, (batch, 2))
+        steps = torch.arange(32)
+        rows = (shifts[:, :1] + steps)[:, None, :, None]
+        columns = shifts[:, 1:] + steps
+        columns = torch.where(torch.rand(batch, 1) < 0.5, columns, columns.flip(1))[:, None, None, :]
+        images = images[torch.arange(batch)[:, None, None, None], torch.arange(3)[None, :, None, None], rows, columns]
+        images = ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
+        with maybe_autocast(device, precision):
+            loss = F.cross_entropy(model(images).float(), train_set.labels[indices])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        milestones.step()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(val_set), config.eval.batch_size):
+            images = (val_set.images[start : start + config.eval.batch_size].float() - mean) / std
+            with maybe_autocast(device, precision):
+                logits = model(images.contiguous(memory_format=torch.channels_last))
+            correct += int((logits.argmax(1) == val_set.labels[start : start + config.eval.batch_size]).sum())
+    return correct / len(val_set)

@@ -4,6 +4,7 @@ residual train CONFIG [key=value ...] [--resume [CHECKPOINT]]
 residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--scales 224,256,...]
 residual export CHECKPOINT OUT.pt
 residual models [--json]
+residual env [--json]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
 residual data prepare-imagenet IMAGES OUT (--devkit GROUND_TRUTH META.mat | --solution LOC_val_solution.csv)
 residual data shard SRC OUT [--shard-size N]
@@ -16,7 +17,8 @@ residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
 residual tensorboard [RUNS_DIR] [--port P] [--host H]
 residual report RUN_DIR [RUN_DIR ...] [--out DIR]
 residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
-residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision bf16] [--steps N] [--rounds R]
+residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision auto] [--steps N] [--rounds R]
+                     [--end-to-end [--config CONFIG] [--iterations N]]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import UserError
+from trainer.config import PRECISIONS
 from trainer.evaluate import PAPER_SCALES, PROTOCOLS
 
 log = logging.getLogger("residual")
@@ -113,8 +116,13 @@ def cmd_bench_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from trainer.bench import bench_train
+    from trainer.bench import bench_end_to_end, bench_train
 
+    if args.end_to_end:
+        bench_end_to_end(
+            config_path=args.config, iterations=args.iterations, rounds=args.rounds, per_class=args.per_class
+        )
+        return
     bench_train(
         model_name=args.model,
         batch=args.batch,
@@ -211,6 +219,13 @@ def cmd_prepare_imagenet(args: argparse.Namespace) -> None:
     labels = labels_from_devkit(*map(Path, args.devkit)) if args.devkit else labels_from_solution(Path(args.solution))
     count = prepare_val(Path(args.images), Path(args.out), labels, mode=args.mode)
     print(f"placed {count} images in {len(set(labels.values()))} class folders under {args.out}")
+
+
+def cmd_env(args: argparse.Namespace) -> None:
+    from trainer.hardware import environment, format_environment
+
+    facts = environment()
+    print(json.dumps(facts, indent=2) if args.json else format_environment(facts))
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -311,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--out", help="JSON file to write (default: beside the checkpoint)")
     evaluation.add_argument("--per-class", action="store_true", help="add per-class accuracy to the JSON")
     evaluation.add_argument("--workers", type=int, default=4, help="loader processes per rank")
-    evaluation.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    evaluation.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where native, fp16 on older GPUs, else fp32"
+    )
     evaluation.set_defaults(run=cmd_eval)
 
     export = commands.add_parser("export", help="a checkpoint's weights as a plain (torchvision) state dict")
@@ -381,11 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--model", default="resnet50")
     bench_train.add_argument("--batch", type=int, default=32, help="images per rank and step")
     bench_train.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
-    bench_train.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="bf16")
+    bench_train.add_argument("--precision", choices=PRECISIONS, default="auto")
     bench_train.add_argument("--fsdp-mixed-precision", choices=("policy", "autocast"), default="policy")
     bench_train.add_argument("--steps", type=int, default=10, help="steps per timed round")
     bench_train.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
+    bench_train.add_argument(
+        "--end-to-end", action="store_true", help="the CLI's whole training against a bare loop, wall time"
+    )
+    bench_train.add_argument("--config", default="configs/cifar10/resnet20.yaml", help="--end-to-end: the recipe")
+    bench_train.add_argument("--iterations", type=int, default=600, help="--end-to-end: iterations per run")
+    bench_train.add_argument("--per-class", type=int, default=1000, help="--end-to-end: synthetic images per class")
     bench_train.set_defaults(run=cmd_bench_train)
+
+    env = commands.add_parser("env", help="this machine: CPU, GPUs, backends, DALI, versions, and what auto picks")
+    env.add_argument("--json", action="store_true", help="the facts as JSON (as each run directory's env.json)")
+    env.set_defaults(run=cmd_env)
 
     models = commands.add_parser("models", help="params and mult-adds of every model beside the paper's")
     models.add_argument("--json", action="store_true", help="a JSON list instead of the table")

@@ -20,6 +20,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError, require, require_one_of
 from trainer.evaluate import PAPER_SCALES, PROTOCOLS
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
 
 @dataclass
 class ModelConfig:
@@ -109,8 +111,11 @@ class ScheduleConfig:
 class TrainConfig:
     iterations: int | None = None  # length of the run; exactly one of iterations and epochs
     epochs: int | None = None
-    precision: str = "bf16"  # "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
+    # "auto" (trainer.hardware: bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else fp32)
+    # | "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
+    precision: str = "auto"
     channels_last: bool = True
+    threads: int | None = None  # torch's CPU threads per rank; None: the rank's share of the cores less its workers
     compile: bool = False  # torch.compile the model
     accumulation: int = 1  # micro-batches per update: each rank forwards data.batch_size / (world x accumulation)
     device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
@@ -126,7 +131,8 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip (and count) a step whose loss is not finite instead of stopping the run
 
     def __post_init__(self) -> None:
-        require_one_of("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        require_one_of("train.precision", self.precision, PRECISIONS)
+        require(self.threads is None or self.threads >= 1, "train.threads", self.threads, "must be >= 1 or null")
         require_one_of("train.device", self.device, ("auto", "cpu", "cuda"))
         for key in ("iterations", "epochs", "eval_every", "checkpoint_every"):
             value = getattr(self, key)

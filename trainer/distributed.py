@@ -15,6 +15,7 @@ from torch import nn
 from data_pipeline.errors import UserError
 
 SLURM_PORT_BASE = 20000  # a SLURM job's rendezvous port: this + job id % 20000, unless MASTER_PORT is set
+TRIAL_CPUS = "RESIDUAL_TRIAL_CPUS"  # set by a Ray Tune trial (cluster.sweep): the CPUs the trial was given
 
 
 @dataclass(frozen=True)
@@ -23,20 +24,37 @@ class LaunchEnv:
     world_size: int = 1
     local_rank: int = 0
     launcher: str = "none"  # "torchrun" | "slurm" | "none"
+    local_world_size: int = 1  # ranks on this host
+    rank_cpus: int | None = None  # CPUs the launcher gave each rank (SLURM, a Ray trial); None: a share of the host's
+    rank_cpus_source: str = ""
 
     @classmethod
     def from_environ(cls, environ: MutableMapping[str, str] = os.environ) -> LaunchEnv:
-        """torchrun's RANK, WORLD_SIZE and LOCAL_RANK; else a SLURM task's SLURM_PROCID, SLURM_NTASKS and
-        SLURM_LOCALID, with the job's first host as the rendezvous (MASTER_ADDR/MASTER_PORT are set in
-        ``environ`` for torch.distributed when the job does not set them); else rank 0 of 1."""
+        """torchrun's RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; else a SLURM task's SLURM_PROCID,
+        SLURM_NTASKS and SLURM_LOCALID, with the job's first host as the rendezvous (MASTER_ADDR/MASTER_PORT are set
+        in ``environ`` for torch.distributed when the job does not set them); else rank 0 of 1. The CPUs of a rank:
+        SLURM's --cpus-per-task, or its share of a Ray trial's CPUs (``RESIDUAL_TRIAL_CPUS``)."""
         if "RANK" in environ:
-            return cls(int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0)), "torchrun")
+            local = int(environ.get("LOCAL_WORLD_SIZE", 1))
+            ranks = int(environ["RANK"]), int(environ["WORLD_SIZE"]), int(environ.get("LOCAL_RANK", 0))
+            return cls(*ranks, "torchrun", local, *trial_cpus(environ, local))
         if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
             environ.setdefault("MASTER_ADDR", first_host(environ["SLURM_JOB_NODELIST"]))
             environ.setdefault("MASTER_PORT", str(SLURM_PORT_BASE + int(environ["SLURM_JOB_ID"]) % 20000))
             rank, world_size = int(environ["SLURM_PROCID"]), int(environ["SLURM_NTASKS"])
-            return cls(rank, world_size, int(environ.get("SLURM_LOCALID", 0)), "slurm")
-        return cls()
+            nodes = int(environ.get("SLURM_JOB_NUM_NODES", 1))
+            local = int(environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or -(-world_size // nodes))
+            cpus = (None, "")
+            if "SLURM_CPUS_PER_TASK" in environ:
+                cpus = (int(environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK")
+            return cls(rank, world_size, int(environ.get("SLURM_LOCALID", 0)), "slurm", local, *cpus)
+        return cls(0, 1, 0, "none", 1, *trial_cpus(environ, 1))
+
+    def rank_cores(self, available: int) -> tuple[int, str]:
+        """The cores this rank may use (``available``: the process's affinity mask), and where the figure came from."""
+        if self.rank_cpus is not None:
+            return max(1, min(self.rank_cpus, available)), self.rank_cpus_source
+        return max(1, available // self.local_world_size), f"{available} usable cores / {self.local_world_size} ranks"
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +63,13 @@ class LaunchEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def trial_cpus(environ: Mapping[str, str], local_world_size: int) -> tuple[int | None, str]:
+    if TRIAL_CPUS not in environ:
+        return None, ""
+    share = max(1, int(environ[TRIAL_CPUS]) // local_world_size)
+    return share, f"{environ[TRIAL_CPUS]} CPUs of the Ray trial / {local_world_size} ranks"
 
 
 def first_host(nodelist: str) -> str:

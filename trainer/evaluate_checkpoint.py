@@ -7,6 +7,7 @@ and torchvision's ``resnet*`` state-dict files; prints the paper's table row and
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ from trainer.checkpoint import Weights, load_model_state, read_weights
 from trainer.config import ModelConfig
 from trainer.distributed import LaunchEnv, init_process_group, pick_device
 from trainer.evaluate import PAPER_SCALES, EvalResult, evaluate
+from trainer.hardware import resolve_precision
 from trainer.models import create_model, get_model_spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class EvalRequest:
     out: Path | None = None
     per_class: bool = False
     workers: int = 4
-    precision: str = "fp32"
+    precision: str = "auto"
 
 
 def build_model(weights: Weights, requested: str | None, source: Path) -> nn.Module:
@@ -125,14 +129,17 @@ def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalRe
         scales=request.scales,
     )
     model = model.to(device, memory_format=torch.channels_last)
+    precision, reason = resolve_precision(request.precision, device)
+    log.info("precision %s: %s", precision, reason)
     result = evaluate(
-        model, batches, num_classes=len(dataset.classes), device=device, precision=request.precision, channels_last=True
+        model, batches, num_classes=len(dataset.classes), device=device, precision=precision, channels_last=True
     )
     report = {
         "checkpoint": str(request.checkpoint),
         "model": model_name,
         "data": data.root,
         "protocol": request.protocol,
+        "precision": precision,
         "scales": list(request.scales) if request.protocol == "multiscale" else None,
         **result.as_dict(),
     }

@@ -7,6 +7,7 @@ the metrics history the schedule reads, the open logging window and the RNG stat
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import statistics
@@ -18,7 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from data_pipeline import TrainLoader, UserError, build_train_loader, build_val_loader
+from data_pipeline import UserError, build_train_loader, build_val_loader
+from data_pipeline.loaders import TrainBatches
 from data_pipeline.synthetic import ensure_synthetic
 from trainer.checkpoint import (
     latest_checkpoint,
@@ -39,6 +41,7 @@ from trainer.distributed import (
 )
 from trainer.evaluate import EvalResult, evaluate, topk_correct
 from trainer.faults import NonFiniteLoss, Preempted, StopSignals
+from trainer.hardware import environment, format_environment, resolve_auto
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
 from trainer.step import Stepper, build_stepper
@@ -111,7 +114,7 @@ class Run:
     run_dir: Path
     device: torch.device
     stepper: Stepper  # the model, its parallel wrapper, the optimizer and the gradient scaler
-    loader: TrainLoader
+    loader: TrainBatches
     val_batches: Any
     schedule: LRSchedule
     total_iterations: int
@@ -119,19 +122,21 @@ class Run:
     flops_per_image: float = 0.0  # training FLOPs: 3 x forward
 
 
-def build_run(config: Config, launch: LaunchEnv) -> Run:
-    device = pick_device(config.train.device, launch)
+def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
+    """``config`` with its ``auto`` settings resolved (``resolve_auto``)."""
     init_process_group(launch, device)
     if launch.is_main and ensure_synthetic(config.data):
         log.info("wrote synthetic data to %s", config.data.root)
     barrier()
-    loader = build_train_loader(config.data, rank=launch.rank, world_size=launch.world_size, seed=config.train.seed)
+    loader = build_train_loader(
+        config.data, rank=launch.rank, world_size=launch.world_size, seed=config.train.seed, device=device
+    )
     if len(loader.classes) != config.model.num_classes:
         raise UserError(
             f"model.num_classes={config.model.num_classes}: the data at {config.data.root} has "
             f"{len(loader.classes)} classes"
         )
-    val_batches = build_eval_batches(config, launch, config.eval.protocol)
+    val_batches = build_eval_batches(config, launch, config.eval.protocol, device)
     stepper = build_stepper(config, launch, device)
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch
@@ -146,7 +151,7 @@ def build_run(config: Config, launch: LaunchEnv) -> Run:
     return run
 
 
-def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str) -> Any:
+def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str, device: torch.device) -> Any:
     return build_val_loader(
         config.data,
         rank=launch.rank,
@@ -154,6 +159,7 @@ def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str) -> Any:
         batch_per_rank=config.eval.batch_size // launch.world_size,
         protocol=protocol,
         scales=tuple(config.eval.scales),
+        device=device,
     )
 
 
@@ -227,7 +233,14 @@ def run_evaluation(run: Run, batches: Any) -> EvalResult:
 def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     """Train to ``total_iterations`` (resuming when a checkpoint is found) and return the final evaluation
     (``eval.final_protocol``)."""
-    run = build_run(config, launch)
+    facts = environment(launch) if launch.is_main else {}
+    if launch.is_main:
+        log.info("this machine:\n%s", format_environment(facts))
+    device = pick_device(config.train.device, launch)
+    config, choices = resolve_auto(config, launch, device)
+    for line in choices:
+        log.info("%s", line)
+    run = build_run(config, launch, device)
     state = TrainState()
     source = find_resume_checkpoint(run)
     if source is not None:
@@ -236,8 +249,9 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     if launch.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         (run.run_dir / "config.yaml").write_text(to_yaml(config))
+        (run.run_dir / "env.json").write_text(json.dumps(facts, indent=2) + "\n")
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
-    run_log.text("config", "```\n" + to_yaml(config) + "```")
+    run_log.text("config", "```\n" + to_yaml(config) + "```\n\n" + "\n\n".join(choices))
     accumulation = config.train.accumulation
     log.info(
         "%s, %s: global batch %d (%d per rank x %d ranks x %d accumulation), %d iterations (%d per epoch), "
@@ -259,7 +273,7 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
             result = run_evaluation(run, run.val_batches)
         final = config.eval.final_protocol
         if final != config.eval.protocol:
-            result = run_evaluation(run, build_eval_batches(config, launch, final))
+            result = run_evaluation(run, build_eval_batches(config, launch, final, run.device))
             run_log.log("eval", state.iteration, {"protocol": final, **result.as_dict()})
         final_metrics = {"top1": result.top1, "top5": result.top5, "top1_error": 1 - result.top1}
         run_log.hparams(state.iteration, to_dict(config), {f"hparams/{k}": v for k, v in final_metrics.items()})

@@ -60,22 +60,22 @@ def job_args(quickstart_on_cifar, tmp_path) -> list[str]:
 
 def test_two_cpu_ranks_train_as_one_job(slurm, job_args, tmp_path):
     start = time.monotonic()
-    (job,) = submit(*job_args, "train.iterations=200", "train.checkpoint_every=100", "--tasks-per-node=2")
+    (job,) = submit(*job_args, "train.iterations=40", "train.checkpoint_every=20", "--tasks-per-node=2")
     wait_for_jobs([job])
     turnaround = time.monotonic() - start
     run_dir = tmp_path / "quickstart"
-    assert read_train_state(latest_checkpoint(run_dir))["iteration"] == 200
-    assert train_iterations(run_dir) == list(range(10, 201, 10))
+    assert read_train_state(latest_checkpoint(run_dir))["iteration"] == 40
+    assert train_iterations(run_dir) == list(range(10, 41, 10))
     log = (run_dir / "submitit" / job / f"{job}_0_log.err").read_text()
     assert "global batch 32 (16 per rank x 2 ranks x 1 accumulation)" in log
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     jobs = subprocess.run([RESIDUAL, "jobs", str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
-    assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+200\s+\d+\.\d\d\s+{run_dir}", jobs), jobs
-    print(f"2-task job of 200 steps: {turnaround:.1f} s from submission to COMPLETED")
+    assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+40\s+\d+\.\d\d\s+{run_dir}", jobs), jobs
+    print(f"2-task job of 40 steps: {turnaround:.1f} s from submission to COMPLETED")
 
 
 def test_a_preempted_job_requeues_and_resumes_to_the_same_step_count(slurm, job_args, tmp_path):
-    args = [*job_args, "train.iterations=400", "train.checkpoint_every=50", "--tasks-per-node=2"]
+    args = [*job_args, "train.iterations=120", "train.checkpoint_every=20", "--tasks-per-node=2"]
     (job,) = submit(*args)
     run_dir = tmp_path / "quickstart"
     deadline = time.monotonic() + 300
@@ -92,11 +92,11 @@ def test_a_preempted_job_requeues_and_resumes_to_the_same_step_count(slurm, job_
     logs = "".join(path.read_text() for path in (run_dir / "submitit" / job).glob("*_0_log.err"))
     stopped = int(re.search(r"stopped by SIGUSR2 at iteration (\d+)", logs).group(1))
     assert f"at iteration {stopped}" in logs.split("resumed from", 1)[1]
-    assert read_train_state(latest_checkpoint(run_dir))["iteration"] == 400  # as an uninterrupted job ends
-    assert train_iterations(run_dir) == list(range(10, 401, 10))  # every point once
+    assert read_train_state(latest_checkpoint(run_dir))["iteration"] == 120  # as an uninterrupted job ends
+    assert train_iterations(run_dir) == list(range(10, 121, 10))  # every point once
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [event.step for event in events.Scalars("train/loss")] == list(range(10, 401, 10))
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(10, 121, 10))
 
 
 def test_a_seed_array_runs_three_seeds(slurm, job_args, tmp_path):

@@ -1,9 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.errors import UserError
+from data_pipeline.loaders import build_train_loader as build_loader
 from data_pipeline.torch_loader import ShardedEpochSampler, build_train_loader, build_val_loader
 
 
@@ -41,9 +44,10 @@ def test_start_batch_continues_the_epoch():
     assert len(sampler) == len(whole) - 12
 
 
-def test_batches_do_not_depend_on_worker_count_or_resume_point(cifar_root):
-    reference = build_train_loader(cifar_config(cifar_root), rank=0, world_size=1, seed=7)
-    with_workers = build_train_loader(cifar_config(cifar_root, workers=2), rank=0, world_size=1, seed=7)
+def test_batches_do_not_depend_on_worker_count_or_resume_point(imagefolder_root):
+    config = DataConfig(root=str(imagefolder_root), batch_size=4, workers=0, scale_min=40, scale_max=56, crop_size=32)
+    reference = build_train_loader(config, rank=0, world_size=1, seed=7)
+    with_workers = build_train_loader(replace(config, workers=2), rank=0, world_size=1, seed=7)
     full = list(reference.epoch(1))
     assert len(full) == reference.batches_per_epoch == 12
     for (a, la), (b, lb) in zip(full, with_workers.epoch(1), strict=True):
@@ -89,6 +93,8 @@ def test_undecodable_image_names_the_file(tmp_path):
         next(loader.epoch(0))
 
 
-def test_batch_larger_than_the_data_set(cifar_root):
+def test_batch_larger_than_the_data_set(cifar_root, imagefolder_root):
     with pytest.raises(UserError, match="data.batch_size=1000"):
-        build_train_loader(cifar_config(cifar_root, batch_size=1000), rank=0, world_size=1, seed=0)
+        build_loader(cifar_config(cifar_root, batch_size=1000), rank=0, world_size=1, seed=0)
+    with pytest.raises(UserError, match="data.batch_size=1000"):
+        build_loader(DataConfig(root=str(imagefolder_root), batch_size=1000), rank=0, world_size=1, seed=0)

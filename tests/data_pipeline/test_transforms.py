@@ -1,8 +1,16 @@
+import numpy as np
 import torch
 from torchvision.transforms import v2
 
 from data_pipeline.config import DataConfig
-from data_pipeline.transforms import PCA_EIGENVALUES, PCALighting, build_train_transform, build_val_transform
+from data_pipeline.transforms import (
+    PCA_EIGENVALUES,
+    PCALighting,
+    augment_cifar_batch,
+    build_train_transform,
+    build_val_transform,
+    cifar_crop_flip,
+)
 
 
 def test_paper_scale_augmentation_gives_224_crops():
@@ -24,11 +32,21 @@ def test_val_is_resize_256_and_center_224():
 
 def test_cifar_pads_by_four_and_keeps_32():
     config = DataConfig(format="cifar", mean=[0.0] * 3, std=[1.0] * 3)
-    image = torch.full((3, 32, 32), 255, dtype=torch.uint8)
-    outs = [build_train_transform(config)(image) for _ in range(20)]
-    assert all(out.shape == (3, 32, 32) for out in outs)
-    assert any((out == 0).any() for out in outs)  # some crops reach into the black padding
-    assert torch.equal(build_val_transform(config)(image), torch.ones(3, 32, 32))
+    images = torch.full((20, 3, 32, 32), 255, dtype=torch.uint8)
+    outs = augment_cifar_batch(images, np.arange(20))
+    assert outs.shape == (20, 3, 32, 32)
+    assert (outs == 0).flatten(1).any(dim=1).any()  # some crops reach into the black padding
+    assert torch.equal(build_val_transform(config)(images[0]), torch.ones(3, 32, 32))
+
+
+def test_cifar_crops_and_flips_are_uniform_and_a_function_of_the_seed():
+    left, top, flip = cifar_crop_flip(np.arange(90_000))
+    for values, count in ((left, 9), (top, 9), (flip, 2)):
+        frequencies = np.bincount(values, minlength=count) / len(values)
+        assert len(frequencies) == count and np.abs(frequencies - 1 / count).max() < 0.01
+    assert abs(np.corrcoef(left, top)[0, 1]) < 0.02 and abs(np.corrcoef(left, flip)[0, 1]) < 0.02
+    again = cifar_crop_flip(np.arange(90_000)[::-1].copy())
+    assert np.array_equal(again[0][::-1], left)  # each seed's draw, whatever its neighbours
 
 
 def test_pca_lighting_shifts_each_channel_by_a_constant():

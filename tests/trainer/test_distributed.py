@@ -96,10 +96,12 @@ def test_a_slurm_task_is_a_rank_with_the_jobs_first_host_as_rendezvous():
         "SLURM_NTASKS": "8",
         "SLURM_LOCALID": "1",
         "SLURM_JOB_ID": "4242",
-        "SLURM_JOB_NODELIST": "gpu[007-009,12],cpu1",
+        "SLURM_JOB_NODELIST": "gpu[007-009,12]",
+        "SLURM_JOB_NUM_NODES": "4",
+        "SLURM_NTASKS_PER_NODE": "2",
     }
     launch = LaunchEnv.from_environ(environ)
-    assert launch == LaunchEnv(rank=5, world_size=8, local_rank=1, launcher="slurm")
+    assert launch == LaunchEnv(rank=5, world_size=8, local_rank=1, launcher="slurm", local_world_size=2)
     assert environ["MASTER_ADDR"] == "gpu007" and environ["MASTER_PORT"] == str(20000 + 4242)
     torchrun = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", **environ}  # torchrun inside a SLURM job wins
     assert LaunchEnv.from_environ(torchrun) == LaunchEnv(1, 2, 1, "torchrun")

@@ -1,0 +1,77 @@
+"""CIFAR-format data held as tensors (``data.backend=torch``, ``data.format=cifar``): the whole set is one uint8
+N x 3 x 32 x 32 tensor on the training device (150 MB for CIFAR-10's 50,000 images), and each batch is gathered,
+augmented and normalized there by batched tensor ops, as airbench and hlb-CIFAR10 do. No worker processes, no
+Python work per image.
+
+The batches are the same as the per-sample paths' (the DALI loader's, and torchvision's transforms applied to one
+image at a time): order from ``ShardedEpochSampler``, each image's crop and flip from its own seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.datasets import CifarDataset, open_dataset
+from data_pipeline.errors import UserError
+from data_pipeline.torch_loader import Batch, ShardedEpochSampler, sample_seeds
+from data_pipeline.transforms import augment_cifar_batch, normalize_batch
+
+
+class CifarTensorLoader:
+    """The training batches of ``epoch`` from any ``start_batch``: functions of (seed, epoch, position) alone."""
+
+    def __init__(self, dataset: CifarDataset, sampler: ShardedEpochSampler, config: DataConfig, device: torch.device):
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.classes = dataset.classes
+        self.sampler = sampler
+        self.config = config
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        order = self.sampler.epoch_order(epoch).to(self.images.device)
+        for batch in range(start_batch, self.batches_per_epoch):
+            positions = self.sampler.rank_positions(batch)
+            indices = order[positions[0] : positions[-1] + 1]
+            seeds = sample_seeds(self.sampler.seed, epoch, positions)
+            images = augment_cifar_batch(self.images[indices], seeds)
+            yield normalize_batch(images, self.config), self.labels[indices]
+
+
+def build_cifar_train_loader(
+    config: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device
+) -> CifarTensorLoader:
+    dataset = open_dataset(config.root, "cifar", train=True)
+    if len(dataset) < config.batch_size:
+        raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
+    sampler = ShardedEpochSampler(
+        len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size, seed=seed
+    )
+    return CifarTensorLoader(dataset, sampler, config, device)
+
+
+class CifarTensorEval:
+    """This rank's contiguous share of the test set (every image once over all ranks), normalized in batches."""
+
+    def __init__(self, config: DataConfig, *, rank: int, world_size: int, batch_per_rank: int, device: torch.device):
+        dataset = open_dataset(config.root, "cifar", train=False)
+        start, stop = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
+        self.images = dataset.images[start:stop].to(device)
+        self.labels = dataset.labels[start:stop].to(device)
+        self.classes = dataset.classes
+        self.config = config
+        self.batch = batch_per_rank
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start in range(0, len(self.labels), self.batch):
+            stop = start + self.batch
+            yield normalize_batch(self.images[start:stop], self.config), self.labels[start:stop]

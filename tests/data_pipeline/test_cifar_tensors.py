@@ -1,0 +1,78 @@
+"""CIFAR-format data as tensors: the batches are those of a per-image path, at any start, on any rank."""
+
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from data_pipeline.cifar_tensors import CifarTensorEval, CifarTensorLoader
+from data_pipeline.config import DataConfig
+from data_pipeline.datasets import open_dataset
+from data_pipeline.loaders import build_train_loader, build_val_loader
+from data_pipeline.torch_loader import ShardedEpochSampler
+from data_pipeline.torch_loader import build_val_loader as build_per_image_val_loader
+from data_pipeline.transforms import build_val_transform, cifar_crop_flip
+
+MEAN, STD = [0.45, 0.5, 0.55], [0.2, 0.25, 0.3]
+
+
+def cifar_config(root, **overrides) -> DataConfig:
+    return DataConfig(**{"root": str(root), "format": "cifar", "batch_size": 16, "workers": 0, "mean": MEAN,
+                         "std": STD, **overrides})  # fmt: skip
+
+
+def per_image_batch(config, sampler: ShardedEpochSampler, epoch: int, batch: int):
+    """Batch ``batch`` of ``epoch`` built one image at a time, with torchvision's functional ops: the sampler's
+    (index, seed) pairs, zero padding, the crop, the flip, the per-image normalization."""
+    dataset = open_dataset(config.root, "cifar", train=True)
+    sampler.set_epoch(epoch, batch)
+    pairs = list(sampler)[: sampler.per_rank]
+    normalize = build_val_transform(config)
+    images = []
+    for index, seed in pairs:
+        (left,), (top,), (flip,) = cifar_crop_flip(torch.tensor([seed]).numpy())
+        image = TF.crop(TF.pad(dataset.images[index], [4], fill=0), int(top), int(left), 32, 32)
+        images.append(normalize(TF.horizontal_flip(image) if flip else image))
+    return torch.stack(images), torch.stack([dataset.labels[index] for index, _ in pairs])
+
+
+@pytest.mark.parametrize(("rank", "world_size", "epoch", "start"), [(0, 1, 0, 0), (1, 2, 3, 7), (0, 2, 1, 11)])
+def test_batches_equal_the_per_image_path_at_any_start(cifar_root, rank, world_size, epoch, start):
+    config = cifar_config(cifar_root)
+    loader = build_train_loader(config, rank=rank, world_size=world_size, seed=5)
+    assert isinstance(loader, CifarTensorLoader)
+    sampler = ShardedEpochSampler(400, global_batch=16, rank=rank, world_size=world_size, seed=5)
+    batches = list(loader.epoch(epoch, start))
+    assert len(batches) == loader.batches_per_epoch - start == 25 - start
+    for offset, (images, labels) in enumerate(batches[:3]):
+        expected_images, expected_labels = per_image_batch(config, sampler, epoch, start + offset)
+        assert torch.equal(labels, expected_labels)
+        assert torch.equal(images, expected_images)
+
+
+def test_a_new_start_mid_epoch_continues_it_exactly(cifar_root):
+    loader = build_train_loader(cifar_config(cifar_root), rank=0, world_size=1, seed=0)
+    whole = list(loader.epoch(2))
+    resumed = list(build_train_loader(cifar_config(cifar_root), rank=0, world_size=1, seed=0).epoch(2, 9))
+    for (a, la), (b, lb) in zip(whole[9:], resumed, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(next(loader.epoch(3))[0], whole[0][0])  # each epoch its own order and crops
+
+
+def test_the_ranks_together_are_the_single_process_batch(cifar_root):
+    single = next(build_train_loader(cifar_config(cifar_root), rank=0, world_size=1, seed=1).epoch(4, 2))
+    halves = [
+        next(build_train_loader(cifar_config(cifar_root), rank=r, world_size=2, seed=1).epoch(4, 2)) for r in (0, 1)
+    ]
+    assert torch.equal(torch.cat([images for images, _ in halves]), single[0])
+    assert torch.equal(torch.cat([labels for _, labels in halves]), single[1])
+
+
+def test_evaluation_equals_the_per_image_path_and_counts_every_image_once(cifar_root):
+    config = cifar_config(cifar_root)
+    reference = list(build_per_image_val_loader(config, rank=0, world_size=1, batch_per_rank=30))
+    shares = [build_val_loader(config, rank=r, world_size=3, batch_per_rank=30) for r in range(3)]
+    assert all(isinstance(share, CifarTensorEval) for share in shares)
+    images = torch.cat([images for share in shares for images, _ in share])
+    labels = torch.cat([labels for share in shares for _, labels in share])
+    assert torch.equal(images, torch.cat([images for images, _ in reference]))
+    assert torch.equal(labels, torch.cat([labels for _, labels in reference])) and len(labels) == 100

@@ -1,0 +1,267 @@
+"""What this machine is, and what the ``auto`` settings pick on it: precision, CPU threads, loader workers.
+
+The choices are pure functions of the facts (``choose_precision``, ``plan_threads``), so each kind of hardware is
+testable here; ``detect_cpu``/``detect_gpus`` read the facts once. Measured on 2-core CPUs (docs/benchmarks.md):
+ResNet-20 bf16 autocast runs 1.6x fp32 on an Intel Xeon with AMX, but 12x *slower* than fp32 on an AMD EPYC Zen 3
+with AVX2 only (no bf16 instructions: every bf16 op is emulated), so bf16 is chosen only where it is native.
+channels_last helped fp32 and bf16 on every CPU measured (1.14-1.24x), so it stays a plain setting.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.loaders import uses_tensor_path
+from trainer.config import Config
+from trainer.distributed import LaunchEnv
+
+
+@dataclass(frozen=True)
+class CpuFacts:
+    model: str
+    isa: str  # the widest vector ISA torch dispatches to: "AMX", "AVX512", "AVX2", ...
+    bf16_native: bool  # AVX512-BF16 or AMX-BF16: bf16 matrix products in hardware
+    cores: int  # the cores this process may run on (its affinity mask)
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    name: str
+    memory_gb: float
+    capability: tuple[int, int]
+    bf16: bool  # bf16 tensor cores (compute capability 8.0 and newer)
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The CPU's bf16-related features, from torch (2.13 and newer) or else /proc/cpuinfo's flags."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is not None:
+        found = capabilities()
+        return {name: bool(found.get(name)) for name in ("avx512_bf16", "amx_bf16")}
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def detect_cpu() -> CpuFacts:
+    flags = cpu_flags()
+    isa = "AMX" if flags["amx_bf16"] else torch.backends.cpu.get_cpu_capability()
+    return CpuFacts(cpu_model(), isa, flags["avx512_bf16"] or flags["amx_bf16"], usable_cores())
+
+
+def detect_gpus() -> list[GpuFacts]:
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        capability = (properties.major, properties.minor)
+        gpus.append(GpuFacts(properties.name, properties.total_memory / 2**30, capability, capability >= (8, 0)))
+    return gpus
+
+
+def choose_precision(requested: str, *, device_type: str, cpu: CpuFacts, gpu: GpuFacts | None) -> tuple[str, str]:
+    """``train.precision``: an explicit fp32/bf16/fp16 is kept; ``auto`` is bf16 on GPUs with bf16 tensor cores,
+    fp16 (with the gradient scaler) on older GPUs, bf16 on CPUs that compute it natively, fp32 on other CPUs.
+    Returns the precision and the reason, for the log."""
+    if requested != "auto":
+        return requested, "set in the config"
+    if device_type == "cuda":
+        assert gpu is not None, "a CUDA device without its facts"
+        if gpu.bf16:
+            return "bf16", f"{gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]}) has bf16"
+        return "fp16", f"{gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]}) has no bf16"
+    if cpu.bf16_native:
+        return "bf16", f"{cpu.model} computes bf16 natively ({cpu.isa})"
+    return "fp32", f"{cpu.model} ({cpu.isa}) has no native bf16: bf16 autocast would be emulated, about 12x slower"
+
+
+def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
+    """``choose_precision`` on this machine's facts."""
+    gpu = None
+    if device.type == "cuda":
+        gpu = detect_gpus()[device.index or 0]
+    return choose_precision(requested, device_type=device.type, cpu=detect_cpu(), gpu=gpu)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    threads: int  # torch's intra-op threads in this rank
+    workers: int  # loader worker processes of this rank
+    reason: str
+
+
+def plan_threads(
+    *, cores: int, cores_source: str, threads: int | None, workers: int | None, loader_processes: bool, on_gpu: bool
+) -> ThreadPlan:
+    """Split the ``cores`` one rank may use between torch's threads and the loader's worker processes, without
+    oversubscription. ``threads``/``workers`` are the config's (None: auto). ``loader_processes``: whether the
+    data path uses worker processes at all (the in-memory CIFAR path does not). On a GPU the rank's own thread
+    only launches kernels: every other core decodes. On a CPU, decoding and training share the cores evenly."""
+    if workers is None:
+        if not loader_processes:
+            workers = 0
+        elif on_gpu:
+            workers = max(1, cores - 1)
+        else:
+            workers = max(1, cores // 2)
+    if threads is None:
+        threads = max(1, cores - workers) if loader_processes else cores
+    reason = f"{cores} cores for this rank ({cores_source}): {threads} torch threads, {workers} loader workers"
+    return ThreadPlan(threads, workers, reason)
+
+
+def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tuple[Config, list[str]]:
+    """The config with ``train.precision``, ``train.threads`` and ``data.workers`` decided for this machine and
+    rank (what the run directory's config.yaml records), torch's thread count set, and one log line per choice."""
+    precision, precision_reason = resolve_precision(config.train.precision, device)
+    cores, cores_source = launch.rank_cores(usable_cores())
+    workers = None if config.data.workers == "auto" else int(config.data.workers)
+    tensor_path = uses_tensor_path(config.data)
+    plan = plan_threads(
+        cores=cores,
+        cores_source=cores_source,
+        threads=config.train.threads,
+        workers=0 if tensor_path else workers,
+        loader_processes=not tensor_path,
+        on_gpu=device.type == "cuda",
+    )
+    torch.set_num_threads(plan.threads)
+    lines = [f"train.precision={config.train.precision} -> {precision}: {precision_reason}", plan.reason]
+    if tensor_path:
+        lines.append("data: CIFAR-format images held as one tensor on the device, augmented in batches")
+    resolved = replace(
+        config,
+        train=replace(config.train, precision=precision, threads=plan.threads),
+        data=replace(config.data, workers=plan.workers),
+    )
+    return resolved, lines
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def dali_facts() -> dict[str, Any]:
+    """DALI's version, and whether a one-operator pipeline runs in its CPU-only mode and on the GPU here."""
+    try:
+        from nvidia.dali import fn, pipeline_def
+    except ImportError as error:
+        return {"version": None, "cpu_mode": f"not importable: {error}", "gpu_mode": "not importable"}
+
+    def works(device_id: int | None) -> bool | str:
+        @pipeline_def(batch_size=2, num_threads=1, device_id=device_id)
+        def pipeline():
+            values = fn.random.uniform(range=[0.0, 1.0], shape=[4])
+            return values.gpu() if device_id is not None else values
+
+        try:
+            built = pipeline()
+            built.build()
+            built.run()
+        except Exception as error:  # noqa: BLE001 (reported, not raised: this is a diagnosis)
+            return f"fails: {str(error).strip().splitlines()[0][:200]}"
+        return True
+
+    return {
+        "version": package_version("nvidia-dali-cuda130") or package_version("nvidia-dali-cuda120"),
+        "cpu_mode": works(None),
+        "gpu_mode": works(0) if torch.cuda.is_available() else "no CUDA device",
+    }
+
+
+def slurm_version() -> str | None:
+    if shutil.which("sinfo") is None:
+        return None
+    result = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, timeout=10, check=False)
+    if result.returncode == 0:
+        return result.stdout.strip()
+    return f"sinfo installed, no cluster configured ({(result.stderr.strip().splitlines() or ['?'])[-1]})"
+
+
+def environment(launch: LaunchEnv | None = None) -> dict[str, Any]:
+    """What ``residual env`` prints and every run directory keeps as env.json: the machine, what ``auto`` picks
+    on it, and the versions of everything a run depends on."""
+    launch = launch or LaunchEnv.from_environ()
+    cpu = detect_cpu()
+    gpus = detect_gpus()
+    device = torch.device("cuda", launch.local_rank) if gpus else torch.device("cpu")
+    precision, reason = choose_precision("auto", device_type=device.type, cpu=cpu, gpu=gpus[0] if gpus else None)
+    cores, cores_source = launch.rank_cores(cpu.cores)
+    return {
+        "host": platform.node(),
+        "cpu": asdict(cpu),
+        "rank_cores": {"cores": cores, "source": cores_source},
+        "gpus": [asdict(gpu) for gpu in gpus],
+        "auto_precision": {"device": str(device), "precision": precision, "reason": reason},
+        "distributed_backends": [name for name in ("gloo", "nccl", "mpi") if getattr(dist, f"is_{name}_available")()],
+        "dali": dali_facts(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "torchvision": package_version("torchvision"),
+            "submitit": package_version("submitit"),
+            "ray": package_version("ray"),
+            "slurm": slurm_version(),
+        },
+    }
+
+
+def format_environment(facts: dict[str, Any]) -> str:
+    cpu, auto = facts["cpu"], facts["auto_precision"]
+    lines = [
+        f"host        {facts['host']}",
+        f"cpu         {cpu['model']}, {cpu['isa']}, bf16 {'native' if cpu['bf16_native'] else 'not native'}, "
+        f"{cpu['cores']} usable cores ({facts['rank_cores']['cores']} for this rank: {facts['rank_cores']['source']})",
+    ]
+    for index, gpu in enumerate(facts["gpus"]):
+        capability = ".".join(map(str, gpu["capability"]))
+        lines.append(f"gpu {index}       {gpu['name']}, {gpu['memory_gb']:.1f} GiB, compute capability {capability}, "
+                     f"bf16 {'yes' if gpu['bf16'] else 'no'}")  # fmt: skip
+    if not facts["gpus"]:
+        lines.append("gpu         none")
+    dali = facts["dali"]
+    versions = ", ".join(f"{name} {version}" for name, version in facts["versions"].items() if version)
+    lines += [
+        f"auto        precision {auto['precision']} on {auto['device']}: {auto['reason']}",
+        f"backends    {', '.join(facts['distributed_backends'])}",
+        f"dali        {dali['version']}: CPU-only mode {_works(dali['cpu_mode'])}, GPU mode {_works(dali['gpu_mode'])}",
+        f"versions    {versions}",
+    ]
+    return "\n".join(lines)
+
+
+def _works(result: bool | str) -> str:
+    return "works" if result is True else str(result)
