@@ -9,7 +9,6 @@ of global rank 0 then asks SLURM to requeue the job. The requeued job starts the
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -37,12 +36,8 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.overrides = overrides
 
     def __call__(self) -> int:
-        import torch
-
         from trainer.cli import main
 
-        if "SLURM_CPUS_PER_TASK" in os.environ:  # CPU ranks: one thread per CPU SLURM gave the task, no more
-            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
         code = main(["train", self.config, *self.overrides])
         if code == REQUEUE_EXIT_CODE:
             environment = submitit.JobEnvironment()

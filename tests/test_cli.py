@@ -84,16 +84,16 @@ def test_python_m_trainer_is_the_train_entry_point(tmp_path, quickstart_on_cifar
 
 @pytest.mark.slow
 def test_quickstart_learns(tmp_path):
-    """The embedded default, shortened for CI: 150 of its 250 iterations on a 3,000-image synthetic set."""
+    """The embedded default, shortened for CI: 100 of its 250 iterations on a 3,000-image synthetic set."""
     result = run(
         RESIDUAL,
         "train",
         "configs/quickstart.yaml",
         f"data.root={tmp_path / 'data'}",
         "data.synthesize.train_per_class=300",
-        "train.iterations=150",
-        "train.eval_every=150",
-        "schedule.milestones=[100]",
+        "train.iterations=100",
+        "train.eval_every=100",
+        "schedule.milestones=[70]",
         f"train.output_dir={tmp_path / 'runs'}",
     )
     assert result.returncode == 0, result.stderr

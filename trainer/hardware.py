@@ -135,7 +135,7 @@ def plan_threads(
             workers = max(1, cores // 2)
     if threads is None:
         threads = max(1, cores - workers) if loader_processes else cores
-    reason = f"{cores} cores for this rank ({cores_source}): {threads} torch threads, {workers} loader workers"
+    reason = f"cores: {cores} for this rank ({cores_source}) -> {threads} torch threads, {workers} loader workers"
     return ThreadPlan(threads, workers, reason)
 
 

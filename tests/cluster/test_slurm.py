@@ -68,6 +68,7 @@ def test_two_cpu_ranks_train_as_one_job(slurm, job_args, tmp_path):
     assert train_iterations(run_dir) == list(range(10, 41, 10))
     log = (run_dir / "submitit" / job / f"{job}_0_log.err").read_text()
     assert "global batch 32 (16 per rank x 2 ranks x 1 accumulation)" in log
+    assert "cores: 1 for this rank (SLURM_CPUS_PER_TASK) -> 1 torch threads, 0 loader workers" in log
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     jobs = subprocess.run([RESIDUAL, "jobs", str(tmp_path)], capture_output=True, text=True, timeout=60).stdout
     assert re.search(rf"{job}\s+COMPLETED\s+\S+\s+40\s+\d+\.\d\d\s+{run_dir}", jobs), jobs

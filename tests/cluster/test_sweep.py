@@ -20,13 +20,14 @@ RESIDUAL = str(Path(sys.executable).parent / "residual")
 ROOT = Path(__file__).parents[2]
 
 
-def write_sweep(tmp_path: Path, cifar_root: Path, iterations: int) -> Path:
+def write_sweep(tmp_path: Path, cifar_root: Path, iterations: int, every: int = 5) -> Path:
+    """4 trials of ``iterations`` each, evaluated and checkpointed every ``every``."""
     sweep = {
         "base": "configs/quickstart.yaml",
         "overrides": [
             f"train.iterations={iterations}",
-            "train.eval_every=10",
-            "train.checkpoint_every=10",
+            f"train.eval_every={every}",
+            f"train.checkpoint_every={every}",
             "data.workers=0",
             "data.batch_size=32",
             f"data.root={cifar_root}",
@@ -55,7 +56,7 @@ def trial_rows(output: str) -> list[list[str]]:
 def test_an_asha_sweep_stops_the_worst_trials_and_writes_the_best_config(tmp_path, cifar_root):
     start = time.monotonic()
     result = subprocess.run(
-        [RESIDUAL, "sweep", str(write_sweep(tmp_path, cifar_root, 40))],
+        [RESIDUAL, "sweep", str(write_sweep(tmp_path, cifar_root, 20))],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -76,7 +77,7 @@ def test_an_asha_sweep_stops_the_worst_trials_and_writes_the_best_config(tmp_pat
 @pytest.mark.slow
 @pytest.mark.ray
 def test_an_interrupted_sweep_resumes_to_completion(tmp_path, cifar_root):
-    sweep = write_sweep(tmp_path, cifar_root, 100)
+    sweep = write_sweep(tmp_path, cifar_root, 40)
     driver = subprocess.Popen([RESIDUAL, "sweep", str(sweep)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     metrics = tmp_path / "lr/runs"
     deadline = time.monotonic() + 180
@@ -92,7 +93,7 @@ def test_an_interrupted_sweep_resumes_to_completion(tmp_path, cifar_root):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = trial_rows(result.stdout)
     assert len(rows) == 4 and all(row[2] != "failed" for row in rows) and "unfinished" not in result.stdout
-    assert max(int(row[3]) for row in rows) == 10 and (tmp_path / "lr/best.yaml").exists()
+    assert max(int(row[3]) for row in rows) == 8 and (tmp_path / "lr/best.yaml").exists()
 
 
 def test_bad_sweeps_are_refused_with_the_key(tmp_path):
@@ -126,7 +127,7 @@ def test_a_sweep_attaches_to_a_running_ray_cluster(tmp_path, cifar_root):
             "--num-cpus=2", f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"]  # fmt: skip
     subprocess.run(head, check=True, capture_output=True, env=environ, timeout=120)
     try:
-        sweep = write_sweep(tmp_path, cifar_root, 20)
+        sweep = write_sweep(tmp_path, cifar_root, 10)
         result = subprocess.run([RESIDUAL, "sweep", str(sweep), "--address", f"127.0.0.1:{port}"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=600, env=environ)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]

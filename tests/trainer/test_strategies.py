@@ -29,10 +29,10 @@ def trainer_command(ranks: int, *, max_restarts: int = 0) -> list[str]:
 
 
 def run_trainer(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
-    # One thread per process, as torchrun sets it: kernels that split work over threads round differently.
-    environ = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [*trainer_command(ranks), *args]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=environ)
+    # One thread per process whatever the ranks' share of the cores: kernels that split work over threads round
+    # differently, and the single process must round as each rank does.
+    command = [*trainer_command(ranks), *args, "train.threads=1"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
