@@ -153,7 +153,7 @@ def timed(step, steps: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def bench_end_to_end(*, config_path: str, iterations: int, rounds: int, per_class: int) -> None:
+def bench_end_to_end(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int) -> None:
     """Wall time of the CLI's whole training (``trainer.loop.train``: data, augmentation, step, logging, evaluation,
     checkpoints) against a bare loop of the same recipe (model, batch, SGD, lr steps, precision, batched pad-crop-flip
     of a CIFAR-format set held as one tensor, one evaluation at the end), on the same synthetic data, alternating;
@@ -164,22 +164,23 @@ def bench_end_to_end(*, config_path: str, iterations: int, rounds: int, per_clas
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "data"
         synthesize_cifar(root, classes=10, train_per_class=per_class, val_per_class=max(1, per_class // 5), seed=0)
-        overrides = [f"data.root={root}", "data.synthesize=null", f"train.iterations={iterations}",
+        overrides = [f"data.root={root}", "data.synthesize=null", f"train.precision={precision}",
                      f"train.output_dir={scratch}/runs", "train.progress=false", "train.resume=never"]  # fmt: skip
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, [*overrides, f"train.iterations={iterations}"])
         launch = LaunchEnv()
         precision, reason = resolve_precision(config.train.precision, pick_device(config.train.device, launch))
         print(f"precision {precision}: {reason}")
         seconds: dict[str, list[float]] = {"cli": [], "bare": []}
         for round_index in range(rounds + 1):  # round 0 warms up (allocator, kernels, page cache)
             warm_up = round_index == 0
+            length = 10 if warm_up else iterations
             for name in ("cli", "bare"):
                 started = time.perf_counter()
                 if name == "cli":
-                    result, _ = train(load_config(config_path, overrides), launch)
-                    top1 = result.top1
+                    run = [*overrides, f"train.iterations={length}", f"train.run_name=cli-{round_index}"]
+                    top1 = train(load_config(config_path, run), launch)[0].top1
                 else:
-                    top1 = bare_loop(config, precision, iterations=10 if warm_up else iterations)
+                    top1 = bare_loop(config, precision, iterations=length)
                 elapsed = time.perf_counter() - started
                 if not warm_up:
                     seconds[name].append(elapsed)

@@ -119,9 +119,8 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     from trainer.bench import bench_end_to_end, bench_train
 
     if args.end_to_end:
-        bench_end_to_end(
-            config_path=args.config, iterations=args.iterations, rounds=args.rounds, per_class=args.per_class
-        )
+        bench_end_to_end(config_path=args.config, precision=args.precision, iterations=args.iterations,
+                         rounds=args.rounds, per_class=args.per_class)  # fmt: skip
         return
     bench_train(
         model_name=args.model,
