@@ -128,6 +128,7 @@ def evaluate(
     started = time.perf_counter()
     for views, labels in batches:
         hit1, hit5 = (hits.cpu() for hits in topk_hits(score(views), labels.to(device)))
+        labels = labels.cpu()  # the counts live on the CPU, wherever the loader put the labels (CIFAR tensors: GPU)
         for column, values in enumerate((hit1.long(), hit5.long(), torch.ones_like(labels))):
             counts[:, column] += torch.bincount(labels, weights=values, minlength=num_classes).long()
     seconds = time.perf_counter() - started

@@ -76,3 +76,26 @@ def test_evaluation_equals_the_per_image_path_and_counts_every_image_once(cifar_
     labels = torch.cat([labels for share in shares for _, labels in share])
     assert torch.equal(images, torch.cat([images for images, _ in reference]))
     assert torch.equal(labels, torch.cat([labels for _, labels in reference])) and len(labels) == 100
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a GPU machine")
+def test_on_a_gpu_the_data_stays_there_and_the_batches_and_counts_are_the_cpus(cifar_root):
+    from trainer.evaluate import evaluate
+    from trainer.models import create_model
+
+    config, gpu = cifar_config(cifar_root), torch.device("cuda")
+    on_cpu = build_train_loader(config, rank=0, world_size=1, seed=0)
+    on_gpu = build_train_loader(config, rank=0, world_size=1, seed=0, device=gpu)
+    for (a, la), (b, lb) in zip(on_cpu.epoch(1, 20), on_gpu.epoch(1, 20), strict=True):
+        assert b.is_cuda and lb.is_cuda
+        torch.testing.assert_close(b.cpu(), a, atol=1e-6, rtol=0)
+        assert torch.equal(lb.cpu(), la)
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10)
+    results = []
+    for device in (torch.device("cpu"), gpu):
+        batches = build_val_loader(config, rank=0, world_size=1, batch_per_rank=30, device=device)
+        results.append(evaluate(model.to(device), batches, num_classes=10, device=device))
+    assert results[1].count == results[0].count == 100
+    assert abs(results[1].correct1 - results[0].correct1) <= 1  # the same images; kernels may round differently
