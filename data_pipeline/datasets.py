@@ -88,13 +88,33 @@ def _read_cifar_batch(path: Path) -> dict:
         raise UserError(f"{path}: not a CIFAR-10 python batch ({error})") from None
 
 
+CIFAR_ROW_BYTES = 3 * 32 * 32  # one image: the red, green and blue 32 x 32 planes
+
+
+def _check_cifar_batch(path: Path, batch: dict) -> None:
+    """A batch of other images (64 x 64, say) would reshape into scrambled 32 x 32 ones with misaligned labels."""
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise UserError(f"{path}: not a CIFAR-10 python batch (no b'data' and b'labels')")
+    data = np.asarray(batch[b"data"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_ROW_BYTES:
+        raise UserError(
+            f"{path}: data of shape {data.shape} and type {data.dtype}; CIFAR-10 batches hold one uint8 row of "
+            f"{CIFAR_ROW_BYTES} bytes (3 x 32 x 32) per image"
+        )
+    if len(batch[b"labels"]) != len(data):
+        raise UserError(f"{path}: {len(data)} images but {len(batch[b'labels'])} labels")
+
+
 class CifarDataset(Dataset):
     """CIFAR-10's python batches, held in memory as one uint8 N x 3 x 32 x 32 tensor."""
 
     def __init__(self, root: Path, *, train: bool) -> None:
         if not root.is_dir():
             raise UserError(f"{root}: folder does not exist")
-        batches = [_read_cifar_batch(root / name) for name in (CIFAR_TRAIN_BATCHES if train else (CIFAR_TEST_BATCH,))]
+        names = CIFAR_TRAIN_BATCHES if train else (CIFAR_TEST_BATCH,)
+        batches = [_read_cifar_batch(root / name) for name in names]
+        for name, batch in zip(names, batches, strict=True):
+            _check_cifar_batch(root / name, batch)
         data = np.concatenate([batch[b"data"] for batch in batches])
         self.images = torch.from_numpy(data.reshape(-1, 3, 32, 32))
         self.labels = torch.tensor([label for batch in batches for label in batch[b"labels"]], dtype=torch.int64)

@@ -48,3 +48,28 @@ def test_skip_corrupt_skips_and_counts(damaged, backend, caplog):
     skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
     assert {name for name in names if any(name in message for message in skipped)} == names
     assert "(2 skipped by this process)" in skipped[-1]
+
+
+def test_cifar_batches_of_other_images_are_refused_with_the_file(cifar_root, tmp_path):
+    """64 x 64 images (12,288-byte rows) would reshape into scrambled 32 x 32 ones with misaligned labels."""
+    import pickle
+
+    import numpy as np
+
+    from data_pipeline.datasets import open_dataset
+
+    root = tmp_path / "cifar"
+    shutil.copytree(cifar_root, root)
+    with open(root / "data_batch_2", "rb") as file:
+        batch = pickle.load(file, encoding="bytes")
+    batch[b"data"] = np.zeros((len(batch[b"labels"]), 3 * 64 * 64), dtype=np.uint8)
+    with open(root / "data_batch_2", "wb") as file:
+        pickle.dump(batch, file)
+    with pytest.raises(UserError, match=r"data_batch_2: data of shape \(80, 12288\) .* 3072 bytes"):
+        open_dataset(root, "cifar", train=True)
+    batch[b"data"], batch[b"labels"] = np.zeros((80, 3072), dtype=np.uint8), [0] * 79
+    with open(root / "data_batch_2", "wb") as file:
+        pickle.dump(batch, file)
+    with pytest.raises(UserError, match="data_batch_2: 80 images but 79 labels"):
+        open_dataset(root, "cifar", train=True)
+    assert len(open_dataset(root, "cifar", train=False)) == 100  # the test batch is whole
