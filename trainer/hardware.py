@@ -1,10 +1,10 @@
 """What this machine is, and what the ``auto`` settings pick on it: precision, CPU threads, loader workers.
 
 The choices are pure functions of the facts (``choose_precision``, ``plan_threads``), so each kind of hardware is
-testable here; ``detect_cpu``/``detect_gpus`` read the facts once. Measured on 2-core CPUs (docs/benchmarks.md):
-ResNet-20 bf16 autocast runs 1.6x fp32 on an Intel Xeon with AMX, but 12x *slower* than fp32 on an AMD EPYC Zen 3
-with AVX2 only (no bf16 instructions: every bf16 op is emulated), so bf16 is chosen only where it is native.
-channels_last helped fp32 and bf16 on every CPU measured (1.14-1.24x), so it stays a plain setting.
+testable here; ``detect_cpu``/``detect_gpus`` read the facts. Measured on 2-core CPUs (docs/benchmarks.md):
+ResNet-20 in bf16 autocast trains 1.3-1.7x as fast as fp32 on AMD EPYCs with native bf16, but 12x *slower* on an
+AMD EPYC Zen 3 with AVX2 only (no bf16 instructions: every bf16 op is emulated), so bf16 is chosen only where it
+is native. channels_last helped fp32 and bf16 on every CPU measured (1.14-1.34x), so it stays a plain setting.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class GpuFacts:
 
 
 def cpu_flags() -> dict[str, bool]:
-    """The CPU's bf16-related features, from torch (2.13 and newer) or else /proc/cpuinfo's flags."""
+    """The CPU's bf16-related features, from torch where it reports them (``torch.cpu.get_capabilities``), else
+    from /proc/cpuinfo's flags."""
     capabilities = getattr(torch.cpu, "get_capabilities", None)
     if capabilities is not None:
         found = capabilities()
