@@ -16,7 +16,8 @@ import torch
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, open_dataset
 from data_pipeline.errors import UserError
-from data_pipeline.torch_loader import Batch, ShardedEpochSampler, sample_seeds
+from data_pipeline.seeding import sample_seeds
+from data_pipeline.torch_loader import Batch, ShardedEpochSampler
 from data_pipeline.transforms import augment_cifar_batch, normalize_batch
 
 
@@ -67,9 +68,6 @@ class CifarTensorEval:
         self.classes = dataset.classes
         self.config = config
         self.batch = batch_per_rank
-
-    def __len__(self) -> int:
-        return -(-len(self.labels) // self.batch)
 
     def __iter__(self) -> Iterator[Batch]:
         for start in range(0, len(self.labels), self.batch):

@@ -17,29 +17,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
 from data_pipeline.errors import UserError
+from data_pipeline.seeding import sample_seed, sample_seeds
 from data_pipeline.transforms import build_eval_transform, build_train_transform
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized float32), labels (N, int64)
-
-
-def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """A well-mixed 32-bit seed for (seed, epoch, position): torch's generator keeps only the low 32 bits of a
-    seed, so the parts cannot simply be stacked into a 64-bit number (splitmix64's finalizer, truncated)."""
-    mixed = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + position * 0x94D049BB133111EB) % 2**64
-    mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (mixed ^ (mixed >> 31)) % 2**32
-
-
-def sample_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
-    """``sample_seed`` of many positions at once (uint64 arithmetic wraps modulo 2**64, as the scalar version's
-    ``% 2**64`` does)."""
-    with np.errstate(over="ignore"):
-        base = np.uint64((seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) % 2**64)
-        mixed = base + positions.astype(np.uint64) * np.uint64(0x94D049BB133111EB)
-        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return (mixed ^ (mixed >> np.uint64(31))) & np.uint64(2**32 - 1)
 
 
 class ShardedEpochSampler(Sampler[tuple[int, int]]):
@@ -77,11 +58,11 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         return np.arange(start, start + self.per_rank)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.epoch_order(self.epoch).tolist()
+        order = self.epoch_order(self.epoch)
         for batch in range(self.start_batch, self.batches_per_epoch):
-            start = batch * self.global_batch + self.rank * self.per_rank
-            for position in range(start, start + self.per_rank):
-                yield order[position], sample_seed(self.seed, self.epoch, position)
+            positions = self.rank_positions(batch)
+            seeds = sample_seeds(self.seed, self.epoch, positions).tolist()
+            yield from zip(order[positions].tolist(), seeds, strict=True)
 
 
 class AugmentedDataset(Dataset):

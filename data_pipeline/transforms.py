@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.config import DataConfig
+from data_pipeline.seeding import GOLDEN, splitmix64
 
 # AlexNet's "standard color augmentation", with fb.resnet.torch's values (reference/resnet-paper.md).
 PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
@@ -50,10 +51,7 @@ def cifar_crop_flip(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """Each image's crop corner (left, top in 0..8 of the 40 x 40 zero-padded image) and flip (0/1), a function of
     its 32-bit seed alone: splitmix64's finalizer, three fields of its bits (the modulo bias is 7 in 65,536)."""
     with np.errstate(over="ignore"):
-        mixed = seeds.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        mixed = mixed ^ (mixed >> np.uint64(31))
+        mixed = splitmix64(seeds.astype(np.uint64) + np.uint64(GOLDEN))
     positions = 2 * CIFAR_PADDING + 1
     left = (mixed & np.uint64(0xFFFF)) % np.uint64(positions)
     top = ((mixed >> np.uint64(16)) & np.uint64(0xFFFF)) % np.uint64(positions)

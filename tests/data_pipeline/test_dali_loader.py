@@ -11,7 +11,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader, train_parameters
 from data_pipeline.datasets import decode_rgb, open_dataset
 from data_pipeline.loaders import build_train_loader
-from data_pipeline.torch_loader import build_val_loader, sample_seed
+from data_pipeline.seeding import sample_seed
+from data_pipeline.torch_loader import build_val_loader
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
