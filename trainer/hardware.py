@@ -125,15 +125,13 @@ def plan_threads(
 ) -> ThreadPlan:
     """Split the ``cores`` one rank may use between torch's threads and the loader's worker processes, without
     oversubscription. ``threads``/``workers`` are the config's (None: auto). ``loader_processes``: whether the
-    data path uses worker processes at all (the in-memory CIFAR path does not). On a GPU the rank's own thread
-    only launches kernels: every other core decodes. On a CPU, decoding and training share the cores evenly."""
-    if workers is None:
-        if not loader_processes:
-            workers = 0
-        elif on_gpu:
-            workers = max(1, cores - 1)
-        else:
-            workers = max(1, cores // 2)
+    data path uses worker processes at all (the in-memory CIFAR path does not: no workers, whatever is asked).
+    On a GPU the rank's own thread only launches kernels: every other core decodes. On a CPU, decoding and training
+    share the cores evenly."""
+    if not loader_processes:
+        workers = 0
+    elif workers is None:
+        workers = max(1, cores - 1) if on_gpu else max(1, cores // 2)
     if threads is None:
         threads = max(1, cores - workers) if loader_processes else cores
     reason = f"cores: {cores} for this rank ({cores_source}) -> {threads} torch threads, {workers} loader workers"
@@ -151,7 +149,7 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
         cores=cores,
         cores_source=cores_source,
         threads=config.train.threads,
-        workers=0 if tensor_path else workers,
+        workers=workers,
         loader_processes=not tensor_path,
         on_gpu=device.type == "cuda",
     )

@@ -94,6 +94,8 @@ def test_loader_workers_and_threads_never_oversubscribe():
     assert plan(loader_processes=True, on_gpu=False) == (4, 4)
     explicit = plan_threads(cores=8, cores_source="test", threads=None, workers=6, loader_processes=True, on_gpu=False)
     assert (explicit.threads, explicit.workers) == (2, 6)
+    tensors = plan_threads(cores=8, cores_source="test", threads=None, workers=6, loader_processes=False, on_gpu=False)
+    assert (tensors.threads, tensors.workers) == (8, 0)  # no loader processes: data.workers has nothing to start
     one = plan_threads(cores=1, cores_source="test", threads=None, workers=None, loader_processes=True, on_gpu=False)
     assert (one.threads, one.workers) == (1, 1)
 
