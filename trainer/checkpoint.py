@@ -10,7 +10,11 @@ dicts (torchvision's files).
 
 from __future__ import annotations
 
+import collections
+import inspect
 import os
+import pathlib
+import pickle
 import re
 import shutil
 import tempfile
@@ -21,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline.errors import UserError
@@ -114,6 +120,7 @@ def load_model_and_optimizer(
     their strategy and world size (DCP reshards; a full file is cut into this run's shards)."""
     try:
         if path.is_dir():
+            check_dcp_metadata(path)
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
             set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
@@ -165,8 +172,7 @@ def read_weights(path: Path) -> Weights:
 
 def _read_dcp(path: Path) -> dict[str, Any]:
     """A DCP checkpoint directory read whole into one process, through a temporary torch.save file."""
-    if not (path / ".metadata").is_file():
-        raise UserError(f"{path}: a directory without .metadata is not a torch.distributed.checkpoint checkpoint")
+    check_dcp_metadata(path)
     train_state = load_checkpoint(path / TRAIN_STATE) if (path / TRAIN_STATE).is_file() else {}
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -174,6 +180,43 @@ def _read_dcp(path: Path) -> dict[str, Any]:
         converted = Path(scratch) / "checkpoint.pt"
         dcp_to_torch_save(path, converted)
         return {**train_state, **load_checkpoint(converted)}
+
+
+class DcpMetadataUnpickler(pickle.Unpickler):
+    """DCP reads ``.metadata`` with plain ``pickle.load``, which runs whatever a crafted file names. This admits
+    only what DCP itself writes there: its metadata classes, torch.Size, dtypes and layouts, and paths."""
+
+    ALLOWED = {
+        **{(dcp_metadata.__name__, name): value for name, value in vars(dcp_metadata).items()
+           if inspect.isclass(value) and value.__module__ == dcp_metadata.__name__},
+        (dcp_filesystem.__name__, "_StorageInfo"): dcp_filesystem._StorageInfo,
+        ("torch", "Size"): torch.Size,
+        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+        **{("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+        **{("pathlib", name): getattr(pathlib, name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath",
+                                                                   "PureWindowsPath")},
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP's metadata never holds")
+        return self.ALLOWED[module, name]
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Before DCP unpickles a directory's ``.metadata``: read it with ``DcpMetadataUnpickler``, refuse it with one
+    line unless it is DCP's own ``Metadata``."""
+    metadata = path / ".metadata"
+    if not metadata.is_file():
+        raise UserError(f"{path}: a directory without .metadata is not a torch.distributed.checkpoint checkpoint")
+    try:
+        with open(metadata, "rb") as file:
+            loaded = DcpMetadataUnpickler(file).load()
+    except Exception as error:  # noqa: BLE001 (a crafted or damaged pickle raises anything)
+        raise UserError(f"{metadata}: not loaded: {error} (checkpoints are read weights-only)") from None
+    if not isinstance(loaded, dcp_metadata.Metadata):
+        raise UserError(f"{metadata}: holds a {type(loaded).__name__}, not DCP's Metadata; not loaded")
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: Path, name: str) -> None:

@@ -1,6 +1,7 @@
 """kill -9 in the middle of a checkpoint write, for both formats: the previous checkpoint stays whole."""
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -9,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_model_and_optimizer, read_train_state
+from data_pipeline.errors import UserError
+from trainer.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_and_optimizer,
+    read_train_state,
+    read_weights,
+    save_checkpoint,
+)
 from trainer.models import create_model
 
 # Saves iteration 1, then starts iteration 2 with the write of its last part stalled, and says so.
@@ -67,3 +76,37 @@ def test_kill_9_mid_write_leaves_the_previous_checkpoint(tmp_path, sharded):
     load_model_and_optimizer(previous, read_train_state(previous), model, optimizer, name="resnet20")
     torch.manual_seed(0)
     assert torch.equal(model.conv1.weight, create_model("resnet20").conv1.weight)  # iteration 1's weights
+
+
+class RunsACommand:
+    """What a crafted ``.metadata`` holds: unpickling it runs ``touch MARKER``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_dcp_metadata_is_refused_before_it_runs_code(tmp_path):
+    model = create_model("resnet20")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    state = {"iteration": 1, "model_name": "resnet20"}
+    path = save_checkpoint(tmp_path, 1, model, optimizer, state, sharded=True, keep=1, is_main=True)
+    assert read_weights(path).model_name == "resnet20"  # DCP's own metadata passes
+    marker = tmp_path / "ran"
+    (path / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
+    with pytest.raises(UserError, match=r"\.metadata: not loaded: it names posix\.system"):
+        read_weights(path)
+    with pytest.raises(UserError, match=r"\.metadata: not loaded"):
+        load_model_and_optimizer(path, read_train_state(path), model, optimizer, name="resnet20")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "residual"), "eval", str(path), "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "not loaded" in result.stderr and not marker.exists()
+    (path / ".metadata").write_bytes(pickle.dumps({"model.fc.weight": 1}))
+    with pytest.raises(UserError, match="holds a dict, not DCP's Metadata"):
+        read_weights(path)
