@@ -3,12 +3,12 @@ and top-1 their run directories hold."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 from cluster.slurm import JOB_IDS
+from trainer.run_log import METRICS_FILE, read_metrics
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -42,10 +42,7 @@ def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 
 def last_progress(run_dir: Path) -> tuple[int | None, float | None]:
     """The last logged iteration and the last evaluation's top-1."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return None, None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    records = read_metrics(run_dir / METRICS_FILE)
     iteration = max((r["iteration"] for r in records), default=None)
     evals = [r for r in records if r["kind"] == "eval"]
     return iteration, (evals[-1]["top1"] if evals else None)

@@ -40,6 +40,7 @@ from omegaconf.errors import OmegaConfBaseException
 from data_pipeline.errors import UserError
 from trainer.config import Config, load_config, to_yaml
 from trainer.distributed import TRIAL_CPUS
+from trainer.run_log import METRICS_FILE, read_metrics
 
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 
@@ -144,7 +145,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, runs_dir: str) -> None
     try:
         while True:
             finished = process.poll() is not None
-            for record in new_evaluations(run_dir / "metrics.jsonl", after=reported):
+            for record in new_evaluations(run_dir / METRICS_FILE, after=reported):
                 reported = record["iteration"]
                 with tempfile.TemporaryDirectory() as folder:
                     (Path(folder) / "trial.json").write_text(
@@ -168,17 +169,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, runs_dir: str) -> None
 
 
 def new_evaluations(path: Path, *, after: int) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line being written
-            continue
-        if record["kind"] == "eval" and record["iteration"] > after:
-            records.append(record)
-    return records
+    return [record for record in read_metrics(path) if record["kind"] == "eval" and record["iteration"] > after]
 
 
 def run_sweep(path: Path, *, resume: bool, address: str | None) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig
@@ -202,7 +202,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_siz
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (example: optim.lr=0.05)")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path), OmegaConf.from_dotlist(overrides))
+        loaded = OmegaConf.load(path)
+        if not isinstance(loaded, DictConfig) or not loaded:
+            kind = "empty" if not loaded else "a list"
+            raise UserError(f"{kind}, not a mapping of sections (model:, data:, train:, ...)")
+        merged = OmegaConf.merge(OmegaConf.structured(Config), loaded, OmegaConf.from_dotlist(overrides))
         config: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         message = str(error).splitlines()[0]

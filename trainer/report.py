@@ -7,7 +7,6 @@ table gives each run's final errors beside the paper's for the same model and pr
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure
 
 from data_pipeline.errors import UserError
 from trainer.models import get_model_spec, paper_error
+from trainer.run_log import read_metrics
 
 
 @dataclass
@@ -42,8 +42,7 @@ def read_run(run_dir: Path) -> RunHistory:
         config["train"]["run_name"], model, config["model"].get("shortcut"), get_model_spec(model).dataset,
         config["eval"]["protocol"],
     )  # fmt: skip
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_metrics(metrics_path):
         iteration = record["iteration"]
         if record["kind"] == "train" and "top1_error" in record:
             history.train_error.append((iteration, 100 * record["top1_error"]))

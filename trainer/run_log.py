@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import make_grid
+from data_pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+METRICS_FILE = "metrics.jsonl"
 
 # The custom-scalars tab: what answers "is it learning, is it fast, is anything stuck" on one screen. Each chart
 # plots the tags its regular expressions match.
@@ -55,11 +58,13 @@ class RunLog:
     def __init__(self, run_dir: Path, *, start_iteration: int, enabled: bool) -> None:
         self.enabled = enabled
         self.tensorboard_dir = run_dir / "tensorboard"
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS_FILE
         self.writer: SummaryWriter | None = None
         if not enabled:
             return
         self._truncate_metrics(after=start_iteration)
+        from torch.utils.tensorboard import SummaryWriter
+
         # Events at the resumed iteration itself were logged before its checkpoint: keep them, purge later ones.
         purge = start_iteration + 1 if start_iteration > 0 else None
         self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge)
@@ -68,9 +73,8 @@ class RunLog:
     def _truncate_metrics(self, *, after: int) -> None:
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["iteration"] <= after]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = [record for record in read_metrics(self.metrics_path) if record["iteration"] <= after]
+        self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
         """One record: every numeric value becomes the scalar ``kind/name`` (``eval/PROTOCOL/name`` for an
@@ -92,6 +96,9 @@ class RunLog:
         """Up to 32 images of a batch as the model gets them, denormalized: a broken pipeline shows at once."""
         if not self.enabled:
             return
+        import torch
+        from torchvision.utils import make_grid
+
         images = images[:32].detach().float().cpu()
         images = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
         self.writer.add_image("data/first_augmented_batch", make_grid(images.clamp(0, 1), nrow=8), iteration)
@@ -101,6 +108,8 @@ class RunLog:
         directory (torch's ``add_hparams`` would open a sub-run)."""
         if not self.enabled:
             return
+        from torch.utils.tensorboard.summary import hparams
+
         values = {key: value if isinstance(value, int | float | str | bool) else str(value)
                   for key, value in flatten(config).items()}  # fmt: skip
         experiment, start, end = hparams(values, metrics)
@@ -112,6 +121,23 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``; none if it does not exist. A last line without its newline is a record
+    being written, or cut by a crash mid-write: it is left out. Any other line that is not a record is an error."""
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")  # the last item: "" after a whole last line, else the partial one
+    records = []
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UserError(f"{path}, line {number}: not a JSON record ({line[:60]!r})") from None
+    return records
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

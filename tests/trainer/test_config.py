@@ -92,3 +92,11 @@ def test_missing_data_folder_is_fine_when_it_will_be_synthesized(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("text", "kind"), [("- model\n- data\n", "a list"), ("", "empty"), ("# nothing\n", "empty")])
+def test_a_yaml_file_that_is_not_a_mapping_is_named_as_such(tmp_path, text, kind):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"run.yaml: {kind}, not a mapping of sections"):
+        load_config(path)

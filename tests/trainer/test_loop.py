@@ -283,3 +283,27 @@ def test_the_dali_backend_trains_and_resumes_bit_exact(tmp_path, cifar_root):
     assert all(torch.equal(tensor, b["model"][name]) for name, tensor in a["model"].items())
     assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
     assert metrics(tmp_path / "b/run", "eval")[-1]["count"] == 100
+
+
+def test_a_partial_last_line_in_metrics_is_left_out_by_every_reader(tmp_path, cifar_root):
+    """A crash mid-write leaves one; resume, `residual report`, `residual jobs` and sweeps read the same records."""
+    from cluster.jobs import last_progress
+    from cluster.sweep import new_evaluations
+    from trainer.report import read_run
+    from trainer.run_log import read_metrics
+
+    train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
+    path = tmp_path / "run" / "metrics.jsonl"
+    whole = read_metrics(path)
+    with open(path, "a") as file:
+        file.write('{"kind": "eval", "itera')
+    assert read_metrics(path) == whole
+    (evaluation,) = [record for record in whole if record["kind"] == "eval"]
+    assert read_run(tmp_path / "run").val_error == [(5, 100 * evaluation["top1_error"])]
+    assert last_progress(tmp_path / "run") == (5, evaluation["top1"])
+    assert new_evaluations(path, after=0) == [evaluation]
+    train(small_run(tmp_path, cifar_root, "train.iterations=10"), LaunchEnv())  # resumes at 5
+    assert [record["iteration"] for record in read_metrics(path) if record["kind"] == "eval"] == [5, 10]
+    path.write_text('{"kind": "eval", "iteration": 1}\nnot json\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not a JSON record \('not json'\)"):
+        read_metrics(path)
