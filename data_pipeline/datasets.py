@@ -131,6 +131,27 @@ class CifarDataset(Dataset):
         return self.images[index], int(self.labels[index])
 
 
+def check_same_classes(expected: list[str], found: list[str], *, where: str, expected_are: str) -> None:
+    """Labels are positions in a sorted class list: data scored against another list is scored against the wrong
+    labels."""
+    if found == expected:
+        return
+    differing = [f"{a!r} vs {b!r}" for a, b in zip(expected, found, strict=False) if a != b]
+    if not differing:
+        differing = [f"{len(found)} vs {len(expected)} classes"]
+    raise UserError(
+        f"{where}: its {len(found)} classes are not the {len(expected)} {expected_are} (first differences: "
+        f"{', '.join(differing[:3])})"
+    )
+
+
+def val_classes(root: str | Path, data_format: str) -> list[str] | None:
+    """The classes of an ImageFolder's val/ (CIFAR's batches and WebDataset shards share one list with training)."""
+    if data_format != "imagefolder":
+        return None
+    return torchvision.datasets.folder.find_classes(str(Path(root) / "val"))[0]
+
+
 def open_dataset(root: str | Path, data_format: str, *, train: bool) -> Dataset:
     """``data.format``: "imagefolder" (root/train, root/val), "cifar" (the python batches in root), "webdataset"
     (shards in root/train, root/val, written by `residual data shard`)."""

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from data_pipeline.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig
-from data_pipeline.datasets import CifarDataset, ImageFolderDataset
+from data_pipeline.datasets import CifarDataset, ImageFolderDataset, check_same_classes
 from data_pipeline.errors import UserError
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.checkpoint import Weights, load_model_state, read_weights
@@ -99,12 +99,9 @@ def check_request(request: EvalRequest, data: DataConfig, launch: LaunchEnv) -> 
 
 
 def check_classes(weights: Weights, dataset_classes: list[str], num_outputs: int, data_root: str) -> None:
-    if weights.classes is not None and weights.classes != dataset_classes:
-        differing = [f"{a!r} vs {b!r}" for a, b in zip(weights.classes, dataset_classes, strict=False) if a != b]
-        raise UserError(
-            f"{data_root}: its {len(dataset_classes)} classes are not the {len(weights.classes)} the "
-            f"checkpoint was trained on (first differences: {', '.join(differing[:3]) or 'count'})"
-        )
+    if weights.classes is not None:
+        trained = "the checkpoint was trained on"
+        check_same_classes(weights.classes, dataset_classes, where=data_root, expected_are=trained)
     if len(dataset_classes) != num_outputs:
         raise UserError(f"{data_root}: {len(dataset_classes)} classes, the model has {num_outputs} outputs")
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline import UserError, build_train_loader, build_val_loader
+from data_pipeline.datasets import check_same_classes, val_classes
 from data_pipeline.loaders import TrainBatches
 from data_pipeline.synthetic import ensure_synthetic
 from trainer.checkpoint import (
@@ -137,6 +138,8 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
             f"{len(loader.classes)} classes"
         )
     val_batches = build_eval_batches(config, launch, config.eval.protocol, device)
+    if (classes := val_classes(config.data.root, config.data.format)) is not None:
+        check_same_classes(loader.classes, classes, where=f"{config.data.root}/val", expected_are="of train/")
     stepper = build_stepper(config, launch, device)
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch

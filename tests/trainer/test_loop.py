@@ -307,3 +307,21 @@ def test_a_partial_last_line_in_metrics_is_left_out_by_every_reader(tmp_path, ci
     path.write_text('{"kind": "eval", "iteration": 1}\nnot json\n')
     with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not a JSON record \('not json'\)"):
         read_metrics(path)
+
+
+@pytest.mark.parametrize("change", ["rename", "extra", "missing"])
+def test_val_classes_other_than_trains_are_refused_at_start(tmp_path, imagefolder_root, change):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(imagefolder_root, root)
+    first = sorted((root / "val").iterdir())[0]
+    if change == "rename":
+        first.rename(first.with_name("zebra"))
+    elif change == "extra":
+        shutil.copytree(first, first.with_name("zebra"))
+    else:
+        shutil.rmtree(first)
+    with pytest.raises(UserError, match=r"val: its \d classes are not the 4 of train/ \(first differences: "):
+        train(imagefolder_run(tmp_path / "runs", root, "train.iterations=2"), LaunchEnv())
+    assert not (tmp_path / "runs").exists()
