@@ -49,7 +49,7 @@ class DataConfig:
     lighting_std: float = 0.1  # AlexNet PCA lighting noise; 0 turns it off
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel, on [0, 1] pixels
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    skip_corrupt: bool = False  # training: skip (warn, count) an image that cannot be decoded instead of stopping
+    skip_corrupt: bool = False  # an undecodable image: training takes the next, evaluation leaves it out (warned)
     synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +149,11 @@ class SampleReader:
             return str(error)
         return None
 
+    def undecodable(self, indices: Sequence[int]) -> str | None:
+        """The samples among ``indices`` that Pillow cannot decode either, named with why (after DALI failed)."""
+        bad = [(self.name(i), error) for i in indices if (error := self.decode_error(i))]
+        return "; ".join(f"{name}: cannot decode ({error})" for name, error in bad) or None
+
 
 class TrainSource:
     """The external source of a training pipeline: batch k of the epochs it was started for, as lists of
@@ -207,12 +212,7 @@ class TrainSource:
         batch = start + produced
         if batch >= self.sampler.batches_per_epoch:
             return None
-        bad = [
-            (self.reader.name(i), error)
-            for i, _ in self.samples(epoch, batch)
-            if (error := self.reader.decode_error(i))
-        ]
-        return "; ".join(f"{name}: cannot decode ({error})" for name, error in bad) or None
+        return self.reader.undecodable([index for index, _ in self.samples(epoch, batch)])
 
     def parameter_names(self) -> list[str]:
         return sorted(train_parameters(self.config, 0, None if self.config.format == "cifar" else (1, 1)))
@@ -359,16 +359,32 @@ def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, s
 
 class EvalSource:
     """The external source of an evaluation pipeline: this rank's contiguous share of the val set in batches (the
-    last one smaller), so that every image is counted exactly once over the ranks."""
+    last one smaller), so that every image is counted exactly once over the ranks. With ``skip_corrupt`` a file
+    that fails the cheap checks is left out of the evaluation (warned about)."""
 
-    def __init__(self, reader: SampleReader, indices: range, batch: int) -> None:
-        self.reader, self.indices, self.batch = reader, indices, batch
+    def __init__(self, reader: SampleReader, indices: range, batch: int, *, skip_corrupt: bool = False) -> None:
+        self.reader, self.indices, self.batch, self.skip_corrupt = reader, indices, batch, skip_corrupt
+
+    def chosen(self, batch: int) -> range:
+        return self.indices[batch * self.batch : (batch + 1) * self.batch]
 
     def __call__(self, info) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        chosen = self.indices[info.iteration * self.batch : (info.iteration + 1) * self.batch]
+        chosen = self.chosen(info.iteration)
         if len(chosen) == 0:
             raise StopIteration
-        return [self.reader.encoded(i) for i in chosen], [self.reader.label(i) for i in chosen]
+        data, labels = [], []
+        for index in chosen:
+            encoded = self.reader.encoded(index)
+            if self.skip_corrupt and (defect := self.reader.inspect(encoded)[1]) is not None:
+                log.warning("left out of the evaluation: %s: %s", self.reader.name(index), defect)
+                continue
+            data.append(encoded)
+            labels.append(self.reader.label(index))
+        return data, labels
+
+    def explain(self, produced: int) -> str | None:
+        """After DALI failed on a batch: the files of that batch Pillow cannot decode either, named."""
+        return self.reader.undecodable(self.chosen(produced))
 
 
 def ten_crop_windows() -> list[tuple[float, float, int]]:
@@ -420,7 +436,7 @@ class DaliEvalLoader:
             )
             self.pipeline.build()
         self.ready = False
-        return run_pipeline(self.pipeline, lambda: setattr(self, "ready", True))
+        return run_pipeline(self.pipeline, lambda: setattr(self, "ready", True), self.source.explain)
 
 
 def build_dali_val_loader(
@@ -430,5 +446,5 @@ def build_dali_val_loader(
         raise UserError("multiscale evaluation runs on the torch path (data.backend=torch or `residual eval`)")
     dataset = open_dataset(config.root, config.format, train=False)
     share = range(rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size)
-    source = EvalSource(SampleReader(dataset), share, batch_per_rank)
+    source = EvalSource(SampleReader(dataset), share, batch_per_rank, skip_corrupt=config.skip_corrupt)
     return DaliEvalLoader(source, config, dali_device(config.device), protocol)

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import CorruptImage, UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,7 @@ def decode_rgb(path: str) -> torch.Tensor:
         with Image.open(path) as image:
             return pil_to_tensor(image.convert("RGB"))
     except OSError as error:  # Pillow's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise UserError(
-            f"{path}: cannot decode image ({error}); data.skip_corrupt=true skips such files in training, "
-            "`residual data verify` lists them"
-        ) from None
+        raise CorruptImage(path, str(error)) from None
 
 
 class ImageFolderDataset(Dataset):
@@ -72,9 +69,9 @@ class SkippingCorrupt(Dataset):
         for offset in range(len(self.dataset)):
             try:
                 return self.dataset[(index + offset) % len(self.dataset)]
-            except UserError as error:
+            except CorruptImage as error:
                 self.skipped += 1
-                log.warning("skipped %s (%d skipped by this process)", error, self.skipped)
+                log.warning("skipped %s: %s (%d skipped by this process)", error.name, error.reason, self.skipped)
         raise UserError("no decodable image in the training set")
 
 

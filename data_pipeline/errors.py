@@ -9,6 +9,18 @@ class UserError(Exception):
     pass
 
 
+class CorruptImage(UserError):
+    """An image file that cannot be decoded: what ``data.skip_corrupt`` skips (its warning names the file and the
+    reason; the advice is for a run that stops)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(
+            f"{name}: cannot decode image ({reason}); data.skip_corrupt=true skips such files, "
+            "`residual data verify` lists them"
+        )
+        self.name, self.reason = name, reason
+
+
 def require(condition: bool, key: str, value: object, why: str) -> None:
     """Raise a ``UserError`` naming the config key and its value unless ``condition`` holds."""
     if not condition:

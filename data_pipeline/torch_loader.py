@@ -7,6 +7,7 @@ resumed run sees the same images with the same crops, whatever the number of loa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,9 +17,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
-from data_pipeline.errors import UserError
+from data_pipeline.errors import CorruptImage, UserError
 from data_pipeline.seeding import sample_seed, sample_seeds
 from data_pipeline.transforms import build_eval_transform, build_train_transform
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized float32), labels (N, int64)
 
@@ -126,20 +129,32 @@ def build_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: 
 
 
 class _Transformed(Dataset):
-    def __init__(self, dataset: Dataset, transform: torch.nn.Module) -> None:
-        self.dataset, self.transform = dataset, transform
+    """An evaluation's views of each image. With ``data.skip_corrupt`` an image that cannot be decoded is left out
+    of the evaluation (None, dropped by ``collate_views``; warned about): the counts are those of the others."""
+
+    def __init__(self, dataset: Dataset, transform: torch.nn.Module, *, skip_corrupt: bool) -> None:
+        self.dataset, self.transform, self.skip_corrupt = dataset, transform, skip_corrupt
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        try:
+            image, label = self.dataset[index]
+        except CorruptImage as error:
+            if not self.skip_corrupt:
+                raise
+            log.warning("left out of the evaluation: %s: %s", error.name, error.reason)
+            return None
         return self.transform(image), label
 
 
-def collate_views(samples: list[tuple[object, int]]) -> tuple[object, torch.Tensor]:
+def collate_views(samples: list[tuple[object, int] | None]) -> tuple[object, torch.Tensor]:
     """Stack the views of a batch where their shapes allow (center: B x C x H x W, tencrop: B x 10 x C x H x W);
-    multi-scale views stay one list per image."""
+    multi-scale views stay one list per image. Images left out (None) are dropped; a batch of none is empty."""
+    samples = [sample for sample in samples if sample is not None]
+    if not samples:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64)
     views, labels = zip(*samples, strict=True)
     stacked = torch.stack(views) if isinstance(views[0], torch.Tensor) else list(views)
     return stacked, torch.tensor(labels, dtype=torch.int64)
@@ -180,6 +195,8 @@ def build_eval_loader(
 ) -> DataLoader:
     start, stop = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
     transform = build_eval_transform(config, protocol, scales)
-    share = torch.utils.data.Subset(_Transformed(dataset, transform), range(start, stop))
+    share = torch.utils.data.Subset(
+        _Transformed(dataset, transform, skip_corrupt=config.skip_corrupt), range(start, stop)
+    )
     options = _loader_options(config) | {"persistent_workers": False}
     return DataLoader(share, batch_size=batch_per_rank, shuffle=False, collate_fn=collate_views, **options)

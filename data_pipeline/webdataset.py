@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data_pipeline.datasets import ImageFolderDataset
-from data_pipeline.errors import UserError
+from data_pipeline.errors import CorruptImage, UserError
 
 INDEX_VERSION = "v1.2"
 
@@ -92,7 +92,7 @@ class WebDatasetDataset(Dataset):
             with Image.open(io.BytesIO(self.encoded(index).tobytes())) as image:
                 return pil_to_tensor(image.convert("RGB")), label
         except OSError as error:
-            raise UserError(f"{path}: sample {index}: cannot decode image ({error})") from None
+            raise CorruptImage(f"{path}: sample {index}", str(error)) from None
 
 
 def read_index(shard: Path) -> list[tuple[str, int, int, int]]:

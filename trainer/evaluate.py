@@ -127,6 +127,8 @@ def evaluate(
     counts = torch.zeros(num_classes, 3, dtype=torch.int64)  # per class: correct top-1, correct top-5, images
     started = time.perf_counter()
     for views, labels in batches:
+        if len(labels) == 0:  # every image of the batch left out (data.skip_corrupt)
+            continue
         hit1, hit5 = (hits.cpu() for hits in topk_hits(score(views), labels.to(device)))
         labels = labels.cpu()  # the counts live on the CPU, wherever the loader put the labels (CIFAR tensors: GPU)
         for column, values in enumerate((hit1.long(), hit5.long(), torch.ones_like(labels))):

@@ -235,7 +235,7 @@ def run_evaluation(run: Run, batches: Any) -> EvalResult:
 
 def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     """Train to ``total_iterations`` (resuming when a checkpoint is found) and return the final evaluation
-    (``eval.final_protocol``)."""
+    (``eval.final_protocol``); a run that had finished is evaluated again."""
     facts = environment(launch) if launch.is_main else {}
     if launch.is_main:
         log.info("this machine:\n%s", format_environment(facts))
@@ -272,12 +272,11 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     try:
         with StopSignals() as signals:
             result = train_iterations(run, state, run_log, signals)
-        if result is None:  # the run had finished before: evaluate its final weights again, logging nothing new
-            result = run_evaluation(run, run.val_batches)
         final = config.eval.final_protocol
         if final != config.eval.protocol:
             result = run_evaluation(run, build_eval_batches(config, launch, final, run.device))
-            run_log.log("eval", state.iteration, {"protocol": final, **result.as_dict()})
+            if not run_log.has_eval(state.iteration, final):  # not logged by an earlier start of a finished run
+                run_log.log("eval", state.iteration, {"protocol": final, **result.as_dict()})
         final_metrics = {"top1": result.top1, "top5": result.top5, "top1_error": 1 - result.top1}
         run_log.hparams(state.iteration, to_dict(config), {f"hparams/{k}": v for k, v in final_metrics.items()})
     finally:
@@ -285,9 +284,16 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     return result, run_log
 
 
-def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: StopSignals) -> EvalResult | None:
+def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: StopSignals) -> EvalResult:
+    """Steps to ``total_iterations``; returns the last evaluation. A checkpoint is written before the evaluation of
+    the same iteration, so a failed evaluation loses no training; a run resumed from it makes that evaluation
+    first (logged once)."""
     train, per_epoch = run.config.train, run.loader.batches_per_epoch
     eval_every, checkpoint_every = train.eval_every or per_epoch, train.checkpoint_every or per_epoch
+
+    def evaluation_due() -> bool:
+        return state.iteration > 0 and (state.iteration % eval_every == 0 or state.iteration == run.total_iterations)
+
     memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
     batch = run.config.global_batch()
     progress = tqdm(
@@ -300,6 +306,8 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
         dynamic_ncols=True,
     )
     result, times, first_batch = None, StepTimes(), True
+    if evaluation_due():  # resumed from the checkpoint written before this iteration's evaluation
+        result = evaluate_and_log(run, state, run_log)
     start_epoch = state.iteration // per_epoch
     run.stepper.wrapped.train()
     while state.iteration < run.total_iterations:
@@ -334,15 +342,10 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
             times.data_seconds += arrived - tick
             times.compute_seconds += done - arrived
             times.steps += 1
-            result = None
             if logging_step:
                 log_window(run, state, run_log, lr=lr, times=times, grad_norm=step.grad_norm)
                 progress.set_postfix(loss=f"{step.loss:.3f}", lr=f"{lr:.4g}")
                 times = StepTimes()
-            if state.iteration % eval_every == 0 or state.iteration == run.total_iterations:
-                result = run_evaluation(run, run.val_batches)
-                state.history.val_errors.append((state.iteration, 1 - result.top1))
-                run_log.log("eval", state.iteration, {"protocol": run.config.eval.protocol, **result.as_dict()})
             if state.iteration % checkpoint_every == 0 or state.iteration == run.total_iterations or step.stop:
                 save(run, state)
             if step.stop:
@@ -350,6 +353,8 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
                     f"stopped by {signals.name} at iteration {state.iteration} of "
                     f"{run.total_iterations}; checkpoint written; a new start resumes from it"
                 )
+            if evaluation_due():
+                result = evaluate_and_log(run, state, run_log)
             if state.iteration == run.total_iterations:
                 break
             tick = time.perf_counter()  # the wait for the next batch starts here: evaluations are not counted
@@ -359,6 +364,17 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
             log.info("after the first epoch: %.1f of %.1f GB of the GPU in use (torch's peak allocation %.1f GB)",
                      (total - free) / 2**30, total / 2**30, peak / 2**30)  # fmt: skip
     progress.close()
+    return result
+
+
+def evaluate_and_log(run: Run, state: TrainState, run_log: RunLog) -> EvalResult:
+    """This iteration's evaluation, into the history the schedule reads and, unless a start before this one logged
+    it, into the logs."""
+    result = run_evaluation(run, run.val_batches)
+    state.history.val_errors.append((state.iteration, 1 - result.top1))
+    protocol = run.config.eval.protocol
+    if not run_log.has_eval(state.iteration, protocol):
+        run_log.log("eval", state.iteration, {"protocol": protocol, **result.as_dict()})
     return result
 
 

@@ -60,12 +60,14 @@ class RunLog:
         self.tensorboard_dir = run_dir / "tensorboard"
         self.metrics_path = run_dir / METRICS_FILE
         self.writer: SummaryWriter | None = None
+        self.evaluated: set[tuple[int, str]] = set()  # (iteration, protocol) of the evaluations logged
         if not enabled:
             return
         self._truncate_metrics(after=start_iteration)
         from torch.utils.tensorboard import SummaryWriter
 
-        # Events at the resumed iteration itself were logged before its checkpoint: keep them, purge later ones.
+        # Events at the resumed iteration itself were logged before its checkpoint (or, an evaluation, once after
+        # it): keep them, purge later ones.
         purge = start_iteration + 1 if start_iteration > 0 else None
         self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=purge)
         self.writer.add_custom_scalars(LAYOUT)
@@ -74,6 +76,7 @@ class RunLog:
         if not self.metrics_path.exists():
             return
         kept = [record for record in read_metrics(self.metrics_path) if record["iteration"] <= after]
+        self.evaluated = {(record["iteration"], record["protocol"]) for record in kept if record["kind"] == "eval"}
         self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
@@ -85,8 +88,13 @@ class RunLog:
         for name, value in values.items():
             if isinstance(value, int | float):
                 self.writer.add_scalar(f"{prefix}/{name}", value, iteration)
+        if kind == "eval":
+            self.evaluated.add((iteration, values["protocol"]))
         with open(self.metrics_path, "a") as file:
             file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+
+    def has_eval(self, iteration: int, protocol: str) -> bool:
+        return (iteration, protocol) in self.evaluated
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled:

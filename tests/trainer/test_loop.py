@@ -325,3 +325,24 @@ def test_val_classes_other_than_trains_are_refused_at_start(tmp_path, imagefolde
     with pytest.raises(UserError, match=r"val: its \d classes are not the 4 of train/ \(first differences: "):
         train(imagefolder_run(tmp_path / "runs", root, "train.iterations=2"), LaunchEnv())
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_a_failed_evaluation_keeps_the_checkpoint_due_and_skip_corrupt_covers_val(tmp_path, imagefolder_root, backend):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(imagefolder_root, root)
+    damaged = sorted(path for path in (root / "val").rglob("*") if path.is_file())[7]
+    damaged.write_bytes(b"this is not a JPEG")
+    overrides = ["train.iterations=4", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2"]
+    overrides.append(f"data.backend={backend}")
+    with pytest.raises(UserError, match=f"{damaged.name}: cannot decode"):
+        train(imagefolder_run(tmp_path, root, *overrides), LaunchEnv())
+    run_dir = tmp_path / "quickstart"
+    assert [path.name for path in list_checkpoints(run_dir)] == ["ckpt-000000002.pt"]  # written before the evaluation
+    assert metrics(run_dir, "eval") == []
+    result, _ = train(imagefolder_run(tmp_path, root, *overrides, "data.skip_corrupt=true"), LaunchEnv())
+    evaluations = [(record["iteration"], record["count"]) for record in metrics(run_dir, "eval")]
+    assert evaluations == [(2, 19), (4, 19)] and result.count == 19  # resumed at 2: its evaluation made first, once
+    assert [record["iteration"] for record in metrics(run_dir, "train")] == [2, 4]
