@@ -48,7 +48,7 @@ def test_skip_corrupt_skips_and_counts(damaged, backend, caplog):
     skipped = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
     assert {name for name in names if any(name in message for message in skipped)} == names
     assert "(2 skipped by this process)" in skipped[-1]
-    assert not any("skip_corrupt" in message for message in skipped)  # no advice to turn on what is on
+    assert not any("data.skip_corrupt=true" in message for message in skipped)  # no advice to turn on what is on
 
 
 def test_cifar_batches_of_other_images_are_refused_with_the_file(cifar_root, tmp_path):
