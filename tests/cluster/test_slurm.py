@@ -122,3 +122,24 @@ def test_bad_requests_are_refused_before_submission(slurm, job_args, tmp_path):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "quickstart").exists()
+
+
+def test_stop_local_ends_running_jobs_and_start_local_begins_clean(slurm, tmp_path):
+    """A job in flight: stop-local cancels it and waits for its step; the next start holds no stale job."""
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\nsleep 613\n")
+    submitted = subprocess.run(["sbatch", "--parsable", "-o", "/dev/null", str(script)], capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    deadline = time.monotonic() + 60
+    while not subprocess.run(["pgrep", "-f", "sleep 613"], capture_output=True).stdout:
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.5)
+    stopped = subprocess.run(["bash", "tools/slurm/stop-local.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert stopped.returncode == 0 and "cancelling jobs" in stopped.stderr, stopped.stderr
+    found = subprocess.run(["pgrep", "-f", "sleep 613|slurmstepd"], capture_output=True, text=True).stdout.split()
+    alive = [pid for pid in found if not re.search(r"\) Z ", Path(f"/proc/{pid}/stat").read_text())]  # no zombie
+    assert not alive, alive
+    started = subprocess.run(["bash", "tools/slurm/start-local.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+    assert subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout.strip() == "idle"

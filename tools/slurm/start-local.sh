@@ -39,6 +39,8 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! co
 fi
 
 "$(dirname "$0")/stop-local.sh" >/dev/null 2>&1 || true
+# A clean state: jobs a stopped controller saved would come back as running and hold the node.
+rm -rf "$DIR/state" "$DIR/spool"
 mkdir -p "$DIR"/{etc,state,spool,log,run,munge/key,munge/run,mysql}
 chmod 700 "$DIR/munge/key"
 chmod 755 "$DIR" "$DIR/munge" "$DIR/munge/run"
