@@ -27,7 +27,7 @@ import argparse
 import json
 import logging
 import os
-import subprocess
+import socket
 import sys
 from pathlib import Path
 
@@ -175,13 +175,20 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     print(run_sweep(Path(args.sweep), resume=args.resume, address=args.address))
 
 
-def cmd_tensorboard(args: argparse.Namespace) -> int:
+def cmd_tensorboard(args: argparse.Namespace) -> None:
+    """TensorBoard replaces this process (exec): its PID is the one to stop, and no child outlives it."""
     runs = Path(args.runs_dir)
     if not runs.is_dir():
         raise UserError(f"{runs}: no such folder of runs")
+    with socket.socket() as probe:  # the URL is printed only for a port TensorBoard can listen on
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as error:
+            raise UserError(f"--port {args.port}: cannot listen on {args.host} ({error.strerror})") from None
     print(f"TensorBoard for {runs}: http://{args.host}:{args.port}/#custom_scalars", flush=True)
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(runs), "--host", args.host]
-    return subprocess.call([*command, "--port", str(args.port), "--reload_interval", "5"])
+    os.execv(sys.executable, [*command, "--port", str(args.port), "--reload_interval", "5"])
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -115,5 +115,19 @@ def test_tensorboard_renders_the_run_and_its_charts_in_a_browser(tmp_path, cifar
         curve = sum(1 for r, g, b in pixels if r > 230 and 90 < g < 130 and 50 < b < 90)
         assert curve > 500, f"{curve} pixels of the run's colour: no chart drawn (see {screenshot})"
     finally:
-        board.terminate()
+        board.terminate()  # the PID `residual tensorboard` started with
         board.wait(timeout=30)
+    with socket.socket() as probe:  # nothing left listening: TensorBoard was that process, not its child
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_tensorboard_on_a_port_in_use_says_so_in_one_line(tmp_path):
+    (tmp_path / "runs").mkdir()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([RESIDUAL, "tensorboard", str(tmp_path / "runs"), "--port", str(port)],
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == "", result.stdout  # no URL of a port it cannot serve
+    assert result.stderr == f"residual: error: --port {port}: cannot listen on 127.0.0.1 (Address already in use)\n"
