@@ -135,3 +135,25 @@ def test_bench_train_end_to_end_prints_the_wall_time_ratio():
     assert result.returncode == 0, result.stderr
     assert re.search(r"round 1 cli .* s  top-1 .*%\nround 1 bare .* s  top-1", result.stdout), result.stdout
     assert re.search(r"cli / bare = \d+\.\d{3}  \[resnet20, 4 iterations of 128, ", result.stdout), result.stdout
+
+
+def test_export_names_who_loads_the_weights(tmp_path):
+    """torchvision has resnet18..152, not the CIFAR-10 nets."""
+    import torch
+
+    from trainer.checkpoint import save_checkpoint
+    from trainer.config import load_config, to_dict
+    from trainer.models import create_model
+
+    config = to_dict(load_config(ROOT / "configs/quickstart.yaml", [f"data.root={tmp_path}"]))
+    model = create_model("resnet20")
+    state = {"model_name": "resnet20", "config": config, "classes": [str(i) for i in range(10)]}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    source = save_checkpoint(tmp_path, 1, model, optimizer, state, sharded=False, keep=1, is_main=True)
+    result = run(RESIDUAL, "export", str(source), str(tmp_path / "resnet20.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "torchvision.models" not in result.stdout and "torchvision has no resnet20" in result.stdout
+    assert f"`residual eval {tmp_path / 'resnet20.pt'} --data DIR` reads them" in result.stdout
+    (tmp_path / "file").write_text("")
+    result = run(RESIDUAL, "export", str(source), str(tmp_path / "file/resnet20.pt"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot write (File exists" in result.stderr

@@ -142,18 +142,44 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise UserError(f"checkpoint {str(path)!r} cannot be read: {str(error).splitlines()[0]}") from None
+        raise UserError(f"checkpoint {str(path)!r} cannot be read: {why_unreadable(path, error)}") from None
+
+
+def why_unreadable(path: Path, error: Exception) -> str:
+    """What a file torch.load refused is, in words (never torch's advice to load it unsafely)."""
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    legacy = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how torch's pre-zip format begins
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(legacy)):
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError:
+            return "not a file torch.save wrote"
+        return "a text file, not a checkpoint"
+    if named := re.search(r"GLOBAL (\S+) was not an allowed global", str(error)):
+        return f"it names {named.group(1)}, which weights-only loading does not run (checkpoints hold tensors)"
+    first = str(error).strip().splitlines()[0]
+    return f"damaged or truncated ({first.split('. ')[0][:200]})"
+
+
+# ``residual export`` writes what evaluation needs besides the weights (the model section, the class names, the
+# data section's preprocessing) into the state dict's own ``_metadata``, where load_state_dict looks only for
+# module prefixes: torchvision's models load the file unchanged, and `residual eval` reads it back.
+EXPORT_METADATA = "residual"
+PREPROCESSING = ("mean", "std", "val_resize", "crop_size")
 
 
 @dataclass
 class Weights:
     """A model's weights with what is known of it: a training checkpoint carries its model and run config and the
-    class names it was trained on; a plain state dict (``residual export``, torchvision's files) carries none."""
+    class names it was trained on; an exported state dict carries the model section, the class names and the
+    preprocessing (as ``config``'s model and data sections); torchvision's files carry none."""
 
     state_dict: dict[str, torch.Tensor]
     model_name: str | None = None
     config: dict[str, Any] | None = None
     classes: list[str] | None = None
+    plain: bool = False  # a state dict, not a training checkpoint
 
 
 def read_weights(path: Path) -> Weights:
@@ -166,7 +192,11 @@ def read_weights(path: Path) -> Weights:
             checkpoint["model"], checkpoint.get("model_name"), checkpoint.get("config"), checkpoint.get("classes")
         )
     if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
-        return Weights(checkpoint)
+        exported = getattr(checkpoint, "_metadata", {}).get(EXPORT_METADATA)
+        if exported is None:
+            return Weights(checkpoint, plain=True)
+        config = {"model": exported["model"], "data": exported["data"]}
+        return Weights(checkpoint, exported["model"]["name"], config, exported["classes"], plain=True)
     raise UserError(f"{path}: neither a checkpoint nor a state dict")
 
 
@@ -236,14 +266,26 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
         raise UserError(f"{source}: does not fit {name}: {str(error).splitlines()[1].strip()}") from None
 
 
-def export_state_dict(source: Path, out: Path) -> str:
+def export_state_dict(source: Path, out: Path) -> Weights:
     """Write the model weights of a checkpoint (file or DCP directory) as a plain state dict, the format of
-    torchvision's ``resnet*`` files; returns the model's name. Written atomically, like a checkpoint."""
+    torchvision's ``resnet*`` files, with the run's model section, class names and preprocessing in its
+    ``_metadata``; returns what was exported. Written atomically, like a checkpoint."""
     weights = read_weights(source)
-    if weights.model_name is None:
+    if weights.plain:
         raise UserError(f"{source}: already a plain state dict; nothing to export")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    state_dict = collections.OrderedDict(weights.state_dict)
+    state_dict._metadata = collections.OrderedDict()  # as Module.state_dict() has it
+    state_dict._metadata[EXPORT_METADATA] = {
+        "model": weights.config["model"],
+        "classes": weights.classes,
+        "data": {key: weights.config["data"][key] for key in PREPROCESSING},
+    }
     partial = out.with_name(out.name + ".tmp")
-    write_file(partial, weights.state_dict)
-    os.replace(partial, out)
-    return weights.model_name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_file(partial, state_dict)
+        os.replace(partial, out)
+    except OSError as error:
+        remove(partial)
+        raise UserError(f"{out}: cannot write ({error.strerror}: {error.filename})") from None
+    return weights

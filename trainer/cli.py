@@ -36,6 +36,7 @@ from trainer.config import PRECISIONS
 from trainer.evaluate import PAPER_SCALES, PROTOCOLS
 
 log = logging.getLogger("residual")
+TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -89,6 +90,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         per_class=args.per_class,
         workers=args.workers,
         precision=args.precision,
+        mean=args.mean,
+        std=args.std,
+        resize=args.resize,
+        crop=args.crop,
     )
     launch = LaunchEnv.from_environ()
     try:
@@ -105,8 +110,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from trainer.checkpoint import export_state_dict
 
-    name = export_state_dict(Path(args.checkpoint), Path(args.out))
-    print(f"wrote the {name} weights of {args.checkpoint} to {args.out} (torchvision.models.{name}() loads them)")
+    weights = export_state_dict(Path(args.checkpoint), Path(args.out))
+    name, classes = weights.model_name, len(weights.classes)
+    print(f"wrote the {name} weights of {args.checkpoint} to {args.out}, with the run's preprocessing and classes")
+    if name in TORCHVISION_MODELS:
+        print(f"  torchvision.models.{name}(num_classes={classes}) loads them; `residual eval {args.out}` reads them")
+    else:
+        print(f"  `residual eval {args.out} --data DIR` reads them (torchvision has no {name})")
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> None:
@@ -263,6 +273,16 @@ def parse_scales(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"scales {text!r} are not comma-separated integers (224,256,384)") from None
 
 
+def parse_floats(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three comma-separated numbers (0.485,0.456,0.406)")
+    return values
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(part) for part in text.lower().split("x"))
@@ -335,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where native, fp16 on older GPUs, else fp32"
     )
+    preprocessing = "(default: the checkpoint's, an export's, else the data set's)"
+    evaluation.add_argument("--mean", type=parse_floats, help=f"per-channel mean on [0, 1] pixels {preprocessing}")
+    evaluation.add_argument("--std", type=parse_floats, help=f"per-channel std on [0, 1] pixels {preprocessing}")
+    evaluation.add_argument("--resize", type=int, help=f"shorter side before the center crop {preprocessing}")
+    evaluation.add_argument("--crop", type=int, help=f"center crop size {preprocessing}")
     evaluation.set_defaults(run=cmd_eval)
 
     export = commands.add_parser("export", help="a checkpoint's weights as a plain (torchvision) state dict")

@@ -42,6 +42,10 @@ class EvalRequest:
     per_class: bool = False
     workers: int = 4
     precision: str = "auto"
+    mean: list[float] | None = None  # None: the checkpoint's (or an export's), else the data set's
+    std: list[float] | None = None
+    resize: int | None = None
+    crop: int | None = None
 
 
 def build_model(weights: Weights, requested: str | None, source: Path) -> nn.Module:
@@ -65,8 +69,8 @@ def build_model(weights: Weights, requested: str | None, source: Path) -> nn.Mod
 
 
 def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -> DataConfig:
-    """The run's own data settings (mean/std, resize, crop) when the checkpoint has them, else the defaults of
-    the model's data set; the data format follows the folder."""
+    """The run's own preprocessing (mean/std, resize, crop) when the checkpoint or an export carries it, else the
+    defaults of the model's data set; then what --mean/--std/--resize/--crop set. The format follows the folder."""
     if weights.config is not None:
         config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), weights.config["data"]))
     elif get_model_spec(model_name).dataset == "cifar10":
@@ -74,7 +78,17 @@ def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -
     else:
         config = DataConfig()
     data_format = "cifar" if (request.data / "test_batch").is_file() else "imagefolder"
-    return replace(config, root=str(request.data), format=data_format, workers=request.workers, synthesize=None)
+    if data_format == "cifar" and (request.resize or request.crop):
+        raise UserError("--resize/--crop: CIFAR-10 is tested on the 32x32 image as it is (Sec. 4.2)")
+    given = {"mean": request.mean, "std": request.std, "val_resize": request.resize, "crop_size": request.crop}
+    given = {key: value for key, value in given.items() if value is not None}
+    if request.crop:  # the training scales do not constrain an evaluation's crop
+        given |= {"scale_min": max(config.scale_min, request.crop), "scale_max": max(config.scale_max, request.crop)}
+    try:
+        return replace(config, **given, root=str(request.data), format=data_format, workers=request.workers,
+                       synthesize=None)  # fmt: skip
+    except UserError as error:  # DataConfig's own checks (a crop larger than the resize, say)
+        raise UserError(f"{error} (from the checkpoint or --mean/--std/--resize/--crop)") from None
 
 
 def open_eval_dataset(config: DataConfig) -> CifarDataset | ImageFolderDataset:

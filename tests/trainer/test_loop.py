@@ -156,11 +156,27 @@ def test_resuming_another_models_checkpoint_is_refused(tmp_path, cifar_root):
         train(small_run(tmp_path, cifar_root, "train.iterations=10", "model.name=resnet32"), LaunchEnv())
 
 
-def test_unreadable_checkpoint(tmp_path):
+class Foreign:
+    pass
+
+
+def test_unreadable_checkpoints_are_named_for_what_they_are(tmp_path):
+    """Never torch's advice to retry with weights_only=False."""
     path = tmp_path / "ckpt-000000001.pt"
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot be read"):
-        load_checkpoint(path)
+    torch.save({"model": {"w": torch.zeros(3)}}, path)
+    whole = path.read_bytes()
+    cases = {
+        bytes(range(256)) * 8: "not a file torch.save wrote",
+        b"model: resnet50\n": "a text file, not a checkpoint",
+        whole[: len(whole) // 2]: r"damaged or truncated \(PytorchStreamReader failed reading zip archive: failed",
+    }
+    torch.save({"model": Foreign()}, path)
+    cases[path.read_bytes()] = r"it names \S*test_loop.Foreign, which weights-only loading does not run"
+    for content, message in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(UserError, match=f"ckpt-000000001.pt' cannot be read: {message}") as raised:
+            load_checkpoint(path)
+        assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_class_count_must_match_the_data(tmp_path, cifar_root):
@@ -242,15 +258,42 @@ def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
 
     from trainer.checkpoint import export_state_dict
 
-    config = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=2")
+    config = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=2", "data.mean=[0.2,0.3,0.4]")
     train(config, LaunchEnv())
     source = latest_checkpoint(tmp_path / "quickstart")
-    assert export_state_dict(source, tmp_path / "resnet18.pt") == "resnet18"
+    assert export_state_dict(source, tmp_path / "resnet18.pt").model_name == "resnet18"
     reference = torchvision.models.resnet18(num_classes=4)
     reference.load_state_dict(torch.load(tmp_path / "resnet18.pt", weights_only=True))
     assert torch.equal(reference.fc.weight, load_checkpoint(source)["model"]["fc.weight"])
     with pytest.raises(UserError, match="already a plain state dict"):
         export_state_dict(tmp_path / "resnet18.pt", tmp_path / "again.pt")
+    with pytest.raises(UserError, match=r"resnet18.pt/out.pt: cannot write \(File exists"):  # under a file
+        export_state_dict(source, tmp_path / "resnet18.pt" / "out.pt")
+
+
+def test_an_export_evaluates_as_its_checkpoint_and_the_flags_override(tmp_path, imagefolder_root):
+    """The export carries the run's normalization, resize and crop (here none of the defaults) and its classes."""
+    from trainer.checkpoint import export_state_dict
+    from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+
+    overrides = ("train.iterations=4", "data.mean=[0.2,0.3,0.4]", "data.std=[0.3,0.2,0.25]", "data.val_resize=44")
+    train(imagefolder_run(tmp_path, imagefolder_root, *overrides), LaunchEnv())
+    source = latest_checkpoint(tmp_path / "quickstart")
+    export_state_dict(source, tmp_path / "resnet18.pt")
+
+    def evaluation(path: Path, **flags) -> dict:
+        request = EvalRequest(path, imagefolder_root, batch_size=10, workers=0, precision="fp32", **flags)
+        return evaluate_checkpoint(request, LaunchEnv())[2]
+
+    by_checkpoint, by_export = evaluation(source), evaluation(tmp_path / "resnet18.pt")  # no --model needed
+    assert by_export["model"] == "resnet18"
+    assert by_export["correct1"] == by_checkpoint["correct1"] and by_export["correct5"] == by_checkpoint["correct5"]
+    flags = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 36, "crop": 36}
+    assert [evaluation(tmp_path / "resnet18.pt", **flags)[key] for key in ("count", "top1")] == [
+        evaluation(source, **flags)[key] for key in ("count", "top1")
+    ]
+    with pytest.raises(UserError, match=r"data.crop_size=40: must be <= data.val_resize \(from the checkpoint or"):
+        evaluation(tmp_path / "resnet18.pt", resize=36, crop=40)
 
 
 def test_fp16_logs_the_loss_scale_and_counts_overflow_steps(tmp_path, cifar_root, monkeypatch):
