@@ -25,7 +25,7 @@ from PIL import Image
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, from_worker_traceback
 from data_pipeline.torch_loader import Batch, ShardedEpochSampler
 from data_pipeline.transforms import CIFAR_PADDING, PCA_EIGENVALUES, PCA_EIGENVECTORS, cifar_crop_flip
 from data_pipeline.webdataset import WebDatasetDataset
@@ -322,9 +322,10 @@ def run_pipeline(pipeline, finished, explain=lambda produced: None) -> Iterator[
             pipeline.reset()
             finished()
             return
-        except RuntimeError as error:
-            culprits = explain(produced)
-            if culprits is None:
+        except Exception as error:
+            if "received from worker" in str(error) and (raised := from_worker_traceback(str(error))) is not None:
+                raise raised from None  # raised in a reader worker process: its one line
+            if not isinstance(error, RuntimeError) or (culprits := explain(produced)) is None:
                 raise
             raise UserError(f"{culprits} (DALI: {str(error).strip().splitlines()[-1][:200]})") from None
         produced += 1

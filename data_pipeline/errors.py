@@ -21,6 +21,13 @@ class CorruptImage(UserError):
         self.name, self.reason = name, reason
 
 
+def from_worker_traceback(text: str) -> UserError | None:
+    """The UserError a loader's worker process raised, from the text its pool hands back instead of the exception
+    (DataLoader and DALI both carry the worker's formatted traceback, whose last line is "module.Class: message")."""
+    name, _, message = text.rstrip().rpartition("\n")[2].partition(": ")
+    return UserError(message) if name.startswith(f"{__name__}.") else None
+
+
 def require(condition: bool, key: str, value: object, why: str) -> None:
     """Raise a ``UserError`` naming the config key and its value unless ``condition`` holds."""
     if not condition:

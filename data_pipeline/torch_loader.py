@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
-from data_pipeline.errors import CorruptImage, UserError
+from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
 from data_pipeline.seeding import sample_seed, sample_seeds
 from data_pipeline.transforms import build_eval_transform, build_train_transform
 
@@ -99,7 +99,28 @@ class TrainLoader:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from ``start_batch`` on."""
         self.sampler.set_epoch(epoch, start_batch)
-        return iter(self.loader)
+        return from_workers(self.loader)
+
+
+def from_workers(loader: DataLoader) -> Iterator[Batch]:
+    """The loader's batches. DataLoader re-raises an exception of a worker process with the worker's traceback for
+    its message (as a RuntimeError where the type takes other arguments): a UserError comes out as its one line."""
+    try:
+        yield from loader
+    except (UserError, RuntimeError) as error:
+        if "in DataLoader worker process" not in str(error) or (raised := from_worker_traceback(str(error))) is None:
+            raise
+        raise raised from None
+
+
+@dataclass
+class EvalBatches:
+    """An evaluation's DataLoader, through ``from_workers``."""
+
+    loader: DataLoader
+
+    def __iter__(self) -> Iterator[Batch]:
+        return from_workers(self.loader)
 
 
 def _loader_options(config: DataConfig) -> dict:
@@ -168,7 +189,7 @@ def build_val_loader(
     batch_per_rank: int,
     protocol: str = "center",
     scales: tuple[int, ...] = (),
-) -> DataLoader:
+) -> EvalBatches:
     """Rank r reads the r-th contiguous share of the val set: every image exactly once over all ranks, no padding
     duplicates and no dropped tail, so summed counts are exact."""
     dataset = open_dataset(config.root, config.format, train=False)
@@ -192,11 +213,11 @@ def build_eval_loader(
     batch_per_rank: int,
     protocol: str,
     scales: tuple[int, ...],
-) -> DataLoader:
+) -> EvalBatches:
     start, stop = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
     transform = build_eval_transform(config, protocol, scales)
     share = torch.utils.data.Subset(
         _Transformed(dataset, transform, skip_corrupt=config.skip_corrupt), range(start, stop)
     )
     options = _loader_options(config) | {"persistent_workers": False}
-    return DataLoader(share, batch_size=batch_per_rank, shuffle=False, collate_fn=collate_views, **options)
+    return EvalBatches(DataLoader(share, batch_size=batch_per_rank, shuffle=False, collate_fn=collate_views, **options))

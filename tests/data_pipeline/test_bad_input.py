@@ -22,20 +22,36 @@ def damaged(imagefolder_root, tmp_path):
     return root, {truncated.name, garbage.name}
 
 
-def config(root, backend: str, skip: bool) -> DataConfig:
-    return DataConfig(root=str(root), backend=backend, batch_size=12, workers=0, skip_corrupt=skip, scale_min=40,
-                      scale_max=56, crop_size=32, val_resize=36)  # fmt: skip
+def config(root, backend: str, skip: bool, workers: int = 0) -> DataConfig:
+    return DataConfig(root=str(root), backend=backend, batch_size=12, workers=workers, skip_corrupt=skip,
+                      scale_min=40, scale_max=56, crop_size=32, val_resize=36)  # fmt: skip
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_a_damaged_file_stops_training_with_its_name(damaged, backend):
+@pytest.mark.parametrize(("backend", "workers"), [("torch", 0), ("torch", 1), ("dali", 0), ("dali", 1)])
+def test_a_damaged_file_stops_training_with_its_name_in_one_line(damaged, backend, workers):
+    """From a loader worker process as from the main one: the one line, not the worker's traceback."""
     root, names = damaged
-    loader = build_train_loader(config(root, backend, skip=False), rank=0, world_size=1, seed=0)
+    loader = build_train_loader(config(root, backend, skip=False, workers=workers), rank=0, world_size=1, seed=0)
     with pytest.raises(UserError) as raised:
         for _ in loader.epoch(0):
             pass
-    assert any(name in str(raised.value) for name in names), raised.value
-    assert "data.skip_corrupt=true skips such files" in str(raised.value)
+    message = str(raised.value)
+    assert any(message.startswith(f"{root}/train/") and name in message for name in names), message
+    assert message.endswith("data.skip_corrupt=true skips such files, `residual data verify` lists them"), message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_damaged_val_file_stops_evaluation_in_one_line(damaged, workers):
+    from data_pipeline.loaders import build_val_loader
+
+    root, _ = damaged
+    val = sorted(path for path in (root / "val").rglob("*") if path.is_file())[2]
+    val.write_bytes(b"not an image")
+    settings = config(root, "torch", skip=False, workers=workers)
+    batches = build_val_loader(settings, rank=0, world_size=1, batch_per_rank=4)
+    with pytest.raises(UserError, match=f"^{val}: cannot decode image .* lists them$"):
+        list(batches)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
