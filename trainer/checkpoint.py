@@ -27,12 +27,15 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline.errors import UserError
-from trainer.distributed import barrier
+from trainer.distributed import any_rank, barrier
+from trainer.faults import CheckpointNotWritten
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)(\.pt)?$")
+CPU = torch.device("cpu")
 TRAIN_STATE = "train_state.pt"  # in a DCP directory: what is not model or optimizer
 
 
@@ -65,25 +68,41 @@ def save_checkpoint(
     sharded: bool,
     keep: int,
     is_main: bool,
+    device: torch.device = CPU,
 ) -> Path:
     """Called on every rank. Written under a temporary name, flushed to disk, renamed: a crash mid-write leaves the
-    previous checkpoint whole."""
+    previous checkpoint whole. A write that fails (a full disk) on any rank stops every rank with
+    ``CheckpointNotWritten``, the previous checkpoints untouched."""
     folder = checkpoint_dir(run_dir)
     path = folder / (f"ckpt-{iteration:09d}" if sharded else f"ckpt-{iteration:09d}.pt")
     partial = path.with_name(path.name + ".tmp")
     options = StateDictOptions(full_state_dict=not sharded, cpu_offload=not sharded)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)  # a collective under FSDP2
-    if is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        remove(partial)
-    if sharded:
-        barrier()
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+    failure = None
+    try:
         if is_main:
-            write_file(partial / TRAIN_STATE, train_state)
-        barrier()  # every rank's shards are written
-    elif is_main:
-        write_file(partial, {**train_state, "model": model_state, "optimizer": optimizer_state})
+            folder.mkdir(parents=True, exist_ok=True)
+            remove(partial)
+        if sharded:
+            barrier()
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+            if is_main:
+                write_file(partial / TRAIN_STATE, train_state)
+        elif is_main:
+            write_file(partial, {**train_state, "model": model_state, "optimizer": optimizer_state})
+    except (OSError, RuntimeError) as error:  # torch.save's zip writer reports a full disk as a RuntimeError
+        failure = error
+    except CheckpointException as error:  # DCP gathers its ranks' errors into one: the first rank's
+        failure = next(iter(error.failures.values()))[0]
+    (failed,) = any_rank([failure is not None], device)  # every rank's part is written, or every rank stops
+    if failed:
+        if is_main:
+            remove(partial)
+        reason = "failed on another rank" if failure is None else write_error(failure)
+        raise CheckpointNotWritten(
+            f"the checkpoint of iteration {iteration} could not be written to {folder} ({reason}); nothing is lost: "
+            f"the last good checkpoint is {latest_checkpoint(run_dir) or 'none yet'}, and a new start resumes from it"
+        )
     if is_main:
         remove(path)
         os.replace(partial, path)
@@ -91,6 +110,17 @@ def save_checkpoint(
             remove(old)
     barrier()
     return path
+
+
+def write_error(error: BaseException) -> str:
+    """The system's reason for a failed write where there is one (torch.save's "unexpected pos" follows an OSError,
+    or a write that fell short on a full disk)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+        cause = cause.__context__
+    return f"{type(error).__name__}: {str(error).strip()[:200]}"
 
 
 def write_file(path: Path, state: dict[str, Any]) -> None:

@@ -30,6 +30,10 @@ class NonFiniteLoss(TrainingStopped):
     exit_code = 1
 
 
+class CheckpointNotWritten(TrainingStopped):
+    exit_code = 74  # EX_IOERR
+
+
 class StopSignals:
     """Records the first stop signal received; restores the previous handlers when closed."""
 

@@ -432,4 +432,5 @@ def save(run: Run, state: TrainState) -> None:
         sharded=run.config.dist.strategy == "fsdp",
         keep=run.config.train.keep_checkpoints,
         is_main=run.launch.is_main,
+        device=run.device,
     )

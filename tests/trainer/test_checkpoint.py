@@ -110,3 +110,23 @@ def test_a_crafted_dcp_metadata_is_refused_before_it_runs_code(tmp_path):
     (path / ".metadata").write_bytes(pickle.dumps({"model.fc.weight": 1}))
     with pytest.raises(UserError, match="holds a dict, not DCP's Metadata"):
         read_weights(path)
+
+
+def test_a_full_disk_during_a_dcp_save_stops_every_rank_with_one_line(tmp_path):
+    from trainer.faults import CheckpointNotWritten
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        model = create_model("resnet20")  # 2.2 MB with its momentum
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        with pytest.raises(CheckpointNotWritten, match=r"iteration 3 could not be written .* \(No space left on"):
+            save_checkpoint(disk / "run", 3, model, optimizer, {"iteration": 3}, sharded=True, keep=1, is_main=True)
+        assert list((disk / "run" / "checkpoints").iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

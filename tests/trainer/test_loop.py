@@ -389,3 +389,34 @@ def test_a_failed_evaluation_keeps_the_checkpoint_due_and_skip_corrupt_covers_va
     evaluations = [(record["iteration"], record["count"]) for record in metrics(run_dir, "eval")]
     assert evaluations == [(2, 19), (4, 19)] and result.count == 19  # resumed at 2: its evaluation made first, once
     assert [record["iteration"] for record in metrics(run_dir, "train")] == [2, 4]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: room for one ResNet-20 checkpoint (2.2 MB) and the logs, not for a second."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_stops_with_the_last_good_checkpoint_named(small_disk, cifar_root):
+    from trainer.checkpoint import read_train_state
+    from trainer.faults import CheckpointNotWritten
+
+    overrides = ("train.iterations=10", "train.checkpoint_every=5", "train.keep_checkpoints=2")
+    with pytest.raises(CheckpointNotWritten) as raised:
+        train(small_run(small_disk, cifar_root, *overrides), LaunchEnv())
+    folder = small_disk / "run" / "checkpoints"
+    assert str(raised.value) == (
+        f"the checkpoint of iteration 10 could not be written to {folder} (No space left on device); nothing is "
+        f"lost: the last good checkpoint is {folder / 'ckpt-000000005.pt'}, and a new start resumes from it"
+    )
+    assert raised.value.exit_code == 74
+    assert sorted(path.name for path in folder.iterdir()) == ["ckpt-000000005.pt"]  # no partial file left
+    assert read_train_state(folder / "ckpt-000000005.pt")["iteration"] == 5
