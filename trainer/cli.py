@@ -493,7 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except UserError as error:
-        print(f"residual: error: {error}", file=sys.stderr)
+        from trainer.distributed import LaunchEnv, reports_user_errors
+
+        if reports_user_errors(LaunchEnv.from_environ()):
+            print(f"residual: error: {error}", file=sys.stderr)
         return 2
 
 

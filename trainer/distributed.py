@@ -88,11 +88,22 @@ def pick_device(requested: str, launch: LaunchEnv) -> torch.device:
     return torch.device("cpu")
 
 
+_group_started = False  # this process joined its ranks' process group (the run itself began)
+
+
 def init_process_group(launch: LaunchEnv, device: torch.device) -> None:
     """NCCL on GPUs, gloo on CPU; MASTER_ADDR/MASTER_PORT (torchrun's, or the SLURM job's) give the rendezvous."""
+    global _group_started
     if launch.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, store=restart_store(launch))
+        _group_started = True
+
+
+def reports_user_errors(launch: LaunchEnv) -> bool:
+    """Whether this rank prints a UserError. Before the process group, errors come from the arguments, the config
+    and the files every rank of a host reads alike: one rank per host says it. Later, the rank that met it does."""
+    return launch.local_rank == 0 or _group_started
 
 
 def restart_store(launch: LaunchEnv, environ: Mapping[str, str] = os.environ) -> dist.Store | None:

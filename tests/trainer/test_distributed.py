@@ -107,3 +107,23 @@ def test_a_slurm_task_is_a_rank_with_the_jobs_first_host_as_rendezvous():
     assert LaunchEnv.from_environ(torchrun) == LaunchEnv(1, 2, 1, "torchrun")
     assert LaunchEnv.from_environ({}) == LaunchEnv()
     assert first_host("node1") == "node1" and first_host("a[1-2],b") == "a1"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_error_every_rank_meets_is_said_once_under_torchrun(tmp_path, cifar_root, quickstart_on_cifar):
+    """Arguments and config are the same on every rank: one rank per host says what is wrong (torchrun's own
+    ChildFailedError summary follows; the README says why)."""
+    import torch
+
+    torch.save(create_model("resnet20").state_dict(), tmp_path / "resnet20.pt")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--log-dir={tmp_path}/logs"]
+    evaluation = ["-m", "trainer.cli", "eval", str(tmp_path / "resnet20.pt"), "--model", "resnet20",
+                  "--data", str(cifar_root), "--batch", "63"]  # fmt: skip
+    training = ["-m", "trainer", *quickstart_on_cifar, "optim.lr=-1"]
+    for command, message in [
+        (evaluation, "residual: error: --batch 63: not divisible by the world size 2\n"),
+        (training, "optim.lr=-1.0: must be > 0\n"),
+    ]:
+        result = subprocess.run([*torchrun, *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode != 0 and result.stderr.count(message) == 1, result.stderr[-3000:]
