@@ -111,10 +111,11 @@ def evaluations_per_trial(config: Config) -> int:
     return -(-train.iterations // train.eval_every)
 
 
-def trainer_command(ranks: int) -> list[str]:
+def trainer_command(ranks: int, run_dir: Path) -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "trainer"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "trainer"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    return [*torchrun, f"--log-dir={run_dir / 'torchrun'}", "-m", "trainer"]  # not $TMPDIR/torchelastic_*
 
 
 def die_with_parent() -> None:
@@ -135,7 +136,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, runs_dir: str) -> None
         with checkpoint.as_directory() as folder:
             reported = json.loads((Path(folder) / "trial.json").read_text())["iteration"]
     overrides = [f"{key}={value}" for key, value in params.items()]
-    command = [*trainer_command(sweep.ranks), sweep.base, *sweep.overrides, *overrides,
+    command = [*trainer_command(sweep.ranks, run_dir), sweep.base, *sweep.overrides, *overrides,
                f"train.output_dir={runs_dir}", f"train.run_name={name}", "train.progress=false"]  # fmt: skip
     log = open(Path(runs_dir) / f"{name}.log", "a")  # noqa: SIM115 (closed in the finally below)
     environ = os.environ | {TRIAL_CPUS: str(max(1, int(sweep.resources.get("cpu", 1))))}  # the trainer's threads

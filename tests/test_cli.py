@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,30 @@ def test_export_names_who_loads_the_weights(tmp_path):
     (tmp_path / "file").write_text("")
     result = run(RESIDUAL, "export", str(source), str(tmp_path / "file/resnet20.pt"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "cannot write (File exists" in result.stderr
+
+
+RUN_TMPDIR = """
+import multiprocessing.util, os, sys, tempfile
+from pathlib import Path
+from trainer.distributed import LaunchEnv
+from trainer.loop import use_run_tmpdir
+use_run_tmpdir(Path(sys.argv[1]), LaunchEnv(rank=1, world_size=2))
+print(tempfile.gettempdir(), os.environ.get("TMPDIR"), multiprocessing.util.get_temp_dir(), sep="\\n")
+"""
+
+
+def test_a_runs_temporary_files_live_in_its_run_directory():
+    """multiprocessing's pymp-* (and what worker processes make) go to RUN_DIR/tmp/rankN, emptied at each start, so
+    a run killed with -9 leaves them there, not in $TMPDIR; too deep a run directory for a socket keeps $TMPDIR."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as scratch:  # pytest's tmp_path is too deep for a socket below it
+        run_dir = Path(scratch) / "run"
+        stale = run_dir / "tmp/rank1/pymp-stale"
+        stale.mkdir(parents=True)
+        result = run(sys.executable, "-c", RUN_TMPDIR, str(run_dir))
+        folder = str(run_dir / "tmp/rank1")
+        gettempdir, environ, multiprocessing = result.stdout.splitlines()
+        assert gettempdir == environ == folder and multiprocessing.startswith(f"{folder}/pymp-"), result.stderr
+        assert not stale.exists()
+        deep = Path(scratch) / ("x" * 80)
+        result = run(sys.executable, "-c", RUN_TMPDIR, str(deep))
+        assert result.returncode == 0 and not result.stdout.startswith(str(deep)) and not deep.exists()

@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 from data_pipeline.errors import UserError
@@ -43,13 +44,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.config import load_config
     from trainer.distributed import LaunchEnv, destroy_process_group
     from trainer.faults import TrainingStopped
-    from trainer.loop import train
+    from trainer.loop import train, use_run_tmpdir
 
     launch = LaunchEnv.from_environ()
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
     config = load_config(args.config, overrides, world_size=launch.world_size)
+    use_run_tmpdir(Path(config.train.output_dir) / config.train.run_name, launch)
     logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
     try:
         result, run_log = train(config, launch)
@@ -202,10 +204,13 @@ def cmd_tensorboard(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from trainer.report import write_report
+    # matplotlib keeps a font cache and config in ~/.cache and ~/.config unless told otherwise: here, for this run
+    with tempfile.TemporaryDirectory(prefix="residual-matplotlib-") as scratch:
+        os.environ.setdefault("MPLCONFIGDIR", scratch)
+        from trainer.report import write_report
 
-    for path in write_report([Path(run) for run in args.run_dirs], Path(args.out)):
-        print(f"wrote {path}")
+        for path in write_report([Path(run) for run in args.run_dirs], Path(args.out)):
+            print(f"wrote {path}")
 
 
 def cmd_bench_loader(args: argparse.Namespace) -> None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import shutil
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,6 +285,24 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     finally:
         run_log.close()
     return result, run_log
+
+
+UNIX_SOCKET_ROOM = 75  # multiprocessing binds sockets at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX; Linux allows 107
+
+
+def use_run_tmpdir(run_dir: Path, launch: LaunchEnv) -> None:
+    """This rank's temporary files (multiprocessing's pymp-*, those of DALI's workers) in RUN_DIR/tmp/rankN, emptied
+    at each start: a run killed with -9 leaves them in its own folder, not in $TMPDIR. A run directory too deep for
+    a socket path keeps $TMPDIR. For the whole process: `residual train` calls it first."""
+    folder = run_dir.absolute() / "tmp" / f"rank{launch.rank}"
+    if len(str(folder)) > UNIX_SOCKET_ROOM:
+        log.info("temporary files in %s (%s is too long a path for the sockets made there)", tempfile.gettempdir(),
+                 folder)  # fmt: skip
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["TMPDIR"] = str(folder)  # for the processes this one starts
+    tempfile.tempdir = str(folder)
 
 
 def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: StopSignals) -> EvalResult:

@@ -46,13 +46,18 @@ def short_run(runs: Path, cifar_root: Path, name: str, *overrides: str) -> Path:
 
 def test_report_writes_the_figure_and_the_table_with_the_paper_column(tmp_path, cifar_root):
     runs = [short_run(tmp_path, cifar_root, name, f"model.name={name}") for name in ("plain20", "resnet20")]
+    home = tmp_path / "home"  # nothing written outside the runs and the report (matplotlib's caches and config)
+    home.mkdir()
+    environ = {key: value for key, value in os.environ.items() if not key.startswith(("XDG_", "MPLCONFIGDIR"))}
     result = subprocess.run(
         [RESIDUAL, "report", *map(str, runs), "--out", str(tmp_path / "report")],
         capture_output=True,
         text=True,
         timeout=120,
+        env=environ | {"HOME": str(home)},
     )
     assert result.returncode == 0, result.stderr
+    assert list(home.iterdir()) == []
     figure = tmp_path / "report/errors-cifar10.png"
     assert Image.open(figure).size[0] > 800  # plain and residual side by side
     table = (tmp_path / "report/report.md").read_text()
