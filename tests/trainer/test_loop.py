@@ -420,3 +420,10 @@ def test_a_full_disk_stops_with_the_last_good_checkpoint_named(small_disk, cifar
     assert raised.value.exit_code == 74
     assert sorted(path.name for path in folder.iterdir()) == ["ckpt-000000005.pt"]  # no partial file left
     assert read_train_state(folder / "ckpt-000000005.pt")["iteration"] == 5
+
+
+def test_resuming_with_another_batch_size_is_refused(tmp_path, cifar_root):
+    train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
+    with pytest.raises(UserError, match=r"saved with 12 batches per epoch, this run has 25: the data set or"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=10", "data.batch_size=16"), LaunchEnv())
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["ckpt-000000005.pt"]

@@ -184,6 +184,24 @@ def test_sigusr1_makes_fsdp_ranks_checkpoint_and_exit_for_requeue(tmp_path, shor
     assert f"at iteration {stopped_at}" in resumed.stderr
 
 
+def test_sigterm_to_torchrun_checkpoints_and_the_ranks_say_so(tmp_path, short):
+    """torchrun passes SIGTERM on to its ranks, which write a checkpoint and exit 75; torchrun itself then exits 1
+    with its own SignalException (the README's catalogue says why that stays)."""
+    args = [*short, "train.iterations=100000", "train.run_name=term"]
+    process = subprocess.Popen(
+        [*trainer_command(2), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: (tmp_path / "term/metrics.jsonl").exists(), process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        kill_tree(process.pid)
+    assert process.returncode == 1 and stderr.count("residual: stopped by SIGTERM at iteration") == 1, stderr[-3000:]
+    (checkpoint,) = list_checkpoints(tmp_path / "term")
+    assert read_train_state(checkpoint)["iteration"] > 0
+
+
 def descendants(root: int) -> list[int]:
     """Every living process started by ``root``, directly or not (torchrun's workers have sessions of their own)."""
     children: dict[int, list[int]] = {}
