@@ -1,3 +1,4 @@
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,15 @@ def quickstart_on_cifar(cifar_root) -> list[str]:
         "data.workers=0",
         "train.progress=false",
     ]
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 3 MB tmpfs, a disk that fills for real: room for one ResNet-20 checkpoint (2.2 MB) and a run's logs."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)

@@ -389,10 +389,11 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
 
 
 def evaluate_and_log(run: Run, state: TrainState, run_log: RunLog) -> EvalResult:
-    """This iteration's evaluation, into the history the schedule reads and, unless a start before this one logged
-    it, into the logs."""
+    """This iteration's evaluation, into the history the schedule reads and into the logs, each once (a checkpoint
+    of an earlier version of this code holds it already; a start before this one may have logged it)."""
     result = run_evaluation(run, run.val_batches)
-    state.history.val_errors.append((state.iteration, 1 - result.top1))
+    if not state.history.val_errors or state.history.val_errors[-1][0] != state.iteration:
+        state.history.val_errors.append((state.iteration, 1 - result.top1))
     protocol = run.config.eval.protocol
     if not run_log.has_eval(state.iteration, protocol):
         run_log.log("eval", state.iteration, {"protocol": protocol, **result.as_dict()})

@@ -391,20 +391,6 @@ def test_a_failed_evaluation_keeps_the_checkpoint_due_and_skip_corrupt_covers_va
     assert [record["iteration"] for record in metrics(run_dir, "train")] == [2, 4]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MB tmpfs: room for one ResNet-20 checkpoint (2.2 MB) and the logs, not for a second."""
-    import subprocess
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_full_disk_stops_with_the_last_good_checkpoint_named(small_disk, cifar_root):
     from trainer.checkpoint import read_train_state
     from trainer.faults import CheckpointNotWritten
