@@ -237,6 +237,13 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         config.data.batch_size,
         f"must be divisible by the world size x train.accumulation = {world_size} x {train.accumulation}",
     )
+    require(
+        not (config.dist.static_graph and train.accumulation > 1),
+        "dist.static_graph",
+        True,
+        f"not with train.accumulation={train.accumulation}: DDP's static graph asserts at the first step and past it "
+        "stops all-reducing gradients (pytorch/pytorch#143580)",
+    )
     batch = config.eval.batch_size
     require(batch % world_size == 0, "eval.batch_size", batch, f"must be divisible by the world size {world_size}")
     for scale in config.eval.scales:

@@ -100,3 +100,11 @@ def test_a_yaml_file_that_is_not_a_mapping_is_named_as_such(tmp_path, text, kind
     path.write_text(text)
     with pytest.raises(UserError, match=f"run.yaml: {kind}, not a mapping of sections"):
         load_config(path)
+
+
+def test_static_graph_with_accumulation_is_refused(tmp_path):
+    """DDP's static graph with no_sync accumulation: an assert at the first step, then silently no all-reduce."""
+    path = write_config(tmp_path, "dist:\n  static_graph: true\n")
+    assert load_config(path, ["train.accumulation=1"]).dist.static_graph
+    with pytest.raises(UserError, match=r"dist.static_graph=True: not with train.accumulation=2: .*#143580"):
+        load_config(path, ["train.accumulation=2"])
