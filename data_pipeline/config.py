@@ -39,8 +39,10 @@ class DataConfig:
     device: str = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only mode) | "auto"
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
     # loader processes per rank, or "auto": none for CIFAR-format data on the torch backend (held as tensors); else
-    # on a GPU all the rank's cores but one, on a CPU half of them (trainer.hardware.plan_threads)
+    # on a GPU all the rank's cores but one, on a CPU half of them; with DALI (whose threads decode) a quarter
+    # (trainer.hardware.plan_threads)
     workers: Any = "auto"
+    threads: Any = "auto"  # DALI's CPU threads (decoding; on a GPU the decoder's CPU stage); auto: from the cores
     train_augment: str = "scale"  # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
     scale_min: int = 256
     scale_max: int = 480
@@ -60,6 +62,8 @@ class DataConfig:
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         valid_workers = self.workers == "auto" or (type(self.workers) is int and self.workers >= 0)
         require(valid_workers, "data.workers", self.workers, 'must be "auto" or an integer >= 0')
+        valid_threads = self.threads == "auto" or (type(self.threads) is int and self.threads >= 1)
+        require(valid_threads, "data.threads", self.threads, 'must be "auto" or an integer >= 1')
         require(0 < self.scale_min <= self.scale_max, "data.scale_min", self.scale_min, "must be in (0, scale_max]")
         require(self.crop_size <= self.scale_min, "data.crop_size", self.crop_size, "must be <= data.scale_min")
         require(self.crop_size <= self.val_resize, "data.crop_size", self.crop_size, "must be <= data.val_resize")

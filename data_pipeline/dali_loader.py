@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -222,29 +223,46 @@ def _normalization(config: DataConfig) -> dict:
     return {"mean": [255 * m for m in config.mean], "std": [255 * s for s in config.std]}
 
 
-def _pipeline_options(batch: int, device: str, workers: int) -> dict:
+def _pipeline_options(batch: int, device: str, config: DataConfig) -> dict:
     """What every pipeline here is built with: its batch, the GPU or DALI's CPU-only mode (``device_id=None``),
-    CPU threads, and ``workers`` reader processes started with spawn (CUDA may be initialised already)."""
+    ``data.threads`` CPU threads (as training resolves "auto": trainer.hardware.plan_threads; alone, this process's
+    cores), and ``data.workers`` reader processes started with spawn (CUDA may be initialised already)."""
+    threads = config.threads if config.threads != "auto" else len(os.sched_getaffinity(0))
     return dict(
         batch_size=batch,
-        num_threads=max(2, workers),
+        num_threads=threads,
         device_id=torch.cuda.current_device() if device == "gpu" else None,
-        py_num_workers=max(1, workers),
+        py_num_workers=max(1, _workers(config)),
         py_start_method="spawn",
     )
 
 
-def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *, batch: int, workers: int):
+def _workers(config: DataConfig) -> int:
+    return config.workers if config.workers != "auto" else 1
+
+
+def _external_source_options(config: DataConfig) -> dict:
+    """A source's batches come from the reader processes, one whole batch per process: as many batches in flight as
+    processes, or one process works while the others wait (DALI's default depth is 1)."""
+    workers = _workers(config)
+    return {"parallel": True, "prefetch_queue_depth": max(2, workers)} if workers > 0 else {"parallel": False}
+
+
+def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *, batch: int):
     from nvidia.dali import fn, pipeline_def, types
 
     names = ["data", "labels", *source.parameter_names()]
-    parallel = workers > 0
 
-    @pipeline_def(**_pipeline_options(batch, device, workers))
+    @pipeline_def(**_pipeline_options(batch, device, config))
     def pipeline():
         layouts = ["HWC" if config.format == "cifar" else "", *[""] * (len(names) - 1)]
         outputs = fn.external_source(
-            source=source, num_outputs=len(names), batch=True, batch_info=True, parallel=parallel, layout=layouts
+            source=source,
+            num_outputs=len(names),
+            batch=True,
+            batch_info=True,
+            layout=layouts,
+            **_external_source_options(config),
         )
         given = dict(zip(names, outputs, strict=True))
         labels = given["labels"]
@@ -284,7 +302,6 @@ class DaliTrainLoader:
     sampler: ShardedEpochSampler
     classes: list[str]
     device: str
-    workers: int
     _pipeline: object = None
     _next_epoch: tuple[int, int] | None = None
 
@@ -298,7 +315,7 @@ class DaliTrainLoader:
         if self._next_epoch != (epoch, start_batch):
             self.source.first_epoch, self.source.first_batch = epoch, start_batch
             self._pipeline = build_train_pipeline(
-                self.source, self.source.config, self.device, batch=self.sampler.per_rank, workers=self.workers
+                self.source, self.source.config, self.device, batch=self.sampler.per_rank
             )
             self._pipeline.build()
         self._next_epoch = None
@@ -355,7 +372,7 @@ def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, s
     device = dali_device(config.device)
     log.info("data: DALI %s pipeline (%s), %d reader workers", device, config.format, config.workers)
     source = TrainSource(SampleReader(dataset), sampler, config)
-    return DaliTrainLoader(source, sampler, dataset.classes, device, config.workers)
+    return DaliTrainLoader(source, sampler, dataset.classes, device)
 
 
 class EvalSource:
@@ -396,14 +413,14 @@ def ten_crop_windows() -> list[tuple[float, float, int]]:
     return [(x, y, 0) for x, y in five] + [(x, y, 1) for x, y in mirrored]
 
 
-def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, protocol: str, workers: int):
+def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, protocol: str):
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(**_pipeline_options(source.batch, device, workers))
+    @pipeline_def(**_pipeline_options(source.batch, device, config))
     def pipeline():
         layout = "HWC" if config.format == "cifar" else ""
         data, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                          parallel=workers > 0, layout=[layout, ""])  # fmt: skip
+                                          layout=[layout, ""], **_external_source_options(config))  # fmt: skip
         normalize = dict(dtype=types.FLOAT, output_layout="CHW", **_normalization(config))
         if config.format == "cifar":  # the 32 x 32 test image as is
             images = fn.crop_mirror_normalize(data.gpu() if device == "gpu" else data, **normalize)
@@ -432,9 +449,7 @@ class DaliEvalLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.ready:
-            self.pipeline = build_eval_pipeline(
-                self.source, self.config, self.device, protocol=self.protocol, workers=self.config.workers
-            )
+            self.pipeline = build_eval_pipeline(self.source, self.config, self.device, protocol=self.protocol)
             self.pipeline.build()
         self.ready = False
         return run_pipeline(self.pipeline, lambda: setattr(self, "ready", True), self.source.explain)

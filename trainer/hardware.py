@@ -118,24 +118,40 @@ class ThreadPlan:
     threads: int  # torch's intra-op threads in this rank
     workers: int  # loader worker processes of this rank
     reason: str
+    dali_threads: int = 0  # DALI's CPU threads (decoding, the CPU stage of GPU decoding); 0: not DALI
 
 
 def plan_threads(
-    *, cores: int, cores_source: str, threads: int | None, workers: int | None, loader_processes: bool, on_gpu: bool
-) -> ThreadPlan:
-    """Split the ``cores`` one rank may use between torch's threads and the loader's worker processes, without
-    oversubscription. ``threads``/``workers`` are the config's (None: auto). ``loader_processes``: whether the
-    data path uses worker processes at all (the in-memory CIFAR path does not: no workers, whatever is asked).
-    On a GPU the rank's own thread only launches kernels: every other core decodes. On a CPU, decoding and training
-    share the cores evenly."""
-    if not loader_processes:
-        workers = 0
-    elif workers is None:
-        workers = max(1, cores - 1) if on_gpu else max(1, cores // 2)
+    *, cores: int, cores_source: str, threads: int | None, workers: int | None, loader_processes: bool, on_gpu: bool,
+    dali: bool = False, dali_threads: int | None = None,
+) -> ThreadPlan:  # fmt: skip
+    """Split the ``cores`` one rank may use between torch's threads and the loader's worker processes (and DALI's
+    threads), without oversubscription. ``threads``/``workers``/``dali_threads`` are the config's (None: auto).
+    ``loader_processes``: whether the data path uses worker processes at all (the in-memory CIFAR path does not: no
+    workers, whatever is asked). On a GPU the rank's own thread only launches kernels: every other core decodes. On
+    a CPU, decoding and training share the cores evenly. With DALI the worker processes only read files and draw
+    the crops (a quarter of the cores) and DALI's threads decode."""
+    if not dali:
+        if not loader_processes:
+            workers = 0
+        elif workers is None:
+            workers = max(1, cores - 1) if on_gpu else max(1, cores // 2)
+        if threads is None:
+            threads = max(1, cores - workers) if loader_processes else cores
+        reason = f"cores: {cores} for this rank ({cores_source}) -> {threads} torch threads, {workers} loader workers"
+        return ThreadPlan(threads, workers, reason)
+    if workers is None:
+        workers = max(1, cores // 4)
+    left = max(1, cores - workers)
+    if dali_threads is None:
+        dali_threads = left if on_gpu else max(1, left // 2)
     if threads is None:
-        threads = max(1, cores - workers) if loader_processes else cores
-    reason = f"cores: {cores} for this rank ({cores_source}) -> {threads} torch threads, {workers} loader workers"
-    return ThreadPlan(threads, workers, reason)
+        threads = max(1, left - dali_threads)
+    reason = (
+        f"cores: {cores} for this rank ({cores_source}) -> {threads} torch threads, {workers} DALI reader "
+        f"processes, {dali_threads} DALI threads"
+    )
+    return ThreadPlan(threads, workers, reason, dali_threads)
 
 
 def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tuple[Config, list[str]]:
@@ -145,6 +161,7 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
     cores, cores_source = launch.rank_cores(usable_cores())
     workers = None if config.data.workers == "auto" else int(config.data.workers)
     tensor_path = uses_tensor_path(config.data)
+    dali = config.data.backend == "dali"
     plan = plan_threads(
         cores=cores,
         cores_source=cores_source,
@@ -152,6 +169,8 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
         workers=workers,
         loader_processes=not tensor_path,
         on_gpu=device.type == "cuda",
+        dali=dali,
+        dali_threads=None if config.data.threads == "auto" else int(config.data.threads),
     )
     torch.set_num_threads(plan.threads)
     lines = [f"train.precision={config.train.precision} -> {precision}: {precision_reason}", plan.reason]
@@ -160,7 +179,7 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
     resolved = replace(
         config,
         train=replace(config.train, precision=precision, threads=plan.threads),
-        data=replace(config.data, workers=plan.workers),
+        data=replace(config.data, workers=plan.workers, **({"threads": plan.dali_threads} if dali else {})),
     )
     return resolved, lines
 

@@ -163,3 +163,46 @@ def test_random_resized_crop_windows_follow_torchvision(imagefolder_root):
     rrc = imagefolder_config(imagefolder_root, train_augment="random_resized_crop")
     images, _ = next(build_dali_train_loader(rrc, rank=0, world_size=1, seed=0).epoch(0))
     assert images.shape == (12, 3, 32, 32)
+
+
+SLOW_READER = '''
+import time
+from data_pipeline.dali_loader import SampleReader
+
+class SlowReader(SampleReader):
+    """Each sample costs 10 ms to read, like a file on a slow disk: the reader processes' parallelism shows."""
+
+    def encoded(self, index):
+        time.sleep(0.01)
+        return super().encoded(index)
+'''
+
+
+def test_n_reader_processes_read_about_n_times_as_fast(cifar_root, tmp_path, monkeypatch):
+    """DALI's pool gives each process a whole batch: without as many batches in flight as processes (the source's
+    prefetch_queue_depth), the processes past the first wait."""
+    import sys
+    import time
+
+    from data_pipeline.dali_loader import TrainSource, build_train_pipeline
+    from data_pipeline.torch_loader import ShardedEpochSampler
+
+    (tmp_path / "slow_reader.py").write_text(SLOW_READER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from slow_reader import SlowReader
+
+    dataset = open_dataset(cifar_root, "cifar", train=True)
+    rates = {}
+    for workers in (1, 4):
+        config = cifar_config(cifar_root, batch_size=8, workers=workers, threads=1)
+        sampler = ShardedEpochSampler(len(dataset), global_batch=8, rank=0, world_size=1, seed=0)
+        pipeline = build_train_pipeline(TrainSource(SlowReader(dataset), sampler, config), config, "cpu", batch=8)
+        pipeline.build()
+        pipeline.run()  # the processes are up
+        started = time.perf_counter()
+        for _ in range(24):
+            pipeline.run()
+        rates[workers] = 24 / (time.perf_counter() - started)
+        del pipeline
+    assert rates[4] > 2.5 * rates[1], rates  # 80 ms of reading per batch: 12.5 batches/s per process at most
+    assert "slow_reader" in sys.modules

@@ -124,3 +124,15 @@ def test_residual_env_says_what_auto_picks_here():
     assert facts["auto_precision"]["precision"] == ("bf16" if cpu.bf16_native else "fp32")
     assert "gloo" in facts["distributed_backends"] and facts["versions"]["torch"] == torch.__version__
     assert facts["dali"]["cpu_mode"] is True  # DALI's CPU-only mode runs on every machine of this project
+
+
+def test_with_dali_the_readers_take_a_quarter_and_dalis_threads_decode():
+    def plan(cores: int, on_gpu: bool, **config):
+        found = plan_threads(cores=cores, cores_source="test", threads=None, workers=None, loader_processes=True,
+                             on_gpu=on_gpu, dali=True, **config)  # fmt: skip
+        return found.threads, found.workers, found.dali_threads
+
+    assert plan(16, on_gpu=True) == (1, 4, 12)  # the GPU rank's thread launches kernels; DALI's threads decode
+    assert plan(8, on_gpu=False) == (3, 2, 3)  # DALI's CPU mode: decoding and training share the cores
+    assert plan(2, on_gpu=False) == (1, 1, 1)
+    assert plan(16, on_gpu=True, dali_threads=6) == (6, 4, 6)  # data.threads given: the rest to torch
