@@ -96,7 +96,13 @@ def init_process_group(launch: LaunchEnv, device: torch.device) -> None:
     global _group_started
     if launch.distributed and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, store=restart_store(launch))
+        dist.init_process_group(
+            backend,
+            rank=launch.rank,
+            world_size=launch.world_size,
+            store=restart_store(launch),
+            device_id=device if device.type == "cuda" else None,  # NCCL binds its communicator to this GPU
+        )
         _group_started = True
 
 

@@ -136,3 +136,14 @@ def test_with_dali_the_readers_take_a_quarter_and_dalis_threads_decode():
     assert plan(8, on_gpu=False) == (3, 2, 3)  # DALI's CPU mode: decoding and training share the cores
     assert plan(2, on_gpu=False) == (1, 1, 1)
     assert plan(16, on_gpu=True, dali_threads=6) == (6, 4, 6)  # data.threads given: the rest to torch
+
+
+def test_peak_flops_by_the_gpus_name_and_its_sms():
+    """NVL boards are not SXM ones; a MIG slice has its share of the chip's SMs, and of its peak."""
+    from trainer.throughput import table_peak_flops
+
+    assert table_peak_flops("NVIDIA H100 80GB HBM3", 132) == 989e12
+    assert table_peak_flops("NVIDIA H100 NVL", 132) == table_peak_flops("NVIDIA H200 NVL", 132) == 835e12
+    assert table_peak_flops("NVIDIA H100 PCIe", 114) == 756e12
+    assert table_peak_flops("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 16) == pytest.approx(989e12 * 16 / 132)
+    assert table_peak_flops("NVIDIA GeForce GTX 1080", 20) is None
