@@ -279,6 +279,7 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
             images = fn.decoders.image_slice(  # decodes the crop's window only
                 given["data"], given["anchor"], given["shape"], axis_names="WH", output_type=types.RGB,
                 normalized_anchor=False, normalized_shape=False, device="mixed" if device == "gpu" else "cpu",
+                adjust_orientation=False,  # as torchvision (and Pillow's header size, the window's frame): no EXIF turn
             )  # fmt: skip
             images = fn.resize(images, size=(config.crop_size, config.crop_size), antialias=True)
             images = fn.crop_mirror_normalize(
@@ -425,7 +426,8 @@ def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, 
         if config.format == "cifar":  # the 32 x 32 test image as is
             images = fn.crop_mirror_normalize(data.gpu() if device == "gpu" else data, **normalize)
         else:
-            images = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+            images = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                                       adjust_orientation=False)  # fmt: skip
             images = fn.resize(images, resize_shorter=config.val_resize, antialias=True)
             crop = (config.crop_size, config.crop_size)
             if protocol == "center":

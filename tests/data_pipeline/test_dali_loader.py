@@ -206,3 +206,27 @@ def test_n_reader_processes_read_about_n_times_as_fast(cifar_root, tmp_path, mon
         del pipeline
     assert rates[4] > 2.5 * rates[1], rates  # 80 ms of reading per batch: 12.5 batches/s per process at most
     assert "slow_reader" in sys.modules
+
+
+def test_an_exif_rotated_jpeg_is_read_unrotated_on_both_paths(imagefolder_root, tmp_path):
+    """One rule, torchvision's: the EXIF orientation is not applied. DALI's decoders would turn the image while the
+    crop window comes from its unturned size: "the cropping window ... is not valid", and the paths would disagree."""
+    import shutil
+
+    from PIL import Image
+
+    root = tmp_path / "data"
+    shutil.copytree(imagefolder_root, root)
+    for split in ("train", "val"):
+        for path in sorted((root / split).rglob("*.JPEG"))[::3]:
+            with Image.open(path) as image:
+                exif = image.getexif()
+                exif[0x0112] = 6  # orientation: turned 90 degrees (a portrait photo from a phone)
+                image.save(path, exif=exif, quality=95)
+    config = imagefolder_config(root)
+    batches = list(build_dali_train_loader(config, rank=0, world_size=1, seed=0).epoch(0))  # a whole epoch
+    assert len(batches) == 4 and all(images.shape == (12, 3, 32, 32) for images, _ in batches)
+    dali = list(build_dali_val_loader(config, rank=0, world_size=1, batch_per_rank=20, protocol="center"))
+    reference = list(build_val_loader(config, rank=0, world_size=1, batch_per_rank=20, protocol="center"))
+    for (views, _), (expected, _) in zip(dali, reference, strict=True):
+        assert (views - expected).abs().mean() < 0.05, (views - expected).abs().mean()
