@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from trainer.distributed import all_reduce_sum
+from trainer.distributed import all_reduce_sum, any_rank
 from trainer.precision import maybe_autocast
 
 PROTOCOLS = ("center", "tencrop", "multiscale")
@@ -110,6 +111,23 @@ class ViewScorer:
         return totals / (2 * len(views[0]))
 
 
+def in_lockstep(batches: Iterable, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
+    """The batches, then, while any other rank still has one, this rank's last batch again with no labels (its
+    forward joins the others' collectives, its scores count for nothing). One flag all-reduce per batch."""
+    iterator, last = iter(batches), None
+    while True:
+        batch = next(iterator, None)
+        (any_left,) = any_rank([batch is not None], device)
+        if not any_left:
+            return
+        if batch is not None and len(batch[0]) > 0:
+            last = batch
+            yield batch
+        elif last is not None:  # done, or a batch of images all left out (data.skip_corrupt)
+            views, labels = last
+            yield views, labels[:0]
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -119,8 +137,11 @@ def evaluate(
     device: torch.device,
     precision: str = "fp32",
     channels_last: bool = False,
+    sharded: bool = False,
 ) -> EvalResult:
-    """Every rank passes its own share of the images and gets the counts over all of them."""
+    """Every rank passes its own share of the images and gets the counts over all of them. ``sharded``: the model's
+    forward is a collective (FSDP2 gathers each layer's shards), so every rank runs as many forwards as the rank
+    with the most batches."""
     was_training = model.training
     model.eval()
     score = ViewScorer(model, device=device, precision=precision, channels_last=channels_last)
@@ -128,11 +149,14 @@ def evaluate(
     # put them (DALI on a GPU and CIFAR tensors: the GPU; the torch path: the CPU); nothing is read back until the end.
     counts = torch.zeros(num_classes, 3, dtype=torch.int64, device=device)  # per class: top-1, top-5, images
     started = time.perf_counter()
-    for views, labels in batches:
-        if len(labels) == 0:  # every image of the batch left out (data.skip_corrupt)
+    for views, labels in in_lockstep(batches, device) if sharded else batches:
+        if len(views) == 0:  # every image of the batch left out (data.skip_corrupt)
+            continue
+        scores = score(views)
+        if len(labels) == 0:  # a lockstep repeat: its forward joined the other ranks'; it counts for nothing
             continue
         labels = labels.to(device, non_blocking=True)
-        hit1, hit5 = topk_hits(score(views), labels)
+        hit1, hit5 = topk_hits(scores, labels)
         counts.index_add_(0, labels, torch.stack([hit1, hit5, torch.ones_like(hit1)], dim=1).long())
     seconds = time.perf_counter() - started
     model.train(was_training)

@@ -233,6 +233,7 @@ def run_evaluation(run: Run, batches: Any) -> EvalResult:
         device=run.device,
         precision=run.config.train.precision,
         channels_last=run.config.train.channels_last,
+        sharded=run.config.dist.strategy == "fsdp" and run.launch.distributed,
     )
 
 

@@ -127,3 +127,42 @@ def test_an_error_every_rank_meets_is_said_once_under_torchrun(tmp_path, cifar_r
     ]:
         result = subprocess.run([*torchrun, *command], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert result.returncode != 0 and result.stderr.count(message) == 1, result.stderr[-3000:]
+
+
+def evaluate_sharded_on_rank(rank: int, init_file: str, results) -> None:
+    from datetime import timedelta
+
+    import torch
+
+    from trainer.config import DistConfig
+    from trainer.evaluate import evaluate
+    from trainer.parallel import shard_fully
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # fmt: skip
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    images, labels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(9) % 10
+    share = range(0, 4) if rank == 0 else range(4, 9)  # 4 and 5 images in batches of 4: 1 and 2 batches
+    batches = [(images[list(share)[i : i + 4]], labels[list(share)[i : i + 4]]) for i in range(0, len(share), 4)]
+    shard_fully(model, device=torch.device("cpu"), world_size=2, precision="fp32", config=DistConfig(strategy="fsdp"))
+    result = evaluate(model, batches, num_classes=10, device=torch.device("cpu"), sharded=True)
+    results[rank] = (result.correct1, result.correct5, result.count)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp_evaluation_of_shares_with_other_batch_counts_does_not_hang(tmp_path):
+    """FSDP2's forward gathers each layer's shards from every rank: the rank with fewer batches repeats its last
+    one, counting nothing, until the others are done."""
+    import torch
+
+    from trainer.evaluate import evaluate
+
+    results = mp.Manager().dict()
+    mp.spawn(evaluate_sharded_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    images, labels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(9) % 10
+    alone = evaluate(model, [(images, labels)], num_classes=10, device=torch.device("cpu"))
+    assert results[0] == results[1] == (alone.correct1, alone.correct5, 9)
