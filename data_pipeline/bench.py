@@ -41,6 +41,28 @@ def bench_loader(*, data: str, backends: list[str], pipeline: str, batch: int, b
         )
 
 
+def bench_feeder(*, data: str, batch: int, batches: int, rounds: int) -> None:
+    """What one DALI reader process does per training batch (read each file, check its header, draw the batch's
+    augmentation), in this process alone, without DALI: the images/s one reader process can feed."""
+    from data_pipeline.dali_loader import build_dali_train_loader
+
+    source = build_dali_train_loader(DataConfig(root=data, backend="dali", batch_size=batch, workers=0), rank=0,
+                                     world_size=1, seed=0).source  # fmt: skip
+    per_epoch = source.sampler.batches_per_epoch
+    steps = ((index // per_epoch, index % per_epoch) for index in itertools.count())
+    rates = []
+    for round_index in range(rounds + 1):  # round 0 warms up: the file cache
+        start = time.perf_counter()
+        for _ in range(batches):
+            source.batch(*next(steps))
+        if round_index > 0:
+            rates.append(batches * batch / (time.perf_counter() - start))
+    shown = ", ".join(f"{rate:.0f}" for rate in rates)
+    print(f"feeder {statistics.median(rates):8.1f} images/s   (rounds: {shown})")
+    print(f"[one DALI reader process's work, batch {batch}, {batches} batches per round, medians of {rounds} rounds, "
+          f"{data}]")  # fmt: skip
+
+
 def make_stream(data: str, backend: str, pipeline: str, batch: int, workers: int):
     config = DataConfig(root=data, backend=backend, batch_size=batch, workers=workers)
     if pipeline == "paper":

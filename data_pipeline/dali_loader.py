@@ -27,6 +27,7 @@ from PIL import Image
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
 from data_pipeline.errors import UserError, from_worker_traceback
+from data_pipeline.seeding import sample_seeds, sample_uniforms
 from data_pipeline.torch_loader import Batch, ShardedEpochSampler
 from data_pipeline.transforms import CIFAR_PADDING, PCA_EIGENVALUES, PCA_EIGENVECTORS, cifar_crop_flip
 from data_pipeline.webdataset import WebDatasetDataset
@@ -42,56 +43,95 @@ def dali_device(requested: str) -> str:
 
 
 def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """A sample's augmentation, drawn from its own seed. CIFAR: the crop's offset in the 4-padded image and the
-    flip, as the tensor path draws them (``cifar_crop_flip``).
-    ImageNet (an image of ``size`` = (width, height)): the shorter side S in [scale_min, scale_max] and the
-    crop's place, as the window of the original image that the crop covers (``anchor``, ``shape``: the crop of
-    side c of the image resized to shorter side S is the window of side c * short / S resized to c, so only the
-    window is decoded and resized; with data.train_augment=random_resized_crop, RandomResizedCrop's window); the
-    flip; the normalization mean shifted by the PCA lighting noise (adding the shift before normalizing is
-    subtracting it from the mean)."""
+    """One sample's augmentation (``batch_parameters`` of a batch of one)."""
+    sizes = None if size is None else np.array([size])
+    return {key: value[0] for key, value in batch_parameters(config, np.array([seed]), sizes).items()}
+
+
+RRC_TRIES = 10  # torchvision's RandomResizedCrop: ten draws of the window, then the center crop
+
+
+def batch_parameters(config: DataConfig, seeds: np.ndarray, sizes: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Each sample's augmentation, a function of its own seed alone, for a whole batch at once (numpy, no Python
+    loop per sample: the feeder's work per image). CIFAR: the crop's offset in the 4-padded image and the flip, as
+    the tensor path draws them (``cifar_crop_flip``). ImageNet (images of ``sizes`` = N x (width, height)): the
+    shorter side S in [scale_min, scale_max] and the crop's place, as the window of the original image that the
+    crop covers (``anchor``, ``shape``: the crop of side c of the image resized to shorter side S is the window of
+    side c * short / S resized to c, so only the window is decoded and resized; with
+    data.train_augment=random_resized_crop, RandomResizedCrop's window); the flip; the normalization mean shifted
+    by the PCA lighting noise (adding the shift before normalizing is subtracting it from the mean)."""
     if config.format == "cifar":
-        left, top, flip = (int(value[0]) for value in cifar_crop_flip(np.array([seed])))
-        offset = np.array([left, top], dtype=np.int32) - CIFAR_PADDING  # (x, y) of the window in the padded image
-        return {"offset": offset, "flip": np.array(flip, dtype=np.int32)}
-    rng = np.random.default_rng(seed)
-    flip = np.array(rng.integers(0, 2), dtype=np.int32)
-    shorter = int(rng.integers(config.scale_min, config.scale_max + 1))
-    position = rng.random(2)
-    alpha = rng.normal(0.0, config.lighting_std, 3) if config.lighting_std > 0 else np.zeros(3)
-    shift = np.asarray(PCA_EIGENVECTORS) @ (alpha * np.asarray(PCA_EIGENVALUES))
+        left, top, flip = cifar_crop_flip(seeds)
+        offset = np.stack([left, top], axis=1).astype(np.int32) - CIFAR_PADDING  # (x, y) in the padded image
+        return {"offset": offset, "flip": flip.astype(np.int32)}
+    u = sample_uniforms(seeds, 10 + 4 * RRC_TRIES)
+    flip = (u[:, 0] < 0.5).astype(np.int32)
+    normals = np.sqrt(-2 * np.log1p(-u[:, 4:7])) * np.cos(2 * np.pi * u[:, 7:10])  # Box-Muller
+    alpha = normals * config.lighting_std
+    shift = (alpha * np.asarray(PCA_EIGENVALUES)) @ np.asarray(PCA_EIGENVECTORS).T
     mean = ((np.asarray(config.mean) - shift) * 255).astype(np.float32)
-    width, height = size or (config.scale_min, config.scale_min)
+    if sizes is None:  # the parameters' shapes alone
+        sizes = np.full((len(seeds), 2), config.scale_min)
+    width, height = sizes.T.astype(np.float64)
     if config.train_augment == "random_resized_crop":
-        left, top, crop_width, crop_height = random_resized_window(rng, width, height)
-        anchor, shape = np.array([left, top]), np.array([crop_width, crop_height])
-        return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean}
-    scale = shorter / min(width, height)  # as torchvision's RandomShortestSize: the long side truncated
-    resized = np.array([int(width * scale), int(height * scale)]) if width != height else np.array([shorter] * 2)
-    resized[np.argmin([width, height])] = shorter
-    corner = np.floor(position * (resized - config.crop_size + 1))  # RandomCrop's uniform integer corner
-    anchor, shape = corner / scale, np.full(2, config.crop_size / scale)
+        anchor, shape = random_resized_windows(u[:, 10:], width, height)
+    else:
+        shorter = config.scale_min + np.floor(u[:, 1] * (config.scale_max - config.scale_min + 1))
+        scale = shorter / np.minimum(width, height)  # as torchvision's RandomShortestSize: the long side truncated
+        resized = np.stack([np.where(width <= height, shorter, np.floor(width * scale)),
+                            np.where(height <= width, shorter, np.floor(height * scale))], axis=1)  # fmt: skip
+        corner = np.floor(u[:, 2:4] * (resized - config.crop_size + 1))  # RandomCrop's uniform integer corner
+        anchor, shape = corner / scale[:, None], np.repeat((config.crop_size / scale)[:, None], 2, axis=1)
     return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean}
 
 
-def random_resized_window(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's window (scale 0.08-1 of the area, aspect 3/4-4/3 log-uniform, 10 tries, then the
-    center crop of the clamped aspect), as torchvision draws it: (left, top, width, height)."""
-    area, log_ratio = width * height, (np.log(3 / 4), np.log(4 / 3))
-    for _ in range(10):
-        target, ratio = area * rng.uniform(0.08, 1.0), np.exp(rng.uniform(*log_ratio))
-        crop_width, crop_height = round(np.sqrt(target * ratio)), round(np.sqrt(target / ratio))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            return (int(rng.integers(0, width - crop_width + 1)), int(rng.integers(0, height - crop_height + 1)),
-                    crop_width, crop_height)  # fmt: skip
-    in_ratio = width / height
-    if in_ratio < 3 / 4:
-        crop_width, crop_height = width, round(width / (3 / 4))
-    elif in_ratio > 4 / 3:
-        crop_width, crop_height = round(height * 4 / 3), height
-    else:
-        crop_width, crop_height = width, height
-    return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
+def random_resized_windows(u: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """RandomResizedCrop's window (scale 0.08-1 of the area, aspect 3/4-4/3 log-uniform, the first of 10 tries that
+    fits, else the center crop of the clamped aspect), as torchvision draws it, from 4 uniforms per try and sample:
+    (left, top) and (width, height)."""
+    tries = u.reshape(len(u), RRC_TRIES, 4)
+    area, log_ratio = (width * height)[:, None], (np.log(3 / 4), np.log(4 / 3))
+    target = area * (0.08 + 0.92 * tries[..., 0])
+    ratio = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * tries[..., 1])
+    crop_width, crop_height = np.round(np.sqrt(target * ratio)), np.round(np.sqrt(target / ratio))
+    fits = (crop_width > 0) & (crop_width <= width[:, None]) & (crop_height > 0) & (crop_height <= height[:, None])
+    first, rows = fits.argmax(axis=1), np.arange(len(u))
+    crop = np.stack([crop_width[rows, first], crop_height[rows, first]], axis=1)
+    left = np.floor(tries[rows, first, 2] * (width - crop[:, 0] + 1))
+    top = np.floor(tries[rows, first, 3] * (height - crop[:, 1] + 1))
+    anchor = np.stack([left, top], axis=1)
+    in_ratio = width / height  # no try fit: the center crop of the clamped aspect
+    center = np.stack([np.where(in_ratio < 3 / 4, width, np.where(in_ratio > 4 / 3, np.round(height * 4 / 3), width)),
+                       np.where(in_ratio < 3 / 4, np.round(width * 4 / 3), height)], axis=1)  # fmt: skip
+    center_anchor = np.floor((np.stack([width, height], axis=1) - center) / 2)
+    missed = ~fits.any(axis=1)
+    return np.where(missed[:, None], center_anchor, anchor), np.where(missed[:, None], center, crop)
+
+
+JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOFn markers
+
+
+def header_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header or a PNG's IHDR, without Pillow (its parse is most of a header
+    check's cost); None for anything else or a header that does not parse. ``head``: the file's first bytes."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not head.startswith(b"\xff\xd8"):
+        return None
+    position = 2
+    while position + 9 <= len(head):
+        if head[position] != 0xFF:
+            return None
+        marker = head[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in JPEG_FRAMES:
+            height = int.from_bytes(head[position + 5 : position + 7], "big")
+            width = int.from_bytes(head[position + 7 : position + 9], "big")
+            return (width, height) if width and height else None
+        position += 2 + int.from_bytes(head[position + 2 : position + 4], "big")
+    return None
 
 
 class SampleReader:
@@ -132,11 +172,13 @@ class SampleReader:
         if encoded.ndim == 3:
             return None, None
         data = encoded.data  # no copy
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                size = image.size
-        except OSError as error:
-            return None, f"not an image ({error})"
+        size = header_size(bytes(data[:65536]))
+        if size is None:  # not a JPEG or PNG whose header parses: Pillow's verdict
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    size = image.size
+            except OSError as error:
+                return None, f"not an image ({error})"
         if bytes(data[:2]) == b"\xff\xd8" and not bytes(data[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
             return None, "truncated JPEG (no end-of-image marker)"
         return size, None
@@ -166,27 +208,42 @@ class TrainSource:
         self.config = config
         self.first_epoch, self.first_batch = 0, 0
         self.skipped = 0  # files skipped by data.skip_corrupt, in this process
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order of the data set)
+
+    def batch_samples(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's share of global batch ``batch`` of ``epoch``: dataset indices and augmentation seeds, as the
+        sampler gives them (its epoch order computed once per epoch, not per batch)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, self.sampler.epoch_order(epoch).numpy())
+        positions = self.sampler.rank_positions(batch)
+        return self._order[1][positions], sample_seeds(self.sampler.seed, epoch, positions)
 
     def samples(self, epoch: int, batch: int) -> list[tuple[int, int]]:
-        sampler = self.sampler
-        sampler.set_epoch(epoch, batch)
-        iterator = iter(sampler)
-        return [next(iterator) for _ in range(sampler.per_rank)]
+        return list(zip(*(values.tolist() for values in self.batch_samples(epoch, batch)), strict=True))
 
-    def __call__(self, info) -> tuple[list[np.ndarray], ...]:
+    def __call__(self, info) -> tuple[list[np.ndarray] | np.ndarray, ...]:
         """DALI's BatchInfo counts batches and epochs since the pipeline started: epoch k of it is our
         ``first_epoch + k``, which starts at ``first_batch`` when k == 0."""
         epoch = self.first_epoch + info.epoch_idx
         batch = info.iteration + (self.first_batch if info.epoch_idx == 0 else 0)
         if batch >= self.sampler.batches_per_epoch:
             raise StopIteration
-        data, labels, parameters = [], [], []
-        for index, seed in self.samples(epoch, batch):
+        return self.batch(epoch, batch)
+
+    def batch(self, epoch: int, batch: int) -> tuple[list[np.ndarray] | np.ndarray, ...]:
+        """The encoded files (or CIFAR images), the labels and each parameter of the batch, the per-sample work
+        only reading and a header check; the parameters drawn for the whole batch at once."""
+        indices, seeds = self.batch_samples(epoch, batch)
+        data, sizes = [], []
+        for position, index in enumerate(indices.tolist()):
             index, encoded, size = self.usable(index)
+            indices[position] = index
             data.append(encoded)
-            labels.append(self.reader.label(index))
-            parameters.append(train_parameters(self.config, seed, size))
-        return (data, labels, *([p[key] for p in parameters] for key in sorted(parameters[0])))
+            sizes.append(size)
+        sizes = None if self.config.format == "cifar" else np.array(sizes)
+        parameters = batch_parameters(self.config, seeds, sizes)
+        labels = self.reader.labels[indices].astype(np.int64)
+        return (data, labels, *(parameters[key] for key in sorted(parameters)))
 
     def usable(self, index: int) -> tuple[int, np.ndarray, tuple[int, int] | None]:
         """Sample ``index`` (its index, encoded file and size), or with data.skip_corrupt the next one whose file

@@ -29,3 +29,12 @@ def sample_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     return int(sample_seeds(seed, epoch, np.array([position]))[0])
+
+
+def sample_uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
+    """``count`` uniforms in [0, 1) for each seed (N x count), each a function of its seed and column alone: the
+    top 53 bits of splitmix64 of (seed, column)."""
+    columns = np.arange(1, count + 1, dtype=np.uint64) * np.uint64(GOLDEN)
+    with np.errstate(over="ignore"):
+        keys = np.asarray(seeds).astype(np.uint64)[:, None] * np.uint64(MIX1) + columns
+    return (splitmix64(keys) >> np.uint64(11)).astype(np.float64) * 2.0**-53

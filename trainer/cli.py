@@ -17,6 +17,7 @@ residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
 residual tensorboard [RUNS_DIR] [--port P] [--host H]
 residual report RUN_DIR [RUN_DIR ...] [--out DIR]
 residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
+                      [--feeder-only]
 residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision auto] [--steps N] [--rounds R]
                      [--end-to-end [--config CONFIG] [--iterations N]]
 """
@@ -216,6 +217,11 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_bench_loader(args: argparse.Namespace) -> None:
     from data_pipeline.bench import bench_loader
 
+    if args.feeder_only:
+        from data_pipeline.bench import bench_feeder
+
+        bench_feeder(data=args.data, batch=args.batch, batches=args.batches, rounds=args.rounds)
+        return
     backends = ["dali", "torch"] if args.backend == "both" else [args.backend]
     bench_loader(data=args.data, backends=backends, pipeline=args.pipeline, batch=args.batch, batches=args.batches,
                  rounds=args.rounds, workers=args.workers)  # fmt: skip
@@ -429,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_loader.add_argument("--rounds", type=int, default=3)
     bench_loader.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    bench_loader.add_argument(
+        "--feeder-only", action="store_true", help="images/s of one DALI reader process's work alone (paper pipeline)"
+    )
     bench_loader.set_defaults(run=cmd_bench_loader)
     bench_train = bench.add_parser("train", help="images/s of the trainer's step against a minimal loop")
     bench_train.add_argument("--model", default="resnet50")

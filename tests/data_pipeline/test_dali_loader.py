@@ -230,3 +230,40 @@ def test_an_exif_rotated_jpeg_is_read_unrotated_on_both_paths(imagefolder_root, 
     reference = list(build_val_loader(config, rank=0, world_size=1, batch_per_rank=20, protocol="center"))
     for (views, _), (expected, _) in zip(dali, reference, strict=True):
         assert (views - expected).abs().mean() < 0.05, (views - expected).abs().mean()
+
+
+def test_header_sizes_are_pillows(tmp_path):
+    """The feeder reads a JPEG's frame header or a PNG's IHDR itself; Pillow's size is the reference."""
+    import io
+
+    from PIL import Image
+
+    from data_pipeline.dali_loader import header_size
+
+    image = Image.new("RGB", (123, 45), (10, 200, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    variants = {
+        "baseline": dict(format="JPEG"),
+        "progressive": dict(format="JPEG", progressive=True),
+        "exif": dict(format="JPEG", exif=exif),
+        "png": dict(format="PNG"),
+    }
+    for name, options in variants.items():
+        buffer = io.BytesIO()
+        (image.convert("L") if name == "png" else image).save(buffer, **options)
+        assert header_size(buffer.getvalue()) == (123, 45), name
+    assert header_size(b"GIF89a....") is None and header_size(b"\xff\xd8\xff\xe0\x00") is None
+
+
+def test_the_feeder_bench_prints_one_processs_rate(imagefolder_root):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    residual = str(Path(sys.executable).parent / "residual")
+    command = [residual, "bench", "loader", "--data", str(imagefolder_root), "--feeder-only", "--batch", "8",
+               "--batches", "3", "--rounds", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[1]) > 0 and "one DALI reader process's work, batch 8" in result.stdout
