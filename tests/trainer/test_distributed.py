@@ -166,3 +166,34 @@ def test_fsdp_evaluation_of_shares_with_other_batch_counts_does_not_hang(tmp_pat
     images, labels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(9) % 10
     alone = evaluate(model, [(images, labels)], num_classes=10, device=torch.device("cpu"))
     assert results[0] == results[1] == (alone.correct1, alone.correct5, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU: run on a GPU machine")
+def test_a_ddp_step_over_nccl_on_one_gpu(tmp_path):
+    """NCCL (a group of one: NCCL refuses two ranks on one GPU), DDP's reducer, bf16 autocast and the step's flags
+    collective on the device."""
+    import torch
+
+    from trainer.config import DistConfig
+    from trainer.distributed import all_reduce_sum
+    from trainer.parallel import parallelize
+    from trainer.precision import build_grad_scaler
+    from trainer.step import Stepper
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1,
+                            device_id=device)  # fmt: skip
+    try:
+        model = create_model("resnet20").to(device)
+        wrapped = parallelize(model, DistConfig(), precision="bf16", device=device, world_size=2)  # DDP, not bypassed
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        stepper = Stepper(model, wrapped, optimizer, build_grad_scaler(device, "bf16"), device, "bf16")
+        images, labels = torch.randn(16, 3, 32, 32, device=device), torch.arange(16, device=device) % 10
+        outcome = stepper.step(images, labels, stop=False, grad_norm=True)
+        assert not outcome.skipped and not outcome.stop and outcome.grad_norm > 0
+        assert all_reduce_sum(torch.ones(3), device).tolist() == [1.0, 1.0, 1.0]
+    finally:
+        dist.destroy_process_group()

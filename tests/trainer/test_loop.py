@@ -413,3 +413,14 @@ def test_resuming_with_another_batch_size_is_refused(tmp_path, cifar_root):
     with pytest.raises(UserError, match=r"saved with 12 batches per epoch, this run has 25: the data set or"):
         train(small_run(tmp_path, cifar_root, "train.iterations=10", "data.batch_size=16"), LaunchEnv())
     assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["ckpt-000000005.pt"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a GPU machine")
+def test_dali_on_the_gpu_trains_through_its_evaluations(tmp_path, imagefolder_root):
+    """The mixed decoder, the GPU augmentation and labels, and evaluations counted on the GPU."""
+    overrides = ("data.backend=dali", "data.device=gpu", "train.iterations=4", "train.eval_every=2", "data.workers=1")
+    result, _ = train(imagefolder_run(tmp_path, imagefolder_root, *overrides, "train.log_every=2"), LaunchEnv())
+    assert result.count == 20 and [r["iteration"] for r in metrics(tmp_path / "quickstart", "eval")] == [2, 4]
+    torch_path = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=4", "train.run_name=torch")
+    assert train(torch_path, LaunchEnv())[0].count == result.count  # the torch path counts the same images
