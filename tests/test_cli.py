@@ -185,3 +185,26 @@ def test_a_runs_temporary_files_live_in_its_run_directory():
         deep = Path(scratch) / ("x" * 80)
         result = run(sys.executable, "-c", RUN_TMPDIR, str(deep))
         assert result.returncode == 0 and not result.stdout.startswith(str(deep)) and not deep.exists()
+
+
+def test_bench_gpu_refuses_without_a_gpu_and_its_checklist_parses(tmp_path):
+    import torch
+
+    from trainer.bench import gpu_checklist
+    from trainer.cli import build_parser
+    from trainer.config import load_config
+
+    if not torch.cuda.is_available():  # on a GPU machine the checklist would run
+        result = run(RESIDUAL, "bench", "gpu", "--out", str(tmp_path))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no CUDA device here" in result.stderr
+        assert list(tmp_path.iterdir()) == []
+    (tmp_path / "data").mkdir()
+    steps = gpu_checklist(out=tmp_path, gpus=8)
+    assert [title for title, _ in steps][-2:] == ["DDP over the node's 8 GPUs: ResNet-50",
+                                                  "FSDP over the node's 8 GPUs: ResNet-50"]  # fmt: skip
+    for _, command in steps:
+        argv = command[command.index("trainer.cli") + 1 :]
+        args, overrides = build_parser().parse_known_args(argv)
+        if args.command == "train":
+            config = load_config(ROOT / args.config, [*args.overrides, *overrides])
+            assert (config.data.backend, config.data.device, config.train.eval_every) == ("dali", "gpu", 20)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -14,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset
+from data_pipeline.errors import UserError
 from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.config import Config, DistConfig, ModelConfig, TrainConfig
@@ -237,3 +241,52 @@ def bare_loop(config: Config, precision: str, *, iterations: int) -> float:
                 logits = model(images.contiguous(memory_format=torch.channels_last))
             correct += int((logits.argmax(1) == val_set.labels[start : start + config.eval.batch_size]).sum())
     return correct / len(val_set)
+
+
+def gpu_checklist(*, out: Path, gpus: int) -> list[tuple[str, list[str]]]:
+    """The first figures that matter on a new GPU node, as the commands that measure them (each prints its device
+    and versions, or ``residual env`` does): (title, argv) in order."""
+    residual, data = [sys.executable, "-m", "trainer.cli"], str(out / "data")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
+                f"--log-dir={out / 'torchrun'}", "-m", "trainer.cli"]  # fmt: skip
+    dali_run = [*residual, "train", "configs/imagenet/resnet50.yaml", f"data.root={data}", "data.backend=dali",
+                "data.device=gpu", "model.num_classes=10", "data.batch_size=64", "eval.batch_size=64",
+                "train.iterations=40", "train.eval_every=20", "train.checkpoint_every=40", "train.log_every=10",
+                f"train.output_dir={out / 'runs'}", "train.run_name=dali-gpu", "train.progress=false"]  # fmt: skip
+    steps = [
+        ("this machine", [*residual, "env"]),
+        ("synthetic ImageNet-like data (500x375 JPEGs)",
+         [*residual, "data", "synth", data, "--classes", "10", "--per-class", "320", "--size", "500x375"]),
+        ("a DALI run on the GPU through its evaluations, and GPU memory after its first epoch", dali_run),
+        ("trainer step / minimal step and MFU: ResNet-50", [*residual, "bench", "train", "--model", "resnet50",
+                                                           "--batch", "256"]),
+        ("trainer step / minimal step and MFU: ResNet-20", [*residual, "bench", "train", "--model", "resnet20",
+                                                           "--batch", "128"]),
+        ("the DALI loader at 1 reader process", [*residual, "bench", "loader", "--data", data, "--backend", "dali",
+                                                 "--workers", "1", "--batch", "256"]),
+        ("the DALI loader at 8 reader processes", [*residual, "bench", "loader", "--data", data, "--backend",
+                                                   "dali", "--workers", "8", "--batch", "256"]),
+        ("one DALI reader process's work", [*residual, "bench", "loader", "--data", data, "--feeder-only",
+                                            "--batch", "256"]),
+        ("evaluation images/s: center crop and 10-crop", [*residual, "bench", "eval", "--model", "resnet50",
+                                                          "--batch", "256"]),
+    ]  # fmt: skip
+    if gpus > 1:
+        for strategy in ("ddp", "fsdp"):
+            steps.append((f"{strategy.upper()} over the node's {gpus} GPUs: ResNet-50",
+                          [*torchrun, "bench", "train", "--model", "resnet50", "--batch", "256", "--strategy",
+                           strategy]))  # fmt: skip
+    return steps
+
+
+def bench_gpu(*, out: Path) -> int:
+    """Run the checklist, each step's output as it comes under its title; the exit status of the first step that
+    fails (the rest are still run)."""
+    if not torch.cuda.is_available():
+        raise UserError("residual bench gpu measures a GPU node: no CUDA device here (`residual env` says why)")
+    status = 0
+    for title, command in gpu_checklist(out=out, gpus=torch.cuda.device_count()):
+        print(f"\n== {title}\n$ {shlex.join(command)}", flush=True)
+        code = subprocess.run(command, cwd=Path(__file__).parents[1]).returncode
+        status = status or code
+    return status

@@ -18,6 +18,7 @@ residual tensorboard [RUNS_DIR] [--port P] [--host H]
 residual report RUN_DIR [RUN_DIR ...] [--out DIR]
 residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
                       [--feeder-only]
+residual bench gpu [--out DIR]
 residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision auto] [--steps N] [--rounds R]
                      [--end-to-end [--config CONFIG] [--iterations N]]
 """
@@ -144,6 +145,12 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         rounds=args.rounds,
         fsdp_mixed_precision=args.fsdp_mixed_precision,
     )
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from trainer.bench import bench_gpu
+
+    return bench_gpu(out=Path(args.out))
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
@@ -454,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_train.add_argument("--iterations", type=int, default=600, help="--end-to-end: iterations per run")
     bench_train.add_argument("--per-class", type=int, default=1000, help="--end-to-end: synthetic images per class")
     bench_train.set_defaults(run=cmd_bench_train)
+
+    bench_gpu = bench.add_parser("gpu", help="the first figures of a new GPU node, each with device and versions")
+    bench_gpu.add_argument("--out", default="bench-gpu", help="folder for its synthetic data, runs and logs")
+    bench_gpu.set_defaults(run=cmd_bench_gpu)
 
     env = commands.add_parser("env", help="this machine: CPU, GPUs, backends, DALI, versions, and what auto picks")
     env.add_argument("--json", action="store_true", help="the facts as JSON (as each run directory's env.json)")
