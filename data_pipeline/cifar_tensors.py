@@ -16,7 +16,6 @@ import torch
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, open_dataset
 from data_pipeline.errors import UserError
-from data_pipeline.seeding import sample_seeds
 from data_pipeline.torch_loader import Batch, ShardedEpochSampler
 from data_pipeline.transforms import augment_cifar_batch, normalize_batch
 
@@ -38,9 +37,7 @@ class CifarTensorLoader:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         order = self.sampler.epoch_order(epoch).to(self.images.device)
         for batch in range(start_batch, self.batches_per_epoch):
-            positions = self.sampler.rank_positions(batch)
-            indices = order[positions[0] : positions[-1] + 1]
-            seeds = sample_seeds(self.sampler.seed, epoch, positions)
+            indices, seeds = self.sampler.rank_share(order, epoch, batch)
             images = augment_cifar_batch(self.images[indices], seeds)
             yield normalize_batch(images, self.config), self.labels[indices]
 

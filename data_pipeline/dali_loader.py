@@ -27,7 +27,7 @@ from PIL import Image
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
 from data_pipeline.errors import UserError, from_worker_traceback
-from data_pipeline.seeding import sample_seeds, sample_uniforms
+from data_pipeline.seeding import sample_uniforms
 from data_pipeline.torch_loader import Batch, ShardedEpochSampler
 from data_pipeline.transforms import CIFAR_PADDING, PCA_EIGENVALUES, PCA_EIGENVECTORS, cifar_crop_flip
 from data_pipeline.webdataset import WebDatasetDataset
@@ -215,8 +215,8 @@ class TrainSource:
         sampler gives them (its epoch order computed once per epoch, not per batch)."""
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, self.sampler.epoch_order(epoch).numpy())
-        positions = self.sampler.rank_positions(batch)
-        return self._order[1][positions], sample_seeds(self.sampler.seed, epoch, positions)
+        indices, seeds = self.sampler.rank_share(self._order[1], epoch, batch)
+        return indices.copy(), seeds  # a copy: ``batch`` puts a skipped file's replacement into it
 
     def samples(self, epoch: int, batch: int) -> list[tuple[int, int]]:
         return list(zip(*(values.tolist() for values in self.batch_samples(epoch, batch)), strict=True))
@@ -270,7 +270,7 @@ class TrainSource:
         batch = start + produced
         if batch >= self.sampler.batches_per_epoch:
             return None
-        return self.reader.undecodable([index for index, _ in self.samples(epoch, batch)])
+        return self.reader.undecodable(self.batch_samples(epoch, batch)[0].tolist())
 
     def parameter_names(self) -> list[str]:
         return sorted(train_parameters(self.config, 0, None if self.config.format == "cifar" else (1, 1)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from data_pipeline.transforms import build_eval_transform, build_train_transform
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized float32), labels (N, int64)
+Order = TypeVar("Order", torch.Tensor, np.ndarray)  # an epoch's permutation of the data set
 
 
 class ShardedEpochSampler(Sampler[tuple[int, int]]):
@@ -55,17 +57,18 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
         return torch.randperm(self.dataset_size, generator=generator)
 
-    def rank_positions(self, batch: int) -> np.ndarray:
-        """The positions in the epoch's order of this rank's share of global batch ``batch``."""
+    def rank_share(self, order: Order, epoch: int, batch: int) -> tuple[Order, np.ndarray]:
+        """This rank's share of global batch ``batch`` of an epoch whose ``order`` is given (a tensor on any device,
+        or an array): its data set indices, a slice of ``order``, and their augmentation seeds."""
         start = batch * self.global_batch + self.rank * self.per_rank
-        return np.arange(start, start + self.per_rank)
+        positions = np.arange(start, start + self.per_rank)
+        return order[start : start + self.per_rank], sample_seeds(self.seed, epoch, positions)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = self.epoch_order(self.epoch)
         for batch in range(self.start_batch, self.batches_per_epoch):
-            positions = self.rank_positions(batch)
-            seeds = sample_seeds(self.seed, self.epoch, positions).tolist()
-            yield from zip(order[positions].tolist(), seeds, strict=True)
+            indices, seeds = self.rank_share(order, self.epoch, batch)
+            yield from zip(indices.tolist(), seeds.tolist(), strict=True)
 
 
 class AugmentedDataset(Dataset):
