@@ -39,7 +39,6 @@ from trainer.config import PRECISIONS
 from trainer.evaluate import PAPER_SCALES, PROTOCOLS
 
 log = logging.getLogger("residual")
-TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -112,12 +111,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import torchvision
+
     from trainer.checkpoint import export_state_dict
 
     weights = export_state_dict(Path(args.checkpoint), Path(args.out))
     name, classes = weights.model_name, len(weights.classes)
     print(f"wrote the {name} weights of {args.checkpoint} to {args.out}, with the run's preprocessing and classes")
-    if name in TORCHVISION_MODELS:
+    if hasattr(torchvision.models, name):
         print(f"  torchvision.models.{name}(num_classes={classes}) loads them; `residual eval {args.out}` reads them")
     else:
         print(f"  `residual eval {args.out} --data DIR` reads them (torchvision has no {name})")
