@@ -22,11 +22,12 @@ from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.config import Config, DistConfig, ModelConfig, TrainConfig
 from trainer.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
-from trainer.evaluate import evaluate, topk_correct
+from trainer.evaluate import evaluate
 from trainer.hardware import resolve_precision
+from trainer.loop import TrainWindow
 from trainer.models import create_model, get_model_spec
 from trainer.precision import maybe_autocast
-from trainer.step import build_stepper
+from trainer.step import HostCopy, build_stepper
 from trainer.throughput import peak_flops, training_flops_per_image
 
 
@@ -89,11 +90,20 @@ def bench_train(
     stepper = build_stepper(config, launch, device)
     minimal = minimal_step(model_name, classes, precision, strategy, launch, device, images, labels)
 
-    def trainer_step(index: int) -> None:
+    window, unread = TrainWindow(), []
+
+    def trainer_step(index: int) -> None:  # as the loop does it: the flags read a step late, the window at logs
         for group in stepper.optimizer.param_groups:
             group["lr"] = 0.1
-        outcome = stepper.step(images, labels, stop=False, grad_norm=index % 20 == 0)
-        topk_correct(outcome.logits.float(), labels)
+        logging_step = index % 20 == 0
+        outcome = stepper.step(images, labels, stop=False, grad_norm=logging_step)
+        window.add(outcome, labels)
+        unread.append(HostCopy(outcome.flags))
+        for copy in unread if logging_step else unread[:-1]:
+            copy.values()
+        unread[:] = [] if logging_step else unread[-1:]
+        if logging_step:
+            window.summed(device)
 
     rates: dict[str, list[float]] = {"trainer": [], "minimal": []}
     for round_index in range(rounds + 1):  # round 0 warms up (allocator, kernels, compilation)

@@ -160,8 +160,14 @@ def peak_memory_bytes(device: torch.device) -> float:
 
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """For each flag, whether it is set on any rank: one collective, and every rank gets the same answer."""
-    counts = all_reduce_sum(torch.tensor(flags, dtype=torch.int32), device)
-    return [bool(count) for count in counts.tolist()]
+    return [bool(flag) for flag in any_rank_on_device(torch.tensor(flags, dtype=torch.float32, device=device))]
+
+
+def any_rank_on_device(flags: torch.Tensor) -> torch.Tensor:
+    """The largest of each 0/1 flag over all ranks, left on the flags' device: no wait for the device here."""
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
 
 
 def apply_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

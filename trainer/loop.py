@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -43,52 +44,58 @@ from trainer.distributed import (
     peak_memory_bytes,
     pick_device,
 )
-from trainer.evaluate import EvalResult, evaluate, topk_correct
+from trainer.evaluate import EvalResult, evaluate, topk_hits
 from trainer.faults import NonFiniteLoss, Preempted, StopSignals
 from trainer.hardware import environment, format_environment, resolve_auto
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
-from trainer.step import Stepper, build_stepper
+from trainer.step import STEP_FLAGS, HostCopy, StepOutcome, Stepper, build_stepper
 from trainer.throughput import peak_flops, training_flops_per_image
 
 log = logging.getLogger(__name__)
 
 
+WINDOW_SUMS = ("loss_sum", "correct1", "correct5", "count")
+
+
 @dataclass
 class TrainWindow:
-    """Running training metrics between two log points, as sums over this rank's images. What is logged (and
+    """Running training metrics between two log points: sums over this rank's images of the loss, the top-1 and
+    top-5 hits and the images (WINDOW_SUMS), kept on the device so that no step waits for them. What is logged (and
     what the warm-up schedule reads) is ``summed`` over all ranks; a checkpoint keeps that sum on rank 0 alone."""
 
-    loss_sum: float = 0.0
-    correct1: int = 0
-    correct5: int = 0
-    count: int = 0
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(WINDOW_SUMS), dtype=torch.float64))
 
-    def add(self, loss: float, correct1: int, correct5: int, count: int) -> None:
-        self.loss_sum += loss * count
-        self.correct1 += correct1
-        self.correct5 += correct5
-        self.count += count
+    @classmethod
+    def from_state_dict(cls, saved: dict[str, float]) -> TrainWindow:
+        return cls(torch.tensor([saved[key] for key in WINDOW_SUMS], dtype=torch.float64))
 
-    def summary(self) -> dict[str, float]:
-        return {
-            "loss": self.loss_sum / self.count,
-            "top1": self.correct1 / self.count,
-            "top5": self.correct5 / self.count,
-            "top1_error": 1 - self.correct1 / self.count,
-        }
+    def add(self, step: StepOutcome, labels: torch.Tensor) -> None:
+        """A step's losses and hits; none of a skipped step (its loss may be NaN)."""
+        hit1, hit5 = (hits.sum() for hits in topk_hits(step.logits.float(), labels))
+        count = labels.new_full((), len(labels), dtype=torch.float64)
+        sums = torch.stack([step.loss_sum.double(), hit1.double(), hit5.double(), count])
+        self.sums = self.sums.to(sums.device) + torch.where(step.skipped, 0.0, sums)
 
-    def summed(self, device: torch.device) -> TrainWindow:
+    def summed(self, device: torch.device) -> dict[str, float]:
         """The sums over every rank, on every rank."""
-        sums = torch.tensor([self.loss_sum, self.correct1, self.correct5, self.count], dtype=torch.float64)
-        loss_sum, correct1, correct5, count = all_reduce_sum(sums, device).tolist()
-        return TrainWindow(loss_sum, int(correct1), int(correct5), int(count))
+        return dict(zip(WINDOW_SUMS, all_reduce_sum(self.sums, device).tolist(), strict=True))
+
+
+def window_summary(sums: dict[str, float]) -> dict[str, float]:
+    count = sums["count"]
+    return {
+        "loss": sums["loss_sum"] / count,
+        "top1": sums["correct1"] / count,
+        "top5": sums["correct5"] / count,
+        "top1_error": 1 - sums["correct1"] / count,
+    }
 
 
 @dataclass
 class StepTimes:
     """This rank's time between two log points: waiting for batches, and the rest of the steps (forward,
-    backward, update, the host sync at the loss)."""
+    backward, update, and reading the flags of the step before)."""
 
     data_seconds: float = 0.0
     compute_seconds: float = 0.0
@@ -183,7 +190,7 @@ def train_state_dict(run: Run, state: TrainState) -> dict[str, Any]:
         "batches_per_epoch": run.loader.batches_per_epoch,
         "classes": run.loader.classes,
         "history": state.history.state_dict(),
-        "window": vars(state.window).copy(),
+        "window": dict(zip(WINDOW_SUMS, state.window.sums.tolist(), strict=True)),
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         "config": to_dict(run.config),
     }
@@ -204,7 +211,7 @@ def restore(run: Run, checkpoint: dict[str, Any], source: Path) -> TrainState:
     torch.set_rng_state(checkpoint["rng"]["torch"])
     random.setstate(checkpoint["rng"]["python"])
     history = MetricHistory.from_state_dict(checkpoint["history"])
-    window = TrainWindow(**checkpoint["window"]) if run.launch.is_main else TrainWindow()
+    window = TrainWindow.from_state_dict(checkpoint["window"]) if run.launch.is_main else TrainWindow()
     stepper.scaler.load_state_dict(checkpoint["scaler"])
     skipped = checkpoint["skipped_steps"], checkpoint["scaler_skipped_steps"]
     return TrainState(checkpoint["iteration"], *skipped, history, window)
@@ -328,6 +335,7 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
         dynamic_ncols=True,
     )
     result, times, first_batch = None, StepTimes(), True
+    unread: list[tuple[int, HostCopy]] = []  # steps whose flags are on their way to the host
     if evaluation_due():  # resumed from the checkpoint written before this iteration's evaluation
         result = evaluate_and_log(run, state, run_log)
     start_epoch = state.iteration // per_epoch
@@ -348,29 +356,25 @@ def train_iterations(run: Run, state: TrainState, run_log: RunLog, signals: Stop
             logging_step = (state.iteration + 1) % train.log_every == 0
             step = run.stepper.step(images, labels, stop=signals.received is not None, grad_norm=logging_step)
             state.iteration += 1
-            if step.skipped:
-                if not train.skip_nonfinite:
-                    raise NonFiniteLoss(
-                        f"the training loss is not finite at iteration {state.iteration}; stopped "
-                        f"without updating the weights; the last checkpoint is kept "
-                        f"({latest_checkpoint(run.run_dir)}); train.skip_nonfinite=true skips such steps"
-                    )
-                state.skipped_steps += 1
-            else:
-                state.scaler_skipped_steps += step.scaler_skipped
-                state.window.add(step.loss, *topk_correct(step.logits.float(), labels), len(labels))
+            state.window.add(step, labels)
+            unread.append((state.iteration, HostCopy(step.flags)))
+            checkpoint_due = state.iteration % checkpoint_every == 0 or state.iteration == run.total_iterations
+            # A step's flags are read once the next step is queued; at a log point, checkpoint or evaluation, now.
+            read_now = logging_step or checkpoint_due or evaluation_due()
+            reading, unread = (unread, []) if read_now else (unread[:-1], unread[-1:])
+            stop = read_step_flags(run, state, reading)
             progress.update(batch)
             done = time.perf_counter()
             times.data_seconds += arrived - tick
             times.compute_seconds += done - arrived
             times.steps += 1
             if logging_step:
-                log_window(run, state, run_log, lr=lr, times=times, grad_norm=step.grad_norm)
-                progress.set_postfix(loss=f"{step.loss:.3f}", lr=f"{lr:.4g}")
+                loss = log_window(run, state, run_log, lr=lr, times=times, last_step=step)
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}")
                 times = StepTimes()
-            if state.iteration % checkpoint_every == 0 or state.iteration == run.total_iterations or step.stop:
+            if checkpoint_due or stop:
                 save(run, state)
-            if step.stop:
+            if stop:
                 raise Preempted(
                     f"stopped by {signals.name} at iteration {state.iteration} of "
                     f"{run.total_iterations}; checkpoint written; a new start resumes from it"
@@ -401,24 +405,46 @@ def evaluate_and_log(run: Run, state: TrainState, run_log: RunLog) -> EvalResult
     return result
 
 
-def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, times: StepTimes, grad_norm: float) -> None:
+def read_step_flags(run: Run, state: TrainState, unread: list[tuple[int, HostCopy]]) -> bool:
+    """Count the skipped steps among ``unread`` (iteration, flags) and stop at a non-finite loss unless
+    train.skip_nonfinite (its update was cancelled); whether a rank received a stop signal."""
+    stop = False
+    for iteration, copy in unread:
+        flags = dict(zip(STEP_FLAGS, copy.values(), strict=True))
+        if flags["skipped"] and not run.config.train.skip_nonfinite:
+            raise NonFiniteLoss(
+                f"the training loss is not finite at iteration {iteration}; stopped without updating the weights; "
+                f"the last checkpoint is kept ({latest_checkpoint(run.run_dir)}); train.skip_nonfinite=true skips "
+                f"such steps"
+            )
+        state.skipped_steps += int(flags["skipped"])
+        state.scaler_skipped_steps += int(flags["scaler_skipped"])
+        stop = stop or bool(flags["stop"])
+    return stop
+
+
+def log_window(run: Run, state: TrainState, run_log: RunLog, *, lr: float, times: StepTimes,
+               last_step: StepOutcome) -> float:  # fmt: skip
     """Log the window's training metrics and each rank's times and peak memory, gathered on every rank (one
-    collective each for sums and per-rank rows); images/s is over rank 0's time."""
-    window = state.window.summed(run.device)
+    collective each for sums and per-rank rows); images/s is over rank 0's time. Returns the window's loss."""
+    sums = state.window.summed(run.device)
     state.window = TrainWindow()
     row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(run.device)]
     per_rank = all_gather_rows(torch.tensor(row, dtype=torch.float64), run.device)
-    if window.count == 0:  # every step of the window was skipped (train.skip_nonfinite)
+    if sums["count"] == 0:  # every step of the window was skipped (train.skip_nonfinite)
         run_log.log("train", state.iteration, {"lr": lr, "skipped_steps": state.skipped_steps})
-        return
-    summary = window.summary()
+        return math.nan
+    summary = window_summary(sums)
     state.history.train_errors.append((state.iteration, summary["top1_error"]))
-    values = {**summary, "lr": lr, "grad_norm": grad_norm, "skipped_steps": state.skipped_steps}
+    values = {**summary, "lr": lr, "skipped_steps": state.skipped_steps}
+    if not last_step.skipped:
+        values["grad_norm"] = float(last_step.grad_norm)
     scaler = run.stepper.scaler
     if scaler.is_enabled():
         values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": state.scaler_skipped_steps}
     run_log.log("train", state.iteration, values)
-    run_log.log("speed", state.iteration, speed_metrics(run, window.count / times.seconds, per_rank))
+    run_log.log("speed", state.iteration, speed_metrics(run, sums["count"] / times.seconds, per_rank))
+    return summary["loss"]
 
 
 def speed_metrics(run: Run, images_per_second: float, per_rank: torch.Tensor) -> dict[str, float]:
@@ -444,7 +470,7 @@ def save(run: Run, state: TrainState) -> None:
     # The open window's sums over all ranks go into the checkpoint; rank 0 carries them on, so a restore that
     # gives rank 0 the saved window and the others an empty one logs the same figures.
     window = state.window.summed(run.device)
-    state.window = window if run.launch.is_main else TrainWindow()
+    state.window = TrainWindow.from_state_dict(window) if run.launch.is_main else TrainWindow()
     average_bn_buffers(run.stepper.model)
     save_checkpoint(
         run.run_dir,

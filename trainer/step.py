@@ -3,7 +3,6 @@ and gradient scaler, and the update from one batch, accumulated over micro-batch
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from data_pipeline.errors import UserError
 from trainer.config import Config
-from trainer.distributed import LaunchEnv, any_rank, apply_sync_batchnorm
+from trainer.distributed import LaunchEnv, any_rank_on_device, apply_sync_batchnorm
 from trainer.models import create_model
 from trainer.optim import build_optimizer
 from trainer.parallel import gradient_sync, parallelize
@@ -22,12 +21,42 @@ from trainer.precision import build_grad_scaler, maybe_autocast
 
 @dataclass
 class StepOutcome:
-    loss: float  # mean over the step's images on this rank
+    """One step's results, left on the device: making them made the host wait for nothing."""
+
+    loss_sum: torch.Tensor  # the sum of the step's per-image losses on this rank (0-dim)
     logits: torch.Tensor  # of all micro-batches, for the running top-1/top-5
-    skipped: bool  # the loss was not finite on some rank: no update (the run stops unless train.skip_nonfinite)
-    stop: bool  # some rank received a stop signal: checkpoint after this step and exit
-    scaler_skipped: bool = False  # fp16: the gradients overflowed, the scaler skipped the update
-    grad_norm: float | None = None  # the global gradient norm (before any scaling), when asked for
+    flags: torch.Tensor  # STEP_FLAGS as 0/1, the same on every rank
+    grad_norm: torch.Tensor | None = None  # the global gradient norm (before any scaling), when asked for
+
+    @property
+    def skipped(self) -> torch.Tensor:
+        return self.flags[0].bool()
+
+
+# skipped: the loss was not finite on some rank, no update (the run stops unless train.skip_nonfinite);
+# stop: some rank received a stop signal (checkpoint and exit); scaler_skipped: fp16 gradients overflowed, the
+# gradient scaler cancelled the update (and halves its scale)
+STEP_FLAGS = ("skipped", "stop", "scaler_skipped")
+
+
+class HostCopy:
+    """A small device tensor on its way to the host: started without waiting for the device, ``values()`` waits
+    for this copy alone. The loop reads a step's flags after it has queued the next step, so the GPU never idles."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.event = None
+        if tensor.device.type == "cuda":
+            self.tensor = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self.tensor.copy_(tensor, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.tensor = tensor
+
+    def values(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor.tolist()
 
 
 @dataclass
@@ -41,8 +70,10 @@ class Stepper:
     accumulation: int = 1
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, *, stop: bool, grad_norm: bool) -> StepOutcome:
-        """Forward and backward each micro-batch (the gradients are reduced over ranks after the last), then one
-        host sync for the loss, one collective for the flags every rank must agree on, and the update."""
+        """Forward and backward each micro-batch (the gradients are reduced over ranks after the last), one
+        collective for the flags every rank must agree on, and the update, which a non-finite loss on any rank
+        cancels on the device (the fused optimizer's ``found_inf``, as the gradient scaler uses it). Nothing here
+        waits for the device, but under FSDP2 (no fused SGD for DTensors): the host reads the flag before updating."""
         self.optimizer.zero_grad(set_to_none=True)
         micro = list(zip(images.chunk(self.accumulation), labels.chunk(self.accumulation), strict=True))
         total_loss, outputs = torch.zeros((), device=self.device), []
@@ -54,27 +85,37 @@ class Stepper:
                 self.scaler.scale(loss * (len(targets) / len(labels))).backward()
             total_loss += loss.detach() * len(targets)
             outputs.append(logits.detach())
-        loss_value = total_loss.item() / len(labels)  # the step's one host sync: checked, logged
-        nonfinite, stop = any_rank([not math.isfinite(loss_value), stop], self.device)
-        outcome = StepOutcome(loss_value, torch.cat(outputs), skipped=nonfinite, stop=stop)
-        if nonfinite:  # the gradients were reduced like any others (every rank took the same path); dropped here
-            self.optimizer.zero_grad(set_to_none=True)
-            return outcome
-        if grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            outcome.grad_norm = gradient_norm(self.model)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)  # fp16: no update when a gradient overflowed (the same on every rank)
-        self.scaler.update()
-        outcome.scaler_skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
-        return outcome
+        local = torch.stack([total_loss.isfinite().logical_not(), torch.full((), stop, device=self.device)])
+        skipped, stop_flag = any_rank_on_device(local.float())  # the gradients were reduced like any others
+        self.scaler.unscale_(self.optimizer)  # fp16 (else nothing): finds overflow, the norm is of true gradients
+        norm = gradient_norm(self.model) if grad_norm else None
+        overflow = scaler_found_inf(self.scaler, self.optimizer, self.device)
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = torch.maximum(skipped, overflow)
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not skipped.item():
+            self.optimizer.step()
+        self.scaler.update()  # fp16: the scale halves after an overflow, and grows after a run of good steps
+        flags = torch.stack([skipped, stop_flag, overflow * (1 - skipped)])
+        return StepOutcome(total_loss, torch.cat(outputs), flags, norm)
 
 
-def gradient_norm(model: nn.Module) -> float:
-    """The L2 norm of all gradients of the model, over every rank's shard under FSDP2."""
+def scaler_found_inf(
+    scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, device: torch.device
+) -> torch.Tensor:
+    """1 when the enabled gradient scaler found an inf/NaN in the gradients it unscaled, else 0 (a device tensor).
+    GradScaler keeps these per device, the way its own step reads them (torch has no public reader)."""
+    if not scaler.is_enabled():
+        return torch.zeros((), device=device)
+    return sum(scaler._found_inf_per_device(optimizer).values()).clamp(max=1)
+
+
+def gradient_norm(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of all gradients of the model, over every rank's shard under FSDP2 (a device tensor)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> Stepper:
