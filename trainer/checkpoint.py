@@ -164,6 +164,8 @@ def load_model_and_optimizer(
             )
     except (RuntimeError, KeyError, ValueError) as error:  # another depth, width or class count
         raise UserError(f"{path}: does not fit {name}: {str(error).strip().splitlines()[-1][:300]}") from None
+    for group in optimizer.param_groups:  # the update's kernel is this run's choice (fused where torch has it)
+        group.update({key: optimizer.defaults[key] for key in ("fused", "foreach")})
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
