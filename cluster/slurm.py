@@ -26,7 +26,7 @@ JOB_IDS = "slurm_jobs.txt"  # in a run directory: the SLURM jobs that ran it and
 
 
 class TrainTask(submitit.helpers.Checkpointable):
-    """What each task of a job runs: ``residual train CONFIG OVERRIDES`` in the task's own process.
+    """What each task of a job runs: the training entry point (``trainer.run``) in the task's own process.
 
     Checkpointable: should submitit's own signal handler run (a signal before training started), it requeues the
     task unchanged, and the new start resumes from the run directory like any other."""
@@ -36,9 +36,9 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.overrides = overrides
 
     def __call__(self) -> int:
-        from trainer.cli import main
+        from trainer.run import run
 
-        code = main(["train", self.config, *self.overrides])
+        code = run(self.config, self.overrides)
         if code == REQUEUE_EXIT_CODE:
             environment = submitit.JobEnvironment()
             if environment.global_rank == 0:

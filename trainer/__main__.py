@@ -1,8 +1,10 @@
-"""``python -m trainer CONFIG [key=value ...]``: the training entry point that torchrun and SLURM tasks start."""
+"""``python -m trainer CONFIG [key=value ...]``: the training entry point that torchrun and Ray trials start."""
 
 import sys
 
-from trainer.cli import main
+from trainer.run import run
 
 if __name__ == "__main__":  # not in the worker processes that DALI and DataLoader spawn, which import this module
-    sys.exit(main(["train", *sys.argv[1:]]))
+    if len(sys.argv) < 2 or sys.argv[1].startswith("-"):
+        sys.exit("usage: python -m trainer CONFIG [key=value ...]")
+    sys.exit(run(sys.argv[1], sys.argv[2:]))

@@ -42,34 +42,12 @@ log = logging.getLogger("residual")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
-    from trainer.distributed import LaunchEnv, destroy_process_group
-    from trainer.faults import TrainingStopped
-    from trainer.loop import train, use_run_tmpdir
+    from trainer.run import run
 
-    launch = LaunchEnv.from_environ()
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"train.resume={args.resume}")
-    config = load_config(args.config, overrides, world_size=launch.world_size)
-    use_run_tmpdir(Path(config.train.output_dir) / config.train.run_name, launch)
-    logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
-    try:
-        result, run_log = train(config, launch)
-    except TrainingStopped as stopped:
-        if launch.is_main:
-            print(f"residual: {stopped}", file=sys.stderr)
-        return stopped.exit_code
-    finally:
-        destroy_process_group()
-    if launch.is_main:
-        protocol = config.eval.final_protocol
-        print(
-            f"{config.model.name}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
-            f"({protocol}, {result.count} validation images; chance {100 / config.model.num_classes:.1f}%)"
-        )
-        print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
-    return 0
+    return run(args.config, overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -1,0 +1,54 @@
+"""The import directions of the layout: the CLI -> cluster -> trainer -> data_pipeline, never back; the models
+know nothing of the project; nothing imports the CLI (it calls the code, the code never calls it)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PACKAGES = ("cluster", "trainer", "data_pipeline")
+CLI = "trainer.cli"
+LAYERS = {"cluster": 2, "trainer": 1, "data_pipeline": 0}  # a module imports from its layer and those below
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_imports(path: Path) -> set[str]:
+    """Every project module ``path`` imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name.split(".")[0] in PACKAGES}
+
+
+def is_within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+MODULES = {module_name(path): project_imports(path) for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+
+
+def test_the_modules_are_found():
+    assert {"trainer.loop", "trainer.cli", "cluster.slurm", "data_pipeline.dali_loader"} <= MODULES.keys()
+
+
+@pytest.mark.parametrize("module", sorted(name for name in MODULES if not is_within(name, CLI)))
+def test_imports_point_down_the_layers(module):
+    layer = LAYERS[module.split(".")[0]]
+    upward = sorted(name for name in MODULES[module] if LAYERS[name.split(".")[0]] > layer)
+    assert not upward, f"{module} imports {upward}, a layer above it"
+    callers = sorted(name for name in MODULES[module] if is_within(name, CLI))
+    assert not callers, f"{module} imports the CLI ({callers}); call trainer.run or the function the CLI calls"
+
+
+@pytest.mark.parametrize("module", sorted(name for name in MODULES if is_within(name, "trainer.models")))
+def test_the_models_know_nothing_of_the_project(module):
+    outside = sorted(name for name in MODULES[module] if not is_within(name, "trainer.models"))
+    assert not outside, f"{module} imports {outside}"

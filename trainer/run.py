@@ -1,0 +1,50 @@
+"""The one training entry point: ``run(CONFIG, overrides)`` in this process, whatever started it. `residual train`,
+``python -m trainer`` (what torchrun and Ray trials start) and SLURM tasks all call it, and get its exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from data_pipeline.errors import UserError
+from trainer.config import load_config
+from trainer.distributed import LaunchEnv, destroy_process_group, reports_user_errors
+from trainer.faults import TrainingStopped
+from trainer.loop import train, use_run_tmpdir
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def run(config_path: str, overrides: Sequence[str] = ()) -> int:
+    """Train (or resume) the run CONFIG with ``key=value`` overrides describes, as one rank of it.
+
+    0 after the final evaluation, which rank 0 prints with where the TensorBoard logs are; a stopped run's code
+    (75 after a stop signal, on which the cluster layer requeues; 74 when a checkpoint could not be written; 1 for
+    a loss that is not finite); 2 for a mistake in the config or the data, said in one line once per host."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    launch = LaunchEnv.from_environ()
+    try:
+        config = load_config(config_path, list(overrides), world_size=launch.world_size)
+        use_run_tmpdir(Path(config.train.output_dir) / config.train.run_name, launch)
+        logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
+        result, run_log = train(config, launch)
+    except TrainingStopped as stopped:
+        if launch.is_main:
+            print(f"residual: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except UserError as error:
+        if reports_user_errors(launch):
+            print(f"residual: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    finally:
+        destroy_process_group()
+    if launch.is_main:
+        protocol = config.eval.final_protocol
+        print(
+            f"{config.model.name}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
+            f"({protocol}, {result.count} validation images; chance {100 / config.model.num_classes:.1f}%)"
+        )
+        print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
+    return 0
