@@ -24,7 +24,7 @@ from trainer.config import Config, DistConfig, ModelConfig, TrainConfig
 from trainer.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
 from trainer.evaluate import evaluate
 from trainer.hardware import resolve_precision
-from trainer.loop import TrainWindow
+from trainer.metrics import TrainWindow
 from trainer.models import create_model, get_model_spec
 from trainer.precision import maybe_autocast
 from trainer.step import HostCopy, build_stepper

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import collections
 import inspect
+import logging
 import os
 import pathlib
 import pickle
+import random
 import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -31,12 +33,15 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from data_pipeline.errors import UserError
-from trainer.distributed import any_rank, barrier
+from trainer.config import Config, to_dict
+from trainer.distributed import LaunchEnv, any_rank, average_bn_buffers, barrier
 from trainer.faults import CheckpointNotWritten
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)(\.pt)?$")
 CPU = torch.device("cpu")
 TRAIN_STATE = "train_state.pt"  # in a DCP directory: what is not model or optimizer
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -321,3 +326,93 @@ def export_state_dict(source: Path, out: Path) -> Weights:
         remove(partial)
         raise UserError(f"{out}: cannot write ({error.strerror}: {error.filename})") from None
     return weights
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None: ...
+
+
+class CheckpointManager:
+    """What a training run's checkpoint holds, when one is due, and which one a run resumes from.
+
+    A checkpoint holds the model and the optimizer; beside them the train state (the iteration, which fixes the
+    epoch and the batch within it and so the data order and every crop; skipped steps; the metrics history the
+    schedule reads), the open metrics window, the gradient scaler, the RNG states and the config, with what a
+    resume checks: the model's name, the batches per epoch (the data set and batch size), the classes."""
+
+    def __init__(self, run_dir: Path, config: Config, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, launch: LaunchEnv, device: torch.device, batches_per_epoch: int,
+                 classes: list[str], total_iterations: int) -> None:  # fmt: skip
+        self.run_dir, self.config, self.launch, self.device = run_dir, config, launch, device
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.batches_per_epoch, self.classes, self.total_iterations = batches_per_epoch, classes, total_iterations
+        self.every = config.train.checkpoint_every or batches_per_epoch
+
+    def due(self, iteration: int) -> bool:
+        """On the cadence (``train.checkpoint_every``, default every epoch) and at the last iteration."""
+        return iteration % self.every == 0 or iteration == self.total_iterations
+
+    def resume_source(self) -> Path | None:
+        """``train.resume``: "auto" (the latest checkpoint if there is one), "latest" (it must exist), "never", or a
+        checkpoint's path."""
+        resume = self.config.train.resume
+        if resume == "never":
+            return None
+        if resume in ("auto", "latest"):
+            latest = latest_checkpoint(self.run_dir)
+            if latest is None and resume == "latest":
+                raise UserError(f"--resume: no checkpoint in {checkpoint_dir(self.run_dir)} to resume from")
+            return latest
+        return Path(resume)
+
+    def resume(self, train_state: Stateful) -> dict[str, Any] | None:
+        """Load the checkpoint ``resume_source`` names, if any, into this run; its metrics window, for the metrics."""
+        source = self.resume_source()
+        if source is None:
+            return None
+        saved = read_train_state(source)
+        name = self.config.model.name
+        if saved.get("model_name") != name:
+            raise UserError(f"{source}: a checkpoint of {saved.get('model_name')!r}, not of model.name={name!r}")
+        if saved["batches_per_epoch"] != self.batches_per_epoch:
+            raise UserError(
+                f"{source}: saved with {saved['batches_per_epoch']} batches per epoch, this run has "
+                f"{self.batches_per_epoch}: the data set or data.batch_size changed"
+            )
+        load_model_and_optimizer(source, saved, self.model, self.optimizer, name=name)
+        torch.set_rng_state(saved["rng"]["torch"])
+        random.setstate(saved["rng"]["python"])
+        self.scaler.load_state_dict(saved["scaler"])
+        train_state.load_state_dict(saved)
+        log.info("resumed from %s at iteration %d", source, saved["iteration"])
+        return saved["window"]
+
+    def save(self, train_state: Stateful, metrics: Stateful) -> Path:
+        """Called on every rank (BN statistics are averaged and the metrics window summed over the ranks first)."""
+        average_bn_buffers(self.model)
+        state = train_state.state_dict()
+        extra = {
+            "model_name": self.config.model.name,
+            "epoch": state["iteration"] // self.batches_per_epoch,  # with the iteration: the data position
+            "strategy": self.config.dist.strategy,
+            "world_size": self.launch.world_size,
+            "scaler": self.scaler.state_dict(),
+            "batches_per_epoch": self.batches_per_epoch,
+            "classes": self.classes,
+            "window": metrics.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "config": to_dict(self.config),
+        }
+        return save_checkpoint(
+            self.run_dir,
+            state["iteration"],
+            self.model,
+            self.optimizer,
+            {**state, **extra},
+            sharded=self.config.dist.strategy == "fsdp",
+            keep=self.config.train.keep_checkpoints,
+            is_main=self.launch.is_main,
+            device=self.device,
+        )

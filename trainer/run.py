@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,9 +15,11 @@ from data_pipeline.errors import UserError
 from trainer.config import load_config
 from trainer.distributed import LaunchEnv, destroy_process_group, reports_user_errors
 from trainer.faults import TrainingStopped
-from trainer.loop import train, use_run_tmpdir
+from trainer.loop import train
 
 USER_ERROR_EXIT_CODE = 2
+
+log = logging.getLogger(__name__)
 
 
 def run(config_path: str, overrides: Sequence[str] = ()) -> int:
@@ -48,3 +53,21 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
         )
         print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
     return 0
+
+
+UNIX_SOCKET_ROOM = 75  # multiprocessing binds sockets at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX; Linux allows 107
+
+
+def use_run_tmpdir(run_dir: Path, launch: LaunchEnv) -> None:
+    """This rank's temporary files (multiprocessing's pymp-*, those of DALI's workers) in RUN_DIR/tmp/rankN, emptied
+    at each start: a run killed with -9 leaves them in its own folder, not in $TMPDIR. A run directory too deep for
+    a socket path keeps $TMPDIR. For the whole process: ``run`` calls it first."""
+    folder = run_dir.absolute() / "tmp" / f"rank{launch.rank}"
+    if len(str(folder)) > UNIX_SOCKET_ROOM:
+        log.info("temporary files in %s (%s is too long a path for the sockets made there)", tempfile.gettempdir(),
+                 folder)  # fmt: skip
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["TMPDIR"] = str(folder)  # for the processes this one starts
+    tempfile.tempdir = str(folder)

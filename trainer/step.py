@@ -59,6 +59,20 @@ class HostCopy:
         return self.tensor.tolist()
 
 
+class LateFlags:
+    """The steps' flags on their way to the host: each step's are read once the next step is queued (``read``), or
+    at once where the loop must know (``read(now=True)``: a log point, a checkpoint, an evaluation)."""
+
+    def __init__(self) -> None:
+        self.unread: list[tuple[int, HostCopy]] = []
+
+    def read(self, iteration: int, step: StepOutcome, *, now: bool) -> list[tuple[int, dict[str, float]]]:
+        """Add ``step`` (of ``iteration``); the (iteration, flags) read by this call, oldest first."""
+        self.unread.append((iteration, HostCopy(step.flags)))
+        reading, self.unread = (self.unread, []) if now else (self.unread[:-1], self.unread[-1:])
+        return [(at, dict(zip(STEP_FLAGS, copy.values(), strict=True))) for at, copy in reading]
+
+
 @dataclass
 class Stepper:
     model: nn.Module  # the plain model (FSDP2 shards it in place): what is saved and exported

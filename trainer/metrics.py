@@ -1,0 +1,199 @@
+"""The training metrics and when they are logged: the running loss and top-1/top-5 of a log window (kept on the
+device), this rank's wait for data and step time, images/s, the model FLOP utilization, each rank's peak memory,
+the progress bar, and the evaluations' records. The loop calls ``record`` after each step and ``flush`` at a log
+point; ``state_dict`` is the open window, which a checkpoint keeps so that a resumed run logs the same figures."""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from trainer.distributed import LaunchEnv, all_gather_rows, all_reduce_sum, peak_memory_bytes
+from trainer.evaluate import EvalResult, topk_hits
+from trainer.run_log import RunLog
+from trainer.schedule import MetricHistory
+from trainer.step import StepOutcome
+
+log = logging.getLogger(__name__)
+
+WINDOW_SUMS = ("loss_sum", "correct1", "correct5", "count")
+
+
+@dataclass
+class TrainWindow:
+    """Sums over this rank's images between two log points of the loss, the top-1 and top-5 hits and the images
+    (WINDOW_SUMS), kept on the device so that no step waits for them. What is logged (and what the warm-up schedule
+    reads) is ``summed`` over all ranks."""
+
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(WINDOW_SUMS), dtype=torch.float64))
+
+    def add(self, step: StepOutcome, labels: torch.Tensor) -> None:
+        """A step's losses and hits; none of a skipped step (its loss may be NaN)."""
+        hit1, hit5 = (hits.sum() for hits in topk_hits(step.logits.float(), labels))
+        count = labels.new_full((), len(labels), dtype=torch.float64)
+        sums = torch.stack([step.loss_sum.double(), hit1.double(), hit5.double(), count])
+        self.sums = self.sums.to(sums.device) + torch.where(step.skipped, 0.0, sums)
+
+    def summed(self, device: torch.device) -> dict[str, float]:
+        """The sums over every rank, on every rank."""
+        return dict(zip(WINDOW_SUMS, all_reduce_sum(self.sums, device).tolist(), strict=True))
+
+
+def window_summary(sums: dict[str, float]) -> dict[str, float]:
+    count = sums["count"]
+    return {
+        "loss": sums["loss_sum"] / count,
+        "top1": sums["correct1"] / count,
+        "top5": sums["correct5"] / count,
+        "top1_error": 1 - sums["correct1"] / count,
+    }
+
+
+@dataclass
+class StepTimes:
+    """This rank's time between two log points: waiting for batches, and the rest of the steps (forward,
+    backward, update, and reading the flags of the step before)."""
+
+    data_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    steps: int = 0
+
+    @property
+    def seconds(self) -> float:
+        """The window's wall time, less evaluations and checkpoints."""
+        return self.data_seconds + self.compute_seconds
+
+
+class MetricsProcessor:
+    def __init__(
+        self,
+        run_log: RunLog,
+        *,
+        launch: LaunchEnv,
+        device: torch.device,
+        log_every: int,
+        progress: bool,
+        images_per_step: int,
+        iterations: tuple[int, int],  # (start, total)
+        flops: tuple[float | None, float] = (None, 0.0),  # the GPUs' dense peak and the training FLOPs per image
+        data_stats: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,)),  # mean and std, to show a batch
+    ) -> None:
+        self.run_log, self.launch, self.device, self.log_every = run_log, launch, device, log_every
+        self.peak_flops, self.flops_per_image = flops
+        self.data_stats = data_stats
+        self.window, self.times = TrainWindow(), StepTimes()
+        self.images_per_step = images_per_step
+        self.progress = tqdm(
+            total=iterations[1] * images_per_step,
+            initial=iterations[0] * images_per_step,
+            unit="img",
+            unit_scale=True,
+            disable=not (progress and launch.is_main),
+            mininterval=1.0,
+            dynamic_ncols=True,
+        )
+        self.shown_batch, self.arrived = False, 0.0
+
+    def should_log(self, iteration: int) -> bool:
+        return iteration % self.log_every == 0
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """The batches, counting the wait for each as data time (not the evaluations and checkpoints between)."""
+        iterator = iter(batches)
+        while True:
+            tick = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.arrived = time.perf_counter()
+            self.times.data_seconds += self.arrived - tick
+            yield batch
+
+    def record(self, iteration: int, step: StepOutcome, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """After each step: into the window (on the device), the step's time, the progress bar; the first batch
+        this start sees goes to TensorBoard as images."""
+        if not self.shown_batch:
+            self.run_log.batch_image(iteration - 1, images, *self.data_stats)
+            self.shown_batch = True
+        self.window.add(step, labels)
+        self.progress.update(self.images_per_step)
+        self.times.compute_seconds += time.perf_counter() - self.arrived
+        self.times.steps += 1
+
+    def flush(self, iteration: int, *, lr: float, last_step: StepOutcome, counts: dict[str, int],
+              history: MetricHistory, scaler: torch.amp.GradScaler) -> None:  # fmt: skip
+        """Log the window's training metrics (its top-1 error into the ``history`` the schedule reads) and each
+        rank's times and peak memory, gathered on every rank (one collective each for sums and per-rank rows);
+        images/s is over rank 0's time. ``counts``: the skipped steps so far."""
+        sums = self.window.summed(self.device)
+        times, self.window, self.times = self.times, TrainWindow(), StepTimes()
+        row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(self.device)]
+        per_rank = all_gather_rows(torch.tensor(row, dtype=torch.float64), self.device)
+        if sums["count"] == 0:  # every step of the window was skipped (train.skip_nonfinite)
+            self.run_log.log("train", iteration, {"lr": lr, "skipped_steps": counts["skipped_steps"]})
+            self.progress.set_postfix(loss=math.nan, lr=f"{lr:.4g}")
+            return
+        summary = window_summary(sums)
+        history.train_errors.append((iteration, summary["top1_error"]))
+        values = {**summary, "lr": lr, "skipped_steps": counts["skipped_steps"]}
+        if not last_step.skipped:
+            values["grad_norm"] = float(last_step.grad_norm)
+        if scaler.is_enabled():
+            values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": counts["scaler_skipped_steps"]}
+        self.run_log.log("train", iteration, values)
+        self.run_log.log("speed", iteration, self.speed_metrics(sums["count"] / times.seconds, per_rank))
+        self.progress.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.4g}")
+
+    def speed_metrics(self, images_per_second: float, per_rank: torch.Tensor) -> dict[str, float]:
+        """Global images/s; the per-rank step time (compute, without the wait for data) as min/median/max and the
+        slowest rank; the share of the step spent waiting for data (of the slowest waiter); peak memory per rank."""
+        compute, data, memory = per_rank.T.tolist()
+        totals = [c + d for c, d in zip(compute, data, strict=True)]
+        metrics = {
+            "images_per_second": images_per_second,
+            "step_seconds_min": min(compute),
+            "step_seconds_median": statistics.median(compute),
+            "step_seconds_max": max(compute),
+            "slowest_rank": max(range(len(compute)), key=compute.__getitem__),
+            "data_wait_fraction": max(d / t for d, t in zip(data, totals, strict=True)),
+            **{f"peak_memory_gb/rank{rank}": value / 2**30 for rank, value in enumerate(memory)},
+        }
+        if self.peak_flops is not None:
+            metrics["mfu"] = self.flops_per_image * images_per_second / (self.peak_flops * self.launch.world_size)
+        return metrics
+
+    def log_eval(self, iteration: int, protocol: str, result: EvalResult) -> None:
+        """An evaluation's record, once (a start before this one may have logged it)."""
+        if not self.run_log.has_eval(iteration, protocol):
+            self.run_log.log("eval", iteration, {"protocol": protocol, **result.as_dict()})
+
+    def log_memory(self) -> None:
+        """After a start's first epoch on a GPU: DALI's pools grow, never shrink, so say how far."""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            log.info("after the first epoch: %.1f of %.1f GB of the GPU in use (torch's peak allocation %.1f GB)",
+                     (total - free) / 2**30, total / 2**30, peak / 2**30)  # fmt: skip
+
+    def state_dict(self) -> dict[str, float]:
+        """The open window's sums over all ranks (a collective: every rank calls it). Rank 0 carries them on, the
+        others start an empty window, so a restore that gives rank 0 the saved window logs the same figures."""
+        sums = self.window.summed(self.device)
+        self.load_state_dict(sums)
+        return sums
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        values = [saved[key] for key in WINDOW_SUMS] if self.launch.is_main else [0.0] * len(WINDOW_SUMS)
+        self.window = TrainWindow(torch.tensor(values, dtype=torch.float64))
+
+    def close(self) -> None:
+        self.progress.close()
