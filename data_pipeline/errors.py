@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can make (a bad config value, a missing folder, a bad file).
 
-It lives at the bottom of the import graph (cluster -> trainer -> data_pipeline) so that every package raises
-the same type; the CLI prints its message without a traceback and exits with status 2.
+It lives at the bottom of the import graph (the CLI -> cluster -> trainer -> data_pipeline; tests/test_layering.py)
+and imports nothing, so that every package raises the same type; the entry points (``trainer.run``, the CLI) print
+its message without a traceback and exit with status 2.
 """
 
 

@@ -35,8 +35,7 @@ import tempfile
 from pathlib import Path
 
 from data_pipeline.errors import UserError
-from trainer.config import PRECISIONS
-from trainer.evaluate import PAPER_SCALES, PROTOCOLS
+from trainer.config import PAPER_SCALES, PRECISIONS, PROTOCOLS
 
 log = logging.getLogger("residual")
 

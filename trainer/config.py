@@ -18,9 +18,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError, require, require_one_of
-from trainer.evaluate import PAPER_SCALES, PROTOCOLS
+from trainer.models.table import MODEL_NAMES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROTOCOLS = ("center", "tencrop", "multiscale")
+PAPER_SCALES = (224, 256, 384, 480, 640)  # the shorter sides of multi-scale testing (Table 4)
 
 
 @dataclass
@@ -34,9 +36,7 @@ class ModelConfig:
     depth: int | None = None  # CIFAR-10 nets only: any 6n+2
 
     def __post_init__(self) -> None:
-        from trainer.models import list_models
-
-        require_one_of("model.name", self.name, tuple(list_models()))
+        require_one_of("model.name", self.name, MODEL_NAMES)
         require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be at least 2")
         if self.shortcut is not None:
             require_one_of("model.shortcut", self.shortcut, ("A", "B", "C"))

@@ -21,9 +21,6 @@ from torch import nn
 from trainer.distributed import all_reduce_sum, any_rank
 from trainer.precision import maybe_autocast
 
-PROTOCOLS = ("center", "tencrop", "multiscale")
-PAPER_SCALES = (224, 256, 384, 480, 640)  # the shorter sides of multi-scale testing (Table 4)
-
 
 @dataclass(frozen=True)
 class EvalResult:

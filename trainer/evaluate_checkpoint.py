@@ -21,9 +21,9 @@ from data_pipeline.datasets import CifarDataset, ImageFolderDataset, check_same_
 from data_pipeline.errors import UserError
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.checkpoint import Weights, load_model_state, read_weights
-from trainer.config import ModelConfig
+from trainer.config import PAPER_SCALES, ModelConfig
 from trainer.distributed import LaunchEnv, init_process_group, pick_device
-from trainer.evaluate import PAPER_SCALES, EvalResult, evaluate
+from trainer.evaluate import EvalResult, evaluate
 from trainer.hardware import resolve_precision
 from trainer.models import create_model, get_model_spec
 

@@ -108,3 +108,22 @@ def test_static_graph_with_accumulation_is_refused(tmp_path):
     assert load_config(path, ["train.accumulation=1"]).dist.static_graph
     with pytest.raises(UserError, match=r"dist.static_graph=True: not with train.accumulation=2: .*#143580"):
         load_config(path, ["train.accumulation=2"])
+
+
+def test_loading_a_config_imports_no_torch():
+    """What a login node or `residual submit` does: load and check a config, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from trainer.config import load_config; "
+        f"load_config({str(CONFIGS / 'quickstart.yaml')!r}, ['optim.lr=0.2', 'model.name=resnet56']); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+
+
+def test_the_torch_free_model_names_are_the_registry():
+    from trainer.models.table import MODEL_NAMES
+
+    assert sorted(MODEL_NAMES) == sorted(list_models())

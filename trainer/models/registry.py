@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from trainer.models.resnet import BasicBlock, Bottleneck, ResNet
+from trainer.models.table import CIFAR_NETS, CIFAR_PLAIN, IMAGENET_NETS, IMAGENET_PLAIN
 
 
 @dataclass(frozen=True)
@@ -73,20 +74,15 @@ def _register(name: str, build: Callable[..., nn.Module], dataset: str, params: 
     _REGISTRY[name] = ModelSpec(name, build, dataset, params, macs)
 
 
-for _depth, _block, _blocks, _params, _macs in [
-    (18, BasicBlock, (2, 2, 2, 2), 11.7e6, 1.8e9),
-    (34, BasicBlock, (3, 4, 6, 3), 21.8e6, 3.6e9),
-    (50, Bottleneck, (3, 4, 6, 3), 25.6e6, 3.8e9),
-    (101, Bottleneck, (3, 4, 23, 3), 44.5e6, 7.6e9),
-    (152, Bottleneck, (3, 8, 36, 3), 60.2e6, 11.3e9),
-]:
-    _register(f"resnet{_depth}", _imagenet(_block, _blocks, residual=True), "imagenet", _params, _macs)
-    if _depth in (18, 34):
-        _register(f"plain{_depth}", _imagenet(_block, _blocks, residual=False), "imagenet", _params, _macs)
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+for _depth, _block, _blocks, _params, _macs in IMAGENET_NETS:
+    _register(f"resnet{_depth}", _imagenet(BLOCKS[_block], _blocks, residual=True), "imagenet", _params, _macs)
+    if _depth in IMAGENET_PLAIN:
+        _register(f"plain{_depth}", _imagenet(BLOCKS[_block], _blocks, residual=False), "imagenet", _params, _macs)
 
-for _depth, _params in [(20, 0.27e6), (32, 0.46e6), (44, 0.66e6), (56, 0.85e6), (110, 1.7e6), (1202, 19.4e6)]:
+for _depth, _params in CIFAR_NETS:
     _register(f"resnet{_depth}", _cifar(_depth, residual=True), "cifar10", _params, None)
-    if _depth <= 56:
+    if _depth in CIFAR_PLAIN:
         _register(f"plain{_depth}", _cifar(_depth, residual=False), "cifar10", _params, None)
 
 
