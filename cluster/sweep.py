@@ -105,10 +105,10 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def evaluations_per_trial(config: Config) -> int:
     """How many evaluations a trial's training logs: ASHA's time axis."""
-    train = config.train
-    if train.iterations is None or train.eval_every is None:
-        raise UserError("a sweep's base config needs train.iterations and train.eval_every (ASHA counts evaluations)")
-    return -(-train.iterations // train.eval_every)
+    iterations, every = config.train.iterations, config.eval.every
+    if iterations is None or every is None:
+        raise UserError("a sweep's base config needs train.iterations and eval.every (ASHA counts evaluations)")
+    return -(-iterations // every)
 
 
 def trainer_command(ranks: int, run_dir: Path) -> list[str]:
@@ -137,7 +137,7 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, runs_dir: str) -> None
             reported = json.loads((Path(folder) / "trial.json").read_text())["iteration"]
     overrides = [f"{key}={value}" for key, value in params.items()]
     command = [*trainer_command(sweep.ranks, run_dir), sweep.base, *sweep.overrides, *overrides,
-               f"train.output_dir={runs_dir}", f"train.run_name={name}", "train.progress=false"]  # fmt: skip
+               f"train.output_dir={runs_dir}", f"train.run_name={name}", "log.progress=false"]  # fmt: skip
     log = open(Path(runs_dir) / f"{name}.log", "a")  # noqa: SIM115 (closed in the finally below)
     environ = os.environ | {TRIAL_CPUS: str(max(1, int(sweep.resources.get("cpu", 1))))}  # the trainer's threads
     process = subprocess.Popen(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from data_pipeline.errors import require, require_one_of
+from data_pipeline.errors import require
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -33,17 +33,19 @@ class SynthConfig:
 @dataclass
 class DataConfig:
     root: str = "data/imagenet"
-    format: str = "imagefolder"  # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches)
+    # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches) | "webdataset" (tar shards)
+    format: Literal["imagefolder", "cifar", "webdataset"] = "imagefolder"
     #                              | "webdataset" (train/*.tar, val/*.tar with indexes: `residual data shard`)
-    backend: str = "torch"  # "torch" (torchvision transforms + DataLoader) | "dali" (data_pipeline.dali_loader)
-    device: str = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only mode) | "auto"
+    backend: Literal["torch", "dali"] = "torch"  # "torch": torchvision transforms + DataLoader | "dali": DALI
+    device: Literal["auto", "cpu", "gpu"] = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only)
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
     # loader processes per rank, or "auto": none for CIFAR-format data on the torch backend (held as tensors); else
     # on a GPU all the rank's cores but one, on a CPU half of them; with DALI (whose threads decode) a quarter
     # (trainer.hardware.plan_threads)
     workers: Any = "auto"
     threads: Any = "auto"  # DALI's CPU threads (decoding; on a GPU the decoder's CPU stage); auto: from the cores
-    train_augment: str = "scale"  # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
+    # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
+    train_augment: Literal["scale", "random_resized_crop"] = "scale"
     scale_min: int = 256
     scale_max: int = 480
     crop_size: int = 224
@@ -55,10 +57,6 @@ class DataConfig:
     synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist
 
     def __post_init__(self) -> None:
-        require_one_of("data.format", self.format, ("imagefolder", "cifar", "webdataset"))
-        require_one_of("data.backend", self.backend, ("torch", "dali"))
-        require_one_of("data.device", self.device, ("auto", "cpu", "gpu"))
-        require_one_of("data.train_augment", self.train_augment, ("scale", "random_resized_crop"))
         require(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         valid_workers = self.workers == "auto" or (type(self.workers) is int and self.workers >= 0)
         require(valid_workers, "data.workers", self.workers, 'must be "auto" or an integer >= 0')

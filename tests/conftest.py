@@ -31,7 +31,7 @@ def quickstart_on_cifar(cifar_root) -> list[str]:
         f"data.root={cifar_root}",
         "data.synthesize=null",
         "data.workers=0",
-        "train.progress=false",
+        "log.progress=false",
     ]
 
 

@@ -74,7 +74,7 @@ def test_python_m_trainer_is_the_train_entry_point(tmp_path, quickstart_on_cifar
         *quickstart_on_cifar,
         "data.batch_size=40",
         "train.iterations=4",
-        "train.eval_every=2",
+        "eval.every=2",
         f"train.output_dir={tmp_path}",
         "eval.batch_size=100",
     )
@@ -93,7 +93,7 @@ def test_quickstart_learns(tmp_path):
         f"data.root={tmp_path / 'data'}",
         "data.synthesize.train_per_class=300",
         "train.iterations=100",
-        "train.eval_every=100",
+        "eval.every=100",
         "schedule.milestones=[70]",
         f"train.output_dir={tmp_path / 'runs'}",
     )
@@ -207,4 +207,4 @@ def test_bench_gpu_refuses_without_a_gpu_and_its_checklist_parses(tmp_path):
         args, overrides = build_parser().parse_known_args(argv)
         if args.command == "train":
             config = load_config(ROOT / args.config, [*args.overrides, *overrides])
-            assert (config.data.backend, config.data.device, config.train.eval_every) == ("dali", "gpu", 20)
+            assert (config.data.backend, config.data.device, config.eval.every) == ("dali", "gpu", 20)

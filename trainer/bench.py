@@ -179,7 +179,7 @@ def bench_end_to_end(*, config_path: str, precision: str, iterations: int, round
         root = Path(scratch) / "data"
         synthesize_cifar(root, classes=10, train_per_class=per_class, val_per_class=max(1, per_class // 5), seed=0)
         overrides = [f"data.root={root}", "data.synthesize=null", f"train.precision={precision}",
-                     f"train.output_dir={scratch}/runs", "train.progress=false", "train.resume=never"]  # fmt: skip
+                     f"train.output_dir={scratch}/runs", "log.progress=false", "checkpoint.resume=never"]  # fmt: skip
         config = load_config(config_path, [*overrides, f"train.iterations={iterations}"])
         launch = LaunchEnv()
         precision, reason = resolve_precision(config.train.precision, pick_device(config.train.device, launch))
@@ -261,8 +261,8 @@ def gpu_checklist(*, out: Path, gpus: int) -> list[tuple[str, list[str]]]:
                 f"--log-dir={out / 'torchrun'}", "-m", "trainer.cli"]  # fmt: skip
     dali_run = [*residual, "train", "configs/imagenet/resnet50.yaml", f"data.root={data}", "data.backend=dali",
                 "data.device=gpu", "model.num_classes=10", "data.batch_size=64", "eval.batch_size=64",
-                "train.iterations=60", "train.eval_every=20", "train.checkpoint_every=60", "train.log_every=10",
-                f"train.output_dir={out / 'runs'}", "train.run_name=dali-gpu", "train.progress=false"]  # fmt: skip
+                "train.iterations=60", "eval.every=20", "checkpoint.every=60", "log.every=10",
+                f"train.output_dir={out / 'runs'}", "train.run_name=dali-gpu", "log.progress=false"]  # fmt: skip
     steps = [
         ("this machine", [*residual, "env"]),
         ("synthetic ImageNet-like data (500x375 JPEGs)",

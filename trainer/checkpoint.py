@@ -348,16 +348,16 @@ class CheckpointManager:
         self.run_dir, self.config, self.launch, self.device = run_dir, config, launch, device
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.batches_per_epoch, self.classes, self.total_iterations = batches_per_epoch, classes, total_iterations
-        self.every = config.train.checkpoint_every or batches_per_epoch
+        self.every = config.checkpoint.every or batches_per_epoch
 
     def due(self, iteration: int) -> bool:
-        """On the cadence (``train.checkpoint_every``, default every epoch) and at the last iteration."""
+        """On the cadence (``checkpoint.every``, default every epoch) and at the last iteration."""
         return iteration % self.every == 0 or iteration == self.total_iterations
 
     def resume_source(self) -> Path | None:
-        """``train.resume``: "auto" (the latest checkpoint if there is one), "latest" (it must exist), "never", or a
-        checkpoint's path."""
-        resume = self.config.train.resume
+        """``checkpoint.resume``: "auto" (the latest checkpoint if there is one), "latest" (it must exist), "never",
+        or a checkpoint's path."""
+        resume = self.config.checkpoint.resume
         if resume == "never":
             return None
         if resume in ("auto", "latest"):
@@ -412,7 +412,7 @@ class CheckpointManager:
             self.optimizer,
             {**state, **extra},
             sharded=self.config.dist.strategy == "fsdp",
-            keep=self.config.train.keep_checkpoints,
+            keep=self.config.checkpoint.keep,
             is_main=self.launch.is_main,
             device=self.device,
         )

@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides)
     if args.resume is not None:
-        overrides.append(f"train.resume={args.resume}")
+        overrides.append(f"checkpoint.resume={args.resume}")
     return run(args.config, overrides)
 
 
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         metavar="CKPT",
         help="resume from the run's latest checkpoint (an error if there is none), or from CKPT; without the flag "
-        "a run resumes from its latest checkpoint when it has one (train.resume=auto)",
+        "a run resumes from its latest checkpoint when it has one (checkpoint.resume=auto)",
     )
     train.set_defaults(run=cmd_train)
 

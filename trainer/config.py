@@ -8,9 +8,10 @@ folder). Every failure is a ``UserError`` that names the key and the value.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -20,8 +21,9 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError, require, require_one_of
 from trainer.models.table import MODEL_NAMES
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PROTOCOLS = ("center", "tencrop", "multiscale")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Protocol = Literal["center", "tencrop", "multiscale"]
+PRECISIONS, PROTOCOLS = get_args(Precision), get_args(Protocol)
 PAPER_SCALES = (224, 256, 384, 480, 640)  # the shorter sides of multi-scale testing (Table 4)
 
 
@@ -76,22 +78,19 @@ class OptimConfig:
 class ScheduleConfig:
     """The learning-rate schedule (trainer.schedule). Lengths are in `unit`s: iterations or epochs."""
 
-    unit: str = "iteration"  # unit of milestones and warmup_length
-    decay: str = "step"  # "step": x gamma at each milestone | "plateau": x gamma when the val error stalls
+    unit: Literal["iteration", "epoch"] = "iteration"  # unit of milestones and warmup_length
+    decay: Literal["step", "plateau"] = "step"  # "step": x gamma at each milestone | "plateau": when val error stalls
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.1
     plateau_patience: int = 5  # evaluations without improvement before a decay
     plateau_threshold: float = 1e-3  # relative improvement of the val error that counts
     min_lr: float = 0.0
-    warmup: str = "none"  # "none" | "constant" (lr = warmup_lr) | "linear" (warmup_lr -> lr)
+    warmup: Literal["none", "constant", "linear"] = "none"  # "constant": lr = warmup_lr | "linear": warmup_lr -> lr
     warmup_lr: float = 0.01
     warmup_length: int = 0  # constant/linear warm-up length; 0 with warmup_until_train_error: no fixed cap
     warmup_until_train_error: float | None = None  # constant warm-up ends when train error < this (0.8, Sec. 4.2)
 
     def __post_init__(self) -> None:
-        require_one_of("schedule.unit", self.unit, ("iteration", "epoch"))
-        require_one_of("schedule.decay", self.decay, ("step", "plateau"))
-        require_one_of("schedule.warmup", self.warmup, ("none", "constant", "linear"))
         require(0 < self.gamma < 1, "schedule.gamma", self.gamma, "must be in (0, 1)")
         require(self.milestones == sorted(self.milestones), "schedule.milestones", self.milestones, "must increase")
         require(all(m > 0 for m in self.milestones), "schedule.milestones", self.milestones, "must be > 0")
@@ -113,49 +112,63 @@ class TrainConfig:
     epochs: int | None = None
     # "auto" (trainer.hardware: bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else fp32)
     # | "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
-    precision: str = "auto"
+    precision: Precision = "auto"
     channels_last: bool = True
     threads: int | None = None  # torch's CPU threads per rank; None: the rank's share of the cores less its workers
     compile: bool = False  # torch.compile the model
     accumulation: int = 1  # micro-batches per update: each rank forwards data.batch_size / (world x accumulation)
-    device: str = "auto"  # "auto" (cuda if present) | "cpu" | "cuda"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda if present
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None  # default: the config file's name
-    resume: str = "auto"  # "auto": the run's latest checkpoint if any | "latest": it must exist | "never" | a path
-    eval_every: int | None = None  # iterations between center-crop evaluations; None: every epoch
-    checkpoint_every: int | None = None  # iterations between checkpoints; None: every epoch
-    keep_checkpoints: int = 3
-    log_every: int = 20  # iterations between training metrics in TensorBoard and metrics.jsonl
-    progress: bool = True  # tqdm bar on rank 0
     skip_nonfinite: bool = False  # skip (and count) a step whose loss is not finite instead of stopping the run
 
     def __post_init__(self) -> None:
-        require_one_of("train.precision", self.precision, PRECISIONS)
         require(self.threads is None or self.threads >= 1, "train.threads", self.threads, "must be >= 1 or null")
-        require_one_of("train.device", self.device, ("auto", "cpu", "cuda"))
-        for key in ("iterations", "epochs", "eval_every", "checkpoint_every"):
+        for key in ("iterations", "epochs"):
             value = getattr(self, key)
             require(value is None or value > 0, f"train.{key}", value, "must be > 0 or null")
-        require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
-        require(self.log_every >= 1, "train.log_every", self.log_every, "must be >= 1")
         require(self.accumulation >= 1, "train.accumulation", self.accumulation, "must be >= 1")
 
 
 @dataclass
+class CheckpointConfig:
+    """Checkpoints in RUN_DIR/checkpoints (trainer.checkpoint.CheckpointManager)."""
+
+    every: int | None = None  # iterations between checkpoints; None: every epoch (and always at the last iteration)
+    keep: int = 3  # the newest this many are kept
+    resume: str = "auto"  # "auto": the run's latest checkpoint if any | "latest": it must exist | "never" | a path
+
+    def __post_init__(self) -> None:
+        require(self.every is None or self.every > 0, "checkpoint.every", self.every, "must be > 0 or null")
+        require(self.keep >= 1, "checkpoint.keep", self.keep, "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    """Training metrics in TensorBoard and metrics.jsonl (trainer.metrics.MetricsProcessor)."""
+
+    every: int = 20  # iterations between training metrics
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        require(self.every >= 1, "log.every", self.every, "must be >= 1")
+
+
+@dataclass
 class EvalConfig:
-    """Evaluation during training (``protocol``, every ``train.eval_every``) and at its end (``final_protocol``):
+    """Evaluation during training (``protocol``, every ``every``) and at its end (``final_protocol``):
     "center" (shorter side data.val_resize, center data.crop_size; CIFAR: the image as is), "tencrop" (corners and
     center and their flips) or "multiscale" (the whole image at each of ``scales`` and its flip)."""
 
-    protocol: str = "center"
-    final_protocol: str = "center"
+    every: int | None = None  # iterations between evaluations; None: every epoch (and always at the last iteration)
+    protocol: Protocol = "center"
+    final_protocol: Protocol = "center"
     scales: list[int] = field(default_factory=lambda: list(PAPER_SCALES))  # shorter sides, Table 4
     batch_size: int = 256  # global: images per evaluation step over all ranks
 
     def __post_init__(self) -> None:
-        require_one_of("eval.protocol", self.protocol, PROTOCOLS)
-        require_one_of("eval.final_protocol", self.final_protocol, PROTOCOLS)
+        require(self.every is None or self.every > 0, "eval.every", self.every, "must be > 0 or null")
         require(len(self.scales) > 0, "eval.scales", self.scales, "needs at least one scale")
         require(self.batch_size >= 1, "eval.batch_size", self.batch_size, "must be >= 1")
 
@@ -164,18 +177,16 @@ class EvalConfig:
 class DistConfig:
     """Data parallelism over the ranks of a launch (one rank alone runs the plain model, whatever the strategy)."""
 
-    strategy: str = "ddp"  # "ddp": replicated model, one checkpoint file | "fsdp": FSDP2, a sharded DCP directory
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # "ddp": replicated model, one checkpoint file | "fsdp": FSDP2, DCP
     static_graph: bool = False  # DDP: the graph is the same every step (lets DDP overlap more; no unused params)
     bucket_cap_mb: int = 25  # DDP's gradient bucket size
     reshard_after_forward: bool = True  # FSDP2: free the gathered parameters after forward (less memory)
     # FSDP2 with bf16/fp16: "policy" gathers the blocks' parameters in that type (half the traffic; BatchNorm in
     # fp32 groups of its own); "autocast" keeps fp32 parameters and gathers, with autocast (fewer collectives)
-    fsdp_mixed_precision: str = "policy"
+    fsdp_mixed_precision: Literal["policy", "autocast"] = "policy"
 
     def __post_init__(self) -> None:
-        require_one_of("dist.strategy", self.strategy, ("ddp", "fsdp"))
         require(self.bucket_cap_mb >= 1, "dist.bucket_cap_mb", self.bucket_cap_mb, "must be >= 1")
-        require_one_of("dist.fsdp_mixed_precision", self.fsdp_mixed_precision, ("policy", "autocast"))
 
 
 @dataclass
@@ -185,12 +196,27 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def global_batch(self) -> int:
         """Images per update over all ranks: per-rank micro-batch x world size x train.accumulation."""
         return self.data.batch_size
+
+
+CHOICE_ERROR = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")  # OmegaConf's, of a Literal field
+
+# Keys that moved to the section that owns them; a config that still names one is told the new name.
+RENAMED_KEYS = {
+    "train.eval_every": "eval.every",
+    "train.checkpoint_every": "checkpoint.every",
+    "train.keep_checkpoints": "checkpoint.keep",
+    "train.resume": "checkpoint.resume",
+    "train.log_every": "log.every",
+    "train.progress": "log.progress",
+}
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_size: int = 1) -> Config:
@@ -209,7 +235,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_siz
         merged = OmegaConf.merge(OmegaConf.structured(Config), loaded, OmegaConf.from_dotlist(overrides))
         config: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
+        if error.full_key in RENAMED_KEYS:
+            raise UserError(
+                f"{path}: {error.full_key} is now {RENAMED_KEYS[error.full_key]} "
+                f"(python tools/migrate_config.py FILE rewrites a config file)"
+            ) from None
         message = str(error).splitlines()[0]
+        if choice := CHOICE_ERROR.match(message):  # a Literal field's value: said as require_one_of says it
+            choices = choice.group(2).replace("'", "")
+            raise UserError(f"{path}: {error.full_key}={choice.group(1)!r}: must be one of {choices}") from None
         raise UserError(f"{path}: {error.full_key or 'config'}: {message}") from None
     except UserError as error:
         raise UserError(f"{path}: {error}") from None

@@ -62,7 +62,7 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
     run_log.text("config", "```\n" + to_yaml(config) + "```\n\n" + "\n\n".join(choices))
     metrics = MetricsProcessor(
-        run_log, launch=launch, device=device, log_every=config.train.log_every, progress=config.train.progress,
+        run_log, launch=launch, device=device, log_every=config.log.every, progress=config.log.progress,
         images_per_step=config.global_batch(), iterations=(state.iteration, run.total_iterations),
         flops=(run.peak_flops, run.flops_per_image), data_stats=(config.data.mean, config.data.std),
     )  # fmt: skip
@@ -117,8 +117,8 @@ class Run:
     flops_per_image: float = 0.0  # training FLOPs: 3 x forward
 
     def evaluation_due(self, iteration: int) -> bool:
-        """On the cadence (``train.eval_every``, default every epoch) and at the last iteration."""
-        every = self.config.train.eval_every or self.loader.batches_per_epoch
+        """On the cadence (``eval.every``, default every epoch) and at the last iteration."""
+        every = self.config.eval.every or self.loader.batches_per_epoch
         return iteration > 0 and (iteration % every == 0 or iteration == self.total_iterations)
 
     def set_lr(self, state: TrainState) -> float:

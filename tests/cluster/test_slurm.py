@@ -49,7 +49,7 @@ def job_args(quickstart_on_cifar, tmp_path) -> list[str]:
     return [
         *quickstart_on_cifar,
         "data.batch_size=32",
-        "train.log_every=10",
+        "log.every=10",
         "eval.batch_size=50",
         f"train.output_dir={tmp_path}",
         "--gpus-per-node=0",
@@ -60,7 +60,7 @@ def job_args(quickstart_on_cifar, tmp_path) -> list[str]:
 
 def test_two_cpu_ranks_train_as_one_job(slurm, job_args, tmp_path):
     start = time.monotonic()
-    (job,) = submit(*job_args, "train.iterations=40", "train.checkpoint_every=20", "--tasks-per-node=2")
+    (job,) = submit(*job_args, "train.iterations=40", "checkpoint.every=20", "--tasks-per-node=2")
     wait_for_jobs([job])
     turnaround = time.monotonic() - start
     run_dir = tmp_path / "quickstart"
@@ -76,7 +76,7 @@ def test_two_cpu_ranks_train_as_one_job(slurm, job_args, tmp_path):
 
 
 def test_a_preempted_job_requeues_and_resumes_to_the_same_step_count(slurm, job_args, tmp_path):
-    args = [*job_args, "train.iterations=120", "train.checkpoint_every=20", "--tasks-per-node=2"]
+    args = [*job_args, "train.iterations=120", "checkpoint.every=20", "--tasks-per-node=2"]
     (job,) = submit(*args)
     run_dir = tmp_path / "quickstart"
     deadline = time.monotonic() + 300

@@ -26,8 +26,8 @@ def write_sweep(tmp_path: Path, cifar_root: Path, iterations: int, every: int = 
         "base": "configs/quickstart.yaml",
         "overrides": [
             f"train.iterations={iterations}",
-            f"train.eval_every={every}",
-            f"train.checkpoint_every={every}",
+            f"eval.every={every}",
+            f"checkpoint.every={every}",
             "data.workers=0",
             "data.batch_size=32",
             f"data.root={cifar_root}",

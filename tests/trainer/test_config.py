@@ -127,3 +127,28 @@ def test_the_torch_free_model_names_are_the_registry():
     from trainer.models.table import MODEL_NAMES
 
     assert sorted(MODEL_NAMES) == sorted(list_models())
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("train.log_every=3", "log.every"), ("train.resume=never", "checkpoint.resume")]
+)
+def test_a_moved_key_names_its_new_place(tmp_path, old, new):
+    with pytest.raises(UserError, match=f"{old.split('=')[0]} is now {new} "):
+        load_config(write_config(tmp_path), [old])
+
+
+def test_the_migration_script_moves_keys_and_keeps_comments(tmp_path):
+    import subprocess
+    import sys
+
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        "# a run\nmodel:\n  name: resnet20\n  num_classes: 10\ndata:\n  format: cifar\n  root: .\n"
+        "train:\n  iterations: 20\n  eval_every: 5   # often\n  log_every: 2\neval:\n  batch_size: 10\n"
+    )
+    script = Path(__file__).parents[2] / "tools" / "migrate_config.py"
+    printed = subprocess.run([sys.executable, script, old], capture_output=True, text=True, check=True).stdout
+    assert printed == f"{old}: eval: every: 5   # often; log: every: 2\n"
+    config = load_config(old)
+    assert (config.eval.every, config.log.every, config.eval.batch_size) == (5, 2, 10)
+    assert "  every: 5   # often\n" in old.read_text() and old.read_text().startswith("# a run\n")

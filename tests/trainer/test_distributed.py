@@ -41,7 +41,7 @@ def test_two_nodes_on_one_host_train_together(tmp_path, quickstart_on_cifar):
         *quickstart_on_cifar,
         "data.batch_size=40",
         "train.iterations=4",
-        "train.log_every=2",
+        "log.every=2",
         f"train.output_dir={tmp_path}",
         "eval.batch_size=20",
     ]

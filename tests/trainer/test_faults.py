@@ -34,9 +34,9 @@ def test_stop_signal_checkpoints_and_exits_for_requeue(tmp_path, quickstart_on_c
         *quickstart_on_cifar,
         "data.batch_size=20",
         "train.iterations=10000",
-        "train.log_every=2",
-        "train.eval_every=5000",
-        "train.checkpoint_every=5000",
+        "log.every=2",
+        "eval.every=5000",
+        "checkpoint.every=5000",
         f"train.output_dir={tmp_path}",
         "eval.batch_size=100",
     ]

@@ -27,10 +27,10 @@ def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):
         "eval.batch_size=50",
         f"train.output_dir={tmp_path}",
         "train.run_name=run",
-        "train.log_every=3",
-        "train.eval_every=5",
-        "train.checkpoint_every=10",
-        "train.progress=false",
+        "log.every=3",
+        "eval.every=5",
+        "checkpoint.every=10",
+        "log.progress=false",
         "schedule.milestones=[7]",
     ]
     return load_config(CONFIG, [*base, *overrides])
@@ -50,7 +50,7 @@ def imagefolder_run(tmp_path: Path, imagefolder_root: Path, *overrides: str):
         "data.val_resize=36",
         "model.name=resnet18",
         "model.num_classes=4",
-        "train.progress=false",
+        "log.progress=false",
         f"train.output_dir={tmp_path}",
         "eval.batch_size=10",
     ]
@@ -67,11 +67,11 @@ def metrics(run_dir: Path, kind: str) -> list[dict]:
 @pytest.mark.parametrize(
     ("precision", "half", "batch"),
     # bf16 and fp16 are emulated on CPUs without them (12x slower than fp32 on an AVX2-only CPU): the fewest steps
-    [("fp32", 10, 32), ("bf16", 5, 8), ("fp16", 5, 8)],  # N a multiple of train.eval_every
+    [("fp32", 10, 32), ("bf16", 5, 8), ("fp16", 5, 8)],  # N a multiple of eval.every
 )
 def test_resume_is_bit_exact(tmp_path, cifar_root, precision, half, batch):
     """2N iterations straight == N, stop, resume, N more (the resume falls mid-epoch)."""
-    common = (f"train.precision={precision}", f"data.batch_size={batch}", "train.checkpoint_every=10")
+    common = (f"train.precision={precision}", f"data.batch_size={batch}", "checkpoint.every=10")
     train(small_run(tmp_path / "a", cifar_root, f"train.iterations={2 * half}", *common), LaunchEnv())
     train(small_run(tmp_path / "b", cifar_root, f"train.iterations={half}", *common), LaunchEnv())
     train(small_run(tmp_path / "b", cifar_root, f"train.iterations={2 * half}", *common), LaunchEnv())
@@ -98,7 +98,7 @@ def scalar_steps(run_dir: Path, tag: str) -> list[int]:
 
 def test_a_resumed_run_continues_its_curves(tmp_path, cifar_root):
     """A run that went on past its last checkpoint (to 13) before dying resumes at 10 and logs no point twice."""
-    train(small_run(tmp_path, cifar_root, "train.iterations=13", "train.checkpoint_every=10"), LaunchEnv())
+    train(small_run(tmp_path, cifar_root, "train.iterations=13", "checkpoint.every=10"), LaunchEnv())
     (tmp_path / "run/checkpoints/ckpt-000000013.pt").unlink()
     time.sleep(1)  # TensorBoard orders event files by name: one process's writers in one second may sort wrongly
     train(small_run(tmp_path, cifar_root, "train.iterations=16"), LaunchEnv())
@@ -110,7 +110,7 @@ def test_a_resumed_run_continues_its_curves(tmp_path, cifar_root):
 
 
 def test_run_directory_and_logs(tmp_path, cifar_root):
-    config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.keep_checkpoints=1")
+    config = small_run(tmp_path, cifar_root, "train.iterations=12", "checkpoint.keep=1")
     result, run_log = train(config, LaunchEnv())
     run_dir = tmp_path / "run"
     assert (run_dir / "config.yaml").read_text().count("resnet20") == 1
@@ -186,22 +186,26 @@ def test_class_count_must_match_the_data(tmp_path, cifar_root):
 
 def test_resume_latest_needs_a_checkpoint_and_a_path_must_exist(tmp_path, cifar_root):
     with pytest.raises(UserError, match="no checkpoint in .* to resume from"):
-        train(small_run(tmp_path, cifar_root, "train.iterations=5", "train.resume=latest"), LaunchEnv())
+        train(small_run(tmp_path, cifar_root, "train.iterations=5", "checkpoint.resume=latest"), LaunchEnv())
     with pytest.raises(UserError, match="nope.pt' does not exist"):
-        train(small_run(tmp_path, cifar_root, "train.iterations=5", f"train.resume={tmp_path}/nope.pt"), LaunchEnv())
+        train(
+            small_run(tmp_path, cifar_root, "train.iterations=5", f"checkpoint.resume={tmp_path}/nope.pt"), LaunchEnv()
+        )
 
 
 def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
     train(small_run(tmp_path, cifar_root, "train.iterations=10"), LaunchEnv())
     source = tmp_path / "run/checkpoints/ckpt-000000010.pt"
-    config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.run_name=next", f"train.resume={source}")
+    config = small_run(
+        tmp_path, cifar_root, "train.iterations=12", "train.run_name=next", f"checkpoint.resume={source}"
+    )
     train(config, LaunchEnv())
     assert [r["iteration"] for r in metrics(tmp_path / "next", "train")] == [12]
 
 
 def test_final_protocol_at_the_end_of_training(tmp_path, imagefolder_root):
     config = imagefolder_run(
-        tmp_path, imagefolder_root, "train.iterations=6", "train.eval_every=3", "eval.final_protocol=tencrop"
+        tmp_path, imagefolder_root, "train.iterations=6", "eval.every=3", "eval.final_protocol=tencrop"
     )
     result, run_log = train(config, LaunchEnv())
     evaluations = [(r["iteration"], r["protocol"], r["count"]) for r in metrics(tmp_path / "quickstart", "eval")]
@@ -228,7 +232,7 @@ def poison_loss(monkeypatch, call: int, factor: float = float("nan")) -> None:
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cifar_root, monkeypatch):
     poison_loss(monkeypatch, 7)
-    config = small_run(tmp_path, cifar_root, "train.iterations=12", "train.checkpoint_every=5")
+    config = small_run(tmp_path, cifar_root, "train.iterations=12", "checkpoint.every=5")
     with pytest.raises(NonFiniteLoss, match="not finite at iteration 7; .*ckpt-000000005.pt"):
         train(config, LaunchEnv())
     checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "run"))
@@ -308,7 +312,7 @@ def test_fp16_logs_the_loss_scale_and_counts_overflow_steps(tmp_path, cifar_root
 @pytest.mark.slow
 def test_compiled_model_trains_like_the_eager_one(tmp_path, cifar_root):
     """train.compile=true: torch.compile (inductor, C++ on the CPU) gives the eager run's losses."""
-    common = ("train.iterations=3", "train.precision=fp32", "train.log_every=1", "data.batch_size=16")
+    common = ("train.iterations=3", "train.precision=fp32", "log.every=1", "data.batch_size=16")
     train(small_run(tmp_path / "eager", cifar_root, *common), LaunchEnv())
     train(small_run(tmp_path / "compiled", cifar_root, *common, "train.compile=true"), LaunchEnv())
     eager, compiled = metrics(tmp_path / "eager/run", "train"), metrics(tmp_path / "compiled/run", "train")
@@ -378,7 +382,7 @@ def test_a_failed_evaluation_keeps_the_checkpoint_due_and_skip_corrupt_covers_va
     shutil.copytree(imagefolder_root, root)
     damaged = sorted(path for path in (root / "val").rglob("*") if path.is_file())[7]
     damaged.write_bytes(b"this is not a JPEG")
-    overrides = ["train.iterations=4", "train.eval_every=2", "train.checkpoint_every=2", "train.log_every=2"]
+    overrides = ["train.iterations=4", "eval.every=2", "checkpoint.every=2", "log.every=2"]
     overrides.append(f"data.backend={backend}")
     with pytest.raises(UserError, match=f"{damaged.name}: cannot decode"):
         train(imagefolder_run(tmp_path, root, *overrides), LaunchEnv())
@@ -395,7 +399,7 @@ def test_a_full_disk_stops_with_the_last_good_checkpoint_named(small_disk, cifar
     from trainer.checkpoint import read_train_state
     from trainer.faults import CheckpointNotWritten
 
-    overrides = ("train.iterations=10", "train.checkpoint_every=5", "train.keep_checkpoints=2")
+    overrides = ("train.iterations=10", "checkpoint.every=5", "checkpoint.keep=2")
     with pytest.raises(CheckpointNotWritten) as raised:
         train(small_run(small_disk, cifar_root, *overrides), LaunchEnv())
     folder = small_disk / "run" / "checkpoints"
@@ -419,8 +423,8 @@ def test_resuming_with_another_batch_size_is_refused(tmp_path, cifar_root):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a GPU machine")
 def test_dali_on_the_gpu_trains_through_its_evaluations(tmp_path, imagefolder_root):
     """The mixed decoder, the GPU augmentation and labels, and evaluations counted on the GPU."""
-    overrides = ("data.backend=dali", "data.device=gpu", "train.iterations=4", "train.eval_every=2", "data.workers=1")
-    result, _ = train(imagefolder_run(tmp_path, imagefolder_root, *overrides, "train.log_every=2"), LaunchEnv())
+    overrides = ("data.backend=dali", "data.device=gpu", "train.iterations=4", "eval.every=2", "data.workers=1")
+    result, _ = train(imagefolder_run(tmp_path, imagefolder_root, *overrides, "log.every=2"), LaunchEnv())
     assert result.count == 20 and [r["iteration"] for r in metrics(tmp_path / "quickstart", "eval")] == [2, 4]
     torch_path = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=4", "train.run_name=torch")
     assert train(torch_path, LaunchEnv())[0].count == result.count  # the torch path counts the same images

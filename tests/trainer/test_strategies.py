@@ -55,8 +55,8 @@ def short(quickstart_on_cifar, tmp_path) -> list[str]:
     return [
         *quickstart_on_cifar,
         "data.batch_size=40",
-        "train.log_every=1",
-        "train.eval_every=10",
+        "log.every=1",
+        "eval.every=10",
         "train.precision=fp32",
         "eval.batch_size=20",
         f"train.output_dir={tmp_path}",
@@ -94,7 +94,7 @@ def test_fsdp_in_bf16_follows_one_process(tmp_path, short, mixed_precision):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
     """2N steps straight == N steps, kill -9 of the whole launch, resume, N more: weights and logs bit for bit."""
-    args = [*short, "train.iterations=24", "train.checkpoint_every=12", f"dist.strategy={strategy}"]
+    args = [*short, "train.iterations=24", "checkpoint.every=12", f"dist.strategy={strategy}"]
     run_trainer(2, [*args, "train.run_name=straight"])
 
     process = subprocess.Popen(
@@ -120,7 +120,7 @@ def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
 def test_checkpoints_resume_across_strategies_and_world_sizes(tmp_path, short):
     """FSDP2 on 2 ranks -> 1 process, and 1 process -> FSDP2 on 2 ranks, and DDP on 2 -> FSDP2 on 2: each second
     half follows the straight single-process run (accumulating, so that BN sees the same batches)."""
-    steps = ["train.checkpoint_every=6", "train.accumulation=1"]
+    steps = ["checkpoint.every=6", "train.accumulation=1"]
     one = [*short, *steps, "train.accumulation=2"]
     run_trainer(1, [*one, "train.iterations=12", "train.run_name=straight"])
     reference = losses(tmp_path / "straight")
@@ -139,7 +139,7 @@ def test_checkpoints_resume_across_strategies_and_world_sizes(tmp_path, short):
 
 
 def test_a_rank_killed_under_max_restarts_comes_back_from_the_checkpoint(tmp_path, short):
-    args = [*short, "train.iterations=60", "train.checkpoint_every=10", "train.run_name=restarts"]
+    args = [*short, "train.iterations=60", "checkpoint.every=10", "train.run_name=restarts"]
     process = subprocess.Popen(
         [*trainer_command(2, max_restarts=1), *args],
         cwd=ROOT,
