@@ -278,30 +278,30 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         f"not with train.accumulation={train.accumulation}: DDP's static graph asserts at the first step and past it "
         "stops all-reducing gradients (pytorch/pytorch#143580)",
     )
-    batch = config.eval.batch_size
-    require(batch % world_size == 0, "eval.batch_size", batch, f"must be divisible by the world size {world_size}")
-    for scale in config.eval.scales:
-        require(
-            scale >= config.data.crop_size,
-            "eval.scales",
-            config.eval.scales,
-            f"every scale must be at least the {config.data.crop_size} crop (data.crop_size)",
-        )
-    if config.data.format == "cifar":
-        for key in ("protocol", "final_protocol"):
-            protocol = getattr(config.eval, key)
-            require(
-                protocol == "center",
-                f"eval.{key}",
-                protocol,
-                "CIFAR-10 is tested on the single original 32x32 image (Sec. 4.2): use center",
-            )
+    protocols = {"eval.protocol": config.eval.protocol, "eval.final_protocol": config.eval.final_protocol}
+    check_evaluation(config.data, protocols, ("eval.scales", config.eval.scales),
+                     ("eval.batch_size", config.eval.batch_size), world_size=world_size)  # fmt: skip
     root = Path(config.data.root)
     if config.data.synthesize is None and not root.is_dir():
         raise UserError(
             f"data.root={str(root)!r}: folder does not exist (run `residual data synth {root}` "
             "or set data.synthesize to generate it)"
         )
+
+
+def check_evaluation(data: DataConfig, protocols: dict[str, str], scales: tuple[str, list[int]],
+                     batch: tuple[str, int], *, world_size: int) -> None:  # fmt: skip
+    """What an evaluation needs, for a training run's eval section and `residual eval`'s flags alike: each argument
+    comes with the key or flag the user set it with, which the message names."""
+    for key, protocol in protocols.items():
+        if data.format == "cifar" and protocol != "center":
+            raise UserError(f"{key} {protocol}: CIFAR-10 is tested on the single original 32x32 image (Sec. 4.2); "
+                            f"use center")  # fmt: skip
+    if small := [scale for scale in scales[1] if scale < data.crop_size]:
+        raise UserError(f"{scales[0]}: {small} smaller than the {data.crop_size} crop (every scale must be at least "
+                        f"the {data.crop_size} crop the model sees in training, data.crop_size)")  # fmt: skip
+    if batch[1] % world_size:
+        raise UserError(f"{batch[0]} {batch[1]}: not divisible by the world size {world_size}")
 
 
 def to_yaml(config: Config) -> str:

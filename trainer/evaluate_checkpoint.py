@@ -21,7 +21,7 @@ from data_pipeline.datasets import CifarDataset, ImageFolderDataset, check_same_
 from data_pipeline.errors import UserError
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.checkpoint import Weights, load_model_state, read_weights
-from trainer.config import PAPER_SCALES, ModelConfig
+from trainer.config import PAPER_SCALES, ModelConfig, check_evaluation
 from trainer.distributed import LaunchEnv, init_process_group, pick_device
 from trainer.evaluate import EvalResult, evaluate
 from trainer.hardware import resolve_precision
@@ -98,20 +98,6 @@ def open_eval_dataset(config: DataConfig) -> CifarDataset | ImageFolderDataset:
     return ImageFolderDataset(root / "val" if (root / "val").is_dir() else root)
 
 
-def check_request(request: EvalRequest, data: DataConfig, launch: LaunchEnv) -> None:
-    if data.format == "cifar" and request.protocol != "center":
-        raise UserError(
-            f"--protocol {request.protocol}: CIFAR-10 is tested on the single original 32x32 image "
-            "(Sec. 4.2); use --protocol center"
-        )
-    if request.protocol == "multiscale":
-        small = [scale for scale in request.scales if scale < data.crop_size]
-        if small:
-            raise UserError(f"--scales: {small} smaller than the {data.crop_size} crop the model was trained on")
-    if request.batch_size % launch.world_size:
-        raise UserError(f"--batch {request.batch_size}: not divisible by the world size {launch.world_size}")
-
-
 def check_classes(weights: Weights, dataset_classes: list[str], num_outputs: int, data_root: str) -> None:
     if weights.classes is not None:
         trained = "the checkpoint was trained on"
@@ -125,7 +111,9 @@ def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalRe
     model = build_model(weights, request.model, request.checkpoint)
     model_name = request.model or weights.model_name
     data = build_data_config(weights, model_name, request)
-    check_request(request, data, launch)
+    scales = list(request.scales) if request.protocol == "multiscale" else []  # used by multiscale alone
+    check_evaluation(data, {"--protocol": request.protocol}, ("--scales", scales), ("--batch", request.batch_size),
+                     world_size=launch.world_size)  # fmt: skip
     dataset = open_eval_dataset(data)
     check_classes(weights, dataset.classes, model.fc.out_features, data.root)
     device = pick_device("auto", launch)
