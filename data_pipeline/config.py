@@ -21,7 +21,7 @@ class SynthConfig:
     train_per_class: int = 500
     val_per_class: int = 100
     size: int = 32
-    seed: int = 0
+    seed: int = 0  # weights, data order and every augmentation follow from it
 
     def __post_init__(self) -> None:
         require(self.classes >= 2, "data.synthesize.classes", self.classes, "must be at least 2")
@@ -32,7 +32,7 @@ class SynthConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "data/imagenet"
+    root: str = "data/imagenet"  # the data set's folder
     # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches) | "webdataset" (tar shards)
     format: Literal["imagefolder", "cifar", "webdataset"] = "imagefolder"
     #                              | "webdataset" (train/*.tar, val/*.tar with indexes: `residual data shard`)
@@ -46,13 +46,13 @@ class DataConfig:
     threads: Any = "auto"  # DALI's CPU threads (decoding; on a GPU the decoder's CPU stage); auto: from the cores
     # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
     train_augment: Literal["scale", "random_resized_crop"] = "scale"
-    scale_min: int = 256
-    scale_max: int = 480
-    crop_size: int = 224
+    scale_min: int = 256  # scale augmentation: the shorter side's smallest value (Sec. 3.4)
+    scale_max: int = 480  # and its largest
+    crop_size: int = 224  # the training crop (and the center crop of evaluation)
     val_resize: int = 256  # val: shorter side to this, then the center crop_size
     lighting_std: float = 0.1  # AlexNet PCA lighting noise; 0 turns it off
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel, on [0, 1] pixels
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel, on [0, 1] pixels
     skip_corrupt: bool = False  # an undecodable image: training takes the next, evaluation leaves it out (warned)
     synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist
 

@@ -208,3 +208,12 @@ def test_bench_gpu_refuses_without_a_gpu_and_its_checklist_parses(tmp_path):
         if args.command == "train":
             config = load_config(ROOT / args.config, [*args.overrides, *overrides])
             assert (config.data.backend, config.data.device, config.eval.every) == ("dali", "gpu", 20)
+
+
+def test_config_show_documents_every_key_of_the_resolved_config():
+    shown = run(RESIDUAL, "config", "show", "configs/quickstart.yaml", "optim.lr=0.2", "checkpoint.keep=5")
+    assert shown.returncode == 0, shown.stderr
+    entries = [line for line in shown.stdout.splitlines() if line.startswith("  ")]
+    assert len(entries) > 60 and [line for line in entries if " # " not in line] == []
+    assert any(line.startswith("  lr: 0.2 ") for line in entries)
+    assert any(line.startswith("  keep: 5 ") for line in entries)

@@ -7,9 +7,11 @@ folder). Every failure is a ``UserError`` that names the key and the value.
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -29,11 +31,11 @@ PAPER_SCALES = (224, 256, 384, 480, 640)  # the shorter sides of multi-scale tes
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet50"
-    num_classes: int = 1000
+    name: str = "resnet50"  # a network of `residual models` (trainer/models/table.py)
+    num_classes: int = 1000  # outputs of the last layer: the data's classes
     shortcut: str | None = None  # "A" | "B" | "C" (Sec. 3.3); None keeps the model's default
     stride_in_1x1: bool = False  # True: the paper's v1 bottleneck; False: torchvision's v1.5
-    zero_init_residual: bool = False
+    zero_init_residual: bool = False  # each block's last BN weight starts at 0 (Goyal et al. 2017; not in the paper)
     sync_bn: bool = False  # SyncBatchNorm across ranks (GPUs only)
     depth: int | None = None  # CIFAR-10 nets only: any 6n+2
 
@@ -60,12 +62,12 @@ class OptimConfig:
     """SGD with momentum (Sec. 3.4)."""
 
     lr: float = 0.1  # at `base_batch` images per iteration
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    nesterov: bool = False
+    momentum: float = 0.9  # Sec. 3.4
+    weight_decay: float = 1e-4  # L2 penalty, Sec. 3.4
+    nesterov: bool = False  # Nesterov momentum (not in the paper)
     no_decay_bn_bias: bool = False  # exclude BN parameters and biases from weight decay
     linear_scaling: bool = False  # Goyal et al. 2017: lr x global_batch / base_batch
-    base_batch: int = 256
+    base_batch: int = 256  # the batch `lr` is given for (linear_scaling)
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
@@ -80,13 +82,13 @@ class ScheduleConfig:
 
     unit: Literal["iteration", "epoch"] = "iteration"  # unit of milestones and warmup_length
     decay: Literal["step", "plateau"] = "step"  # "step": x gamma at each milestone | "plateau": when val error stalls
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=list)  # decay: step: where the lr is multiplied by gamma, in `unit`s
+    gamma: float = 0.1  # the lr's factor at each decay (Sec. 3.4: divided by 10)
     plateau_patience: int = 5  # evaluations without improvement before a decay
     plateau_threshold: float = 1e-3  # relative improvement of the val error that counts
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # no decay below this
     warmup: Literal["none", "constant", "linear"] = "none"  # "constant": lr = warmup_lr | "linear": warmup_lr -> lr
-    warmup_lr: float = 0.01
+    warmup_lr: float = 0.01  # the warm-up's lr (Sec. 4.2: 0.01 for ResNet-110)
     warmup_length: int = 0  # constant/linear warm-up length; 0 with warmup_until_train_error: no fixed cap
     warmup_until_train_error: float | None = None  # constant warm-up ends when train error < this (0.8, Sec. 4.2)
 
@@ -109,17 +111,17 @@ class ScheduleConfig:
 @dataclass
 class TrainConfig:
     iterations: int | None = None  # length of the run; exactly one of iterations and epochs
-    epochs: int | None = None
+    epochs: int | None = None  # length of the run in passes over the training set
     # "auto" (trainer.hardware: bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else fp32)
     # | "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
     precision: Precision = "auto"
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory layout for the convolutions
     threads: int | None = None  # torch's CPU threads per rank; None: the rank's share of the cores less its workers
     compile: bool = False  # torch.compile the model
     accumulation: int = 1  # micro-batches per update: each rank forwards data.batch_size / (world x accumulation)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda if present
-    seed: int = 0
-    output_dir: str = "runs"
+    seed: int = 0  # weights, data order and every augmentation follow from it
+    output_dir: str = "runs"  # runs are written to OUTPUT_DIR/RUN_NAME
     run_name: str | None = None  # default: the config file's name
     skip_nonfinite: bool = False  # skip (and count) a step whose loss is not finite instead of stopping the run
 
@@ -162,8 +164,8 @@ class EvalConfig:
     center and their flips) or "multiscale" (the whole image at each of ``scales`` and its flip)."""
 
     every: int | None = None  # iterations between evaluations; None: every epoch (and always at the last iteration)
-    protocol: Protocol = "center"
-    final_protocol: Protocol = "center"
+    protocol: Protocol = "center"  # during training
+    final_protocol: Protocol = "center"  # at the end of training
     scales: list[int] = field(default_factory=lambda: list(PAPER_SCALES))  # shorter sides, Table 4
     batch_size: int = 256  # global: images per evaluation step over all ranks
 
@@ -302,6 +304,37 @@ def check_evaluation(data: DataConfig, protocols: dict[str, str], scales: tuple[
                         f"the {data.crop_size} crop the model sees in training, data.crop_size)")  # fmt: skip
     if batch[1] % world_size:
         raise UserError(f"{batch[0]} {batch[1]}: not divisible by the world size {world_size}")
+
+
+FIELD_LINE = re.compile(r"^    (\w+): [^=#]+(?:=[^#]*)?(?:#\s*(.*))?$")  # a dataclass field, perhaps commented
+
+
+def field_docs(section: type) -> dict[str, str]:
+    """Each field's one-line documentation, read off the class's source: the comment on its line, else the comment
+    lines just above it."""
+    docs, above = {}, []
+    for line in inspect.getsource(section).splitlines():
+        if line.strip().startswith("#"):
+            above.append(line.strip().lstrip("# "))
+            continue
+        if field_line := FIELD_LINE.match(line):
+            docs[field_line.group(1)] = field_line.group(2) or " ".join(above)
+        above = []
+    return docs
+
+
+def describe(config: Config) -> str:
+    """The resolved config as YAML (JSON values), each key with its one-line documentation."""
+    lines = []
+    for section in fields(config):
+        value = getattr(config, section.name)
+        docs = field_docs(type(value))
+        lines.append(f"{section.name}:")
+        for key in fields(value):
+            text = f"  {key.name}: {json.dumps(to_dict(config)[section.name][key.name])}"
+            doc = docs.get(key.name)
+            lines.append(f"{text:<44} # {doc}" if doc else text)
+    return "\n".join(lines)
 
 
 def to_yaml(config: Config) -> str:

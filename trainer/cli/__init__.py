@@ -1,0 +1,63 @@
+"""``residual``: the one command line of the project.
+
+residual train CONFIG [key=value ...] [--resume [CHECKPOINT]]
+residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--scales 224,256,...]
+residual export CHECKPOINT OUT.pt
+residual models [--json]
+residual env [--json]
+residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
+residual data prepare-imagenet IMAGES OUT (--devkit GROUND_TRUTH META.mat | --solution LOC_val_solution.csv)
+residual data shard SRC OUT [--shard-size N]
+residual data verify DIR
+residual bench eval [--model NAME] [--batch B]
+residual submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--tasks-per-node T] [--partition P ...]
+              [--array seeds=1,2,3 | --array-file CONFIGS] [--dry-run]
+residual jobs [RUNS_DIR]
+residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
+residual tensorboard [RUNS_DIR] [--port P] [--host H]
+residual report RUN_DIR [RUN_DIR ...] [--out DIR]
+residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
+                      [--feeder-only]
+residual bench gpu [--out DIR]
+residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision auto] [--steps N] [--rounds R]
+                     [--end-to-end [--config CONFIG] [--iterations N]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data_pipeline.errors import UserError
+from trainer.cli import bench, cluster, data, reports, train
+
+AREAS = (train, data, cluster, reports, bench)  # each adds its commands, the parser beside the handler
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="residual", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    for area in AREAS:
+        area.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # key=value overrides may follow options too: `residual submit CONFIG --nodes 4 optim.lr=0.2`
+    stray = [item for item in unknown if item.startswith("-") or "=" not in item]
+    if stray or (unknown and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or unknown)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
+    try:
+        return args.run(args) or 0
+    except UserError as error:
+        from trainer.distributed import LaunchEnv, reports_user_errors
+
+        if reports_user_errors(LaunchEnv.from_environ()):
+            print(f"residual: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,99 @@
+"""`residual bench eval|loader|train|gpu`: the project's measurements, each printing how it was measured."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from trainer.config import PRECISIONS
+
+
+def cmd_bench_eval(args: argparse.Namespace) -> None:
+    from trainer.bench import bench_eval
+
+    bench_eval(model_name=args.model, batch_size=args.batch, images=args.images, workers=args.workers)
+
+
+def cmd_bench_loader(args: argparse.Namespace) -> None:
+    from data_pipeline.bench import bench_loader
+
+    if args.feeder_only:
+        from data_pipeline.bench import bench_feeder
+
+        bench_feeder(data=args.data, batch=args.batch, batches=args.batches, rounds=args.rounds)
+        return
+    backends = ["dali", "torch"] if args.backend == "both" else [args.backend]
+    bench_loader(data=args.data, backends=backends, pipeline=args.pipeline, batch=args.batch, batches=args.batches,
+                 rounds=args.rounds, workers=args.workers)  # fmt: skip
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from trainer.bench import bench_end_to_end, bench_train
+
+    if args.end_to_end:
+        bench_end_to_end(config_path=args.config, precision=args.precision, iterations=args.iterations,
+                         rounds=args.rounds, per_class=args.per_class)  # fmt: skip
+        return
+    bench_train(
+        model_name=args.model,
+        batch=args.batch,
+        strategy=args.strategy,
+        precision=args.precision,
+        steps=args.steps,
+        rounds=args.rounds,
+        fsdp_mixed_precision=args.fsdp_mixed_precision,
+    )
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from trainer.bench import bench_gpu
+
+    return bench_gpu(out=Path(args.out))
+
+
+def add_bench(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench_eval = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")
+    bench_eval.add_argument("--model", default="resnet50")
+    bench_eval.add_argument("--batch", type=int, default=32)
+    bench_eval.add_argument("--images", type=int, default=128, help="synthetic 320x256 validation images")
+    bench_eval.add_argument("--workers", type=int, default=2)
+    bench_eval.set_defaults(run=cmd_bench_eval)
+    bench_loader = bench.add_parser("loader", help="images/s of the DALI and torchvision loaders, and their ratio")
+    bench_loader.add_argument("--data", required=True, help="an ImageFolder root (train/ and val/)")
+    bench_loader.add_argument("--backend", choices=("dali", "torch", "both"), default="both")
+    bench_loader.add_argument("--pipeline", choices=("paper", "val", "tencrop"), default="paper")
+    bench_loader.add_argument("--batch", type=int, default=64)
+    bench_loader.add_argument(
+        "--batches", type=int, default=30, help="training batches per round (evaluation: one pass per round)"
+    )
+    bench_loader.add_argument("--rounds", type=int, default=3)
+    bench_loader.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    bench_loader.add_argument(
+        "--feeder-only", action="store_true", help="images/s of one DALI reader process's work alone (paper pipeline)"
+    )
+    bench_loader.set_defaults(run=cmd_bench_loader)
+    bench_train = bench.add_parser("train", help="images/s of the trainer's step against a minimal loop")
+    bench_train.add_argument("--model", default="resnet50")
+    bench_train.add_argument("--batch", type=int, default=32, help="images per rank and step")
+    bench_train.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    bench_train.add_argument("--precision", choices=PRECISIONS, default="auto")
+    bench_train.add_argument("--fsdp-mixed-precision", choices=("policy", "autocast"), default="policy")
+    bench_train.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    bench_train.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
+    bench_train.add_argument(
+        "--end-to-end", action="store_true", help="the CLI's whole training against a bare loop, wall time"
+    )
+    bench_train.add_argument("--config", default="configs/cifar10/resnet20.yaml", help="--end-to-end: the recipe")
+    bench_train.add_argument("--iterations", type=int, default=600, help="--end-to-end: iterations per run")
+    bench_train.add_argument("--per-class", type=int, default=1000, help="--end-to-end: synthetic images per class")
+    bench_train.set_defaults(run=cmd_bench_train)
+
+    bench_gpu = bench.add_parser("gpu", help="the first figures of a new GPU node, each with device and versions")
+    bench_gpu.add_argument("--out", default="bench-gpu", help="folder for its synthetic data, runs and logs")
+    bench_gpu.set_defaults(run=cmd_bench_gpu)
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    add_bench(commands)
