@@ -1,4 +1,5 @@
-"""kill -9 in the middle of a checkpoint write, for both formats: the previous checkpoint stays whole."""
+"""Checkpoints: kill -9 mid-write (both formats), unreadable and crafted files, full disks, bit-exact resume, the
+resume choices and refusals, exports."""
 
 import os
 import pickle
@@ -9,16 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_runs import imagefolder_run, metrics, small_run
 
 from data_pipeline.errors import UserError
 from trainer.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
+    load_checkpoint,
     load_model_and_optimizer,
     read_train_state,
     read_weights,
     save_checkpoint,
 )
+from trainer.distributed import LaunchEnv
+from trainer.loop import train
 from trainer.models import create_model
 
 # Saves iteration 1, then starts iteration 2 with the write of its last part stalled, and says so.
@@ -123,3 +128,144 @@ def test_a_full_disk_during_a_dcp_save_stops_with_one_line(small_disk):
     with pytest.raises(CheckpointNotWritten, match=r"iteration 3 could not be written .* \(No space left on"):
         save_checkpoint(small_disk / "run", 3, model, optimizer, {"iteration": 3}, sharded=True, keep=1, is_main=True)
     assert list((small_disk / "run" / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("precision", "half", "batch"),
+    # bf16 and fp16 are emulated on CPUs without them (12x slower than fp32 on an AVX2-only CPU): the fewest steps
+    [("fp32", 10, 32), ("bf16", 5, 8), ("fp16", 5, 8)],  # N a multiple of eval.every
+)
+def test_resume_is_bit_exact(tmp_path, cifar_root, precision, half, batch):
+    """2N iterations straight == N, stop, resume, N more (the resume falls mid-epoch)."""
+    common = (f"train.precision={precision}", f"data.batch_size={batch}", "checkpoint.every=10")
+    train(small_run(tmp_path / "a", cifar_root, f"train.iterations={2 * half}", *common), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, f"train.iterations={half}", *common), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, f"train.iterations={2 * half}", *common), LaunchEnv())
+
+    a, b = (
+        load_checkpoint(latest_checkpoint(tmp_path / "a/run")),
+        load_checkpoint(latest_checkpoint(tmp_path / "b/run")),
+    )
+    assert a["iteration"] == b["iteration"] == 2 * half
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for index, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
+    assert a["history"] == b["history"]
+    assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
+    assert metrics(tmp_path / "a/run", "eval") == metrics(tmp_path / "b/run", "eval")
+
+
+def test_resuming_another_models_checkpoint_is_refused(tmp_path, cifar_root):
+    train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
+    with pytest.raises(UserError, match="a checkpoint of 'resnet20', not of model.name='resnet32'"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=10", "model.name=resnet32"), LaunchEnv())
+
+
+class Foreign:
+    pass
+
+
+def test_unreadable_checkpoints_are_named_for_what_they_are(tmp_path):
+    """Never torch's advice to retry with weights_only=False."""
+    path = tmp_path / "ckpt-000000001.pt"
+    torch.save({"model": {"w": torch.zeros(3)}}, path)
+    whole = path.read_bytes()
+    cases = {
+        bytes(range(256)) * 8: "not a file torch.save wrote",
+        b"model: resnet50\n": "a text file, not a checkpoint",
+        whole[: len(whole) // 2]: r"damaged or truncated \(PytorchStreamReader failed reading zip archive: failed",
+    }
+    torch.save({"model": Foreign()}, path)
+    cases[path.read_bytes()] = r"it names \S*test_checkpoint.Foreign, which weights-only loading does not run"
+    for content, message in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(UserError, match=f"ckpt-000000001.pt' cannot be read: {message}") as raised:
+            load_checkpoint(path)
+        assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value)
+
+
+def test_resume_latest_needs_a_checkpoint_and_a_path_must_exist(tmp_path, cifar_root):
+    with pytest.raises(UserError, match="no checkpoint in .* to resume from"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=5", "checkpoint.resume=latest"), LaunchEnv())
+    with pytest.raises(UserError, match="nope.pt' does not exist"):
+        train(
+            small_run(tmp_path, cifar_root, "train.iterations=5", f"checkpoint.resume={tmp_path}/nope.pt"), LaunchEnv()
+        )
+
+
+def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
+    train(small_run(tmp_path, cifar_root, "train.iterations=10"), LaunchEnv())
+    source = tmp_path / "run/checkpoints/ckpt-000000010.pt"
+    config = small_run(
+        tmp_path, cifar_root, "train.iterations=12", "train.run_name=next", f"checkpoint.resume={source}"
+    )
+    train(config, LaunchEnv())
+    assert [r["iteration"] for r in metrics(tmp_path / "next", "train")] == [12]
+
+
+def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
+    import torchvision
+
+    from trainer.checkpoint import export_state_dict
+
+    config = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=2", "data.mean=[0.2,0.3,0.4]")
+    train(config, LaunchEnv())
+    source = latest_checkpoint(tmp_path / "quickstart")
+    assert export_state_dict(source, tmp_path / "resnet18.pt").model_name == "resnet18"
+    reference = torchvision.models.resnet18(num_classes=4)
+    reference.load_state_dict(torch.load(tmp_path / "resnet18.pt", weights_only=True))
+    assert torch.equal(reference.fc.weight, load_checkpoint(source)["model"]["fc.weight"])
+    with pytest.raises(UserError, match="already a plain state dict"):
+        export_state_dict(tmp_path / "resnet18.pt", tmp_path / "again.pt")
+    with pytest.raises(UserError, match=r"resnet18.pt/out.pt: cannot write \(File exists"):  # under a file
+        export_state_dict(source, tmp_path / "resnet18.pt" / "out.pt")
+
+
+def test_an_export_evaluates_as_its_checkpoint_and_the_flags_override(tmp_path, imagefolder_root):
+    """The export carries the run's normalization, resize and crop (here none of the defaults) and its classes."""
+    from trainer.checkpoint import export_state_dict
+    from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+
+    overrides = ("train.iterations=4", "data.mean=[0.2,0.3,0.4]", "data.std=[0.3,0.2,0.25]", "data.val_resize=44")
+    train(imagefolder_run(tmp_path, imagefolder_root, *overrides), LaunchEnv())
+    source = latest_checkpoint(tmp_path / "quickstart")
+    export_state_dict(source, tmp_path / "resnet18.pt")
+
+    def evaluation(path: Path, **flags) -> dict:
+        request = EvalRequest(path, imagefolder_root, batch_size=10, workers=0, precision="fp32", **flags)
+        return evaluate_checkpoint(request, LaunchEnv())[2]
+
+    by_checkpoint, by_export = evaluation(source), evaluation(tmp_path / "resnet18.pt")  # no --model needed
+    assert by_export["model"] == "resnet18"
+    assert by_export["correct1"] == by_checkpoint["correct1"] and by_export["correct5"] == by_checkpoint["correct5"]
+    flags = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 36, "crop": 36}
+    assert [evaluation(tmp_path / "resnet18.pt", **flags)[key] for key in ("count", "top1")] == [
+        evaluation(source, **flags)[key] for key in ("count", "top1")
+    ]
+    with pytest.raises(UserError, match=r"data.crop_size=40: must be <= data.val_resize \(from the checkpoint or"):
+        evaluation(tmp_path / "resnet18.pt", resize=36, crop=40)
+
+
+def test_a_full_disk_stops_with_the_last_good_checkpoint_named(small_disk, cifar_root):
+    from trainer.checkpoint import read_train_state
+    from trainer.faults import CheckpointNotWritten
+
+    overrides = ("train.iterations=10", "checkpoint.every=5", "checkpoint.keep=2")
+    with pytest.raises(CheckpointNotWritten) as raised:
+        train(small_run(small_disk, cifar_root, *overrides), LaunchEnv())
+    folder = small_disk / "run" / "checkpoints"
+    assert str(raised.value) == (
+        f"the checkpoint of iteration 10 could not be written to {folder} (No space left on device); nothing is "
+        f"lost: the last good checkpoint is {folder / 'ckpt-000000005.pt'}, and a new start resumes from it"
+    )
+    assert raised.value.exit_code == 74
+    assert sorted(path.name for path in folder.iterdir()) == ["ckpt-000000005.pt"]  # no partial file left
+    assert read_train_state(folder / "ckpt-000000005.pt")["iteration"] == 5
+
+
+def test_resuming_with_another_batch_size_is_refused(tmp_path, cifar_root):
+    train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
+    with pytest.raises(UserError, match=r"saved with 12 batches per epoch, this run has 25: the data set or"):
+        train(small_run(tmp_path, cifar_root, "train.iterations=10", "data.batch_size=16"), LaunchEnv())
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["ckpt-000000005.pt"]

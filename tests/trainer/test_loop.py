@@ -1,4 +1,3 @@
-import json
 import math
 import time
 from pathlib import Path
@@ -7,87 +6,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
+from training_runs import imagefolder_run, metrics, small_run
 
 from data_pipeline.errors import UserError
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from trainer.config import load_config
 from trainer.distributed import LaunchEnv
 from trainer.faults import NonFiniteLoss
 from trainer.loop import train
-
-CONFIG = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
-
-
-def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):
-    base = [
-        f"data.root={cifar_root}",
-        "data.synthesize=null",
-        "data.batch_size=32",
-        "data.workers=0",
-        "eval.batch_size=50",
-        f"train.output_dir={tmp_path}",
-        "train.run_name=run",
-        "log.every=3",
-        "eval.every=5",
-        "checkpoint.every=10",
-        "log.progress=false",
-        "schedule.milestones=[7]",
-    ]
-    return load_config(CONFIG, [*base, *overrides])
-
-
-def imagefolder_run(tmp_path: Path, imagefolder_root: Path, *overrides: str):
-    """ResNet-18 on the 4-class ImageFolder fixture, at 32x32 crops."""
-    base = [
-        f"data.root={imagefolder_root}",
-        "data.synthesize=null",
-        "data.format=imagefolder",
-        "data.batch_size=8",
-        "data.workers=0",
-        "data.scale_min=40",
-        "data.scale_max=48",
-        "data.crop_size=32",
-        "data.val_resize=36",
-        "model.name=resnet18",
-        "model.num_classes=4",
-        "log.progress=false",
-        f"train.output_dir={tmp_path}",
-        "eval.batch_size=10",
-    ]
-    return load_config(CONFIG, [*base, *overrides])
-
-
-def metrics(run_dir: Path, kind: str) -> list[dict]:
-    """The records of one kind, less the wall-clock speed (the one value a resume may change)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [record for record in map(json.loads, lines) if record["kind"] == kind]
-    return [{key: value for key, value in record.items() if key != "images_per_second"} for record in records]
-
-
-@pytest.mark.parametrize(
-    ("precision", "half", "batch"),
-    # bf16 and fp16 are emulated on CPUs without them (12x slower than fp32 on an AVX2-only CPU): the fewest steps
-    [("fp32", 10, 32), ("bf16", 5, 8), ("fp16", 5, 8)],  # N a multiple of eval.every
-)
-def test_resume_is_bit_exact(tmp_path, cifar_root, precision, half, batch):
-    """2N iterations straight == N, stop, resume, N more (the resume falls mid-epoch)."""
-    common = (f"train.precision={precision}", f"data.batch_size={batch}", "checkpoint.every=10")
-    train(small_run(tmp_path / "a", cifar_root, f"train.iterations={2 * half}", *common), LaunchEnv())
-    train(small_run(tmp_path / "b", cifar_root, f"train.iterations={half}", *common), LaunchEnv())
-    train(small_run(tmp_path / "b", cifar_root, f"train.iterations={2 * half}", *common), LaunchEnv())
-
-    a, b = (
-        load_checkpoint(latest_checkpoint(tmp_path / "a/run")),
-        load_checkpoint(latest_checkpoint(tmp_path / "b/run")),
-    )
-    assert a["iteration"] == b["iteration"] == 2 * half
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    for index, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
-    assert a["history"] == b["history"]
-    assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
-    assert metrics(tmp_path / "a/run", "eval") == metrics(tmp_path / "b/run", "eval")
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
@@ -142,65 +67,9 @@ def test_run_directory_and_logs(tmp_path, cifar_root):
     assert all(event.value > 0 for event in events.Scalars("train/grad_norm"))
 
 
-def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path, cifar_root):
-    config = small_run(tmp_path, cifar_root, "train.iterations=10")
-    train(config, LaunchEnv())
-    folder = tmp_path / "run" / "checkpoints"
-    (folder / "ckpt-000000020.pt.tmp").write_bytes(b"half a checkpoint")
-    assert latest_checkpoint(tmp_path / "run").name == "ckpt-000000010.pt"
-
-
-def test_resuming_another_models_checkpoint_is_refused(tmp_path, cifar_root):
-    train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
-    with pytest.raises(UserError, match="a checkpoint of 'resnet20', not of model.name='resnet32'"):
-        train(small_run(tmp_path, cifar_root, "train.iterations=10", "model.name=resnet32"), LaunchEnv())
-
-
-class Foreign:
-    pass
-
-
-def test_unreadable_checkpoints_are_named_for_what_they_are(tmp_path):
-    """Never torch's advice to retry with weights_only=False."""
-    path = tmp_path / "ckpt-000000001.pt"
-    torch.save({"model": {"w": torch.zeros(3)}}, path)
-    whole = path.read_bytes()
-    cases = {
-        bytes(range(256)) * 8: "not a file torch.save wrote",
-        b"model: resnet50\n": "a text file, not a checkpoint",
-        whole[: len(whole) // 2]: r"damaged or truncated \(PytorchStreamReader failed reading zip archive: failed",
-    }
-    torch.save({"model": Foreign()}, path)
-    cases[path.read_bytes()] = r"it names \S*test_loop.Foreign, which weights-only loading does not run"
-    for content, message in cases.items():
-        path.write_bytes(content)
-        with pytest.raises(UserError, match=f"ckpt-000000001.pt' cannot be read: {message}") as raised:
-            load_checkpoint(path)
-        assert "weights_only" not in str(raised.value) and "\n" not in str(raised.value)
-
-
 def test_class_count_must_match_the_data(tmp_path, cifar_root):
     with pytest.raises(UserError, match="model.num_classes=100: the data .* has 10 classes"):
         train(small_run(tmp_path, cifar_root, "train.iterations=5", "model.num_classes=100"), LaunchEnv())
-
-
-def test_resume_latest_needs_a_checkpoint_and_a_path_must_exist(tmp_path, cifar_root):
-    with pytest.raises(UserError, match="no checkpoint in .* to resume from"):
-        train(small_run(tmp_path, cifar_root, "train.iterations=5", "checkpoint.resume=latest"), LaunchEnv())
-    with pytest.raises(UserError, match="nope.pt' does not exist"):
-        train(
-            small_run(tmp_path, cifar_root, "train.iterations=5", f"checkpoint.resume={tmp_path}/nope.pt"), LaunchEnv()
-        )
-
-
-def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
-    train(small_run(tmp_path, cifar_root, "train.iterations=10"), LaunchEnv())
-    source = tmp_path / "run/checkpoints/ckpt-000000010.pt"
-    config = small_run(
-        tmp_path, cifar_root, "train.iterations=12", "train.run_name=next", f"checkpoint.resume={source}"
-    )
-    train(config, LaunchEnv())
-    assert [r["iteration"] for r in metrics(tmp_path / "next", "train")] == [12]
 
 
 def test_final_protocol_at_the_end_of_training(tmp_path, imagefolder_root):
@@ -255,49 +124,6 @@ def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, cifar_root, monkeypa
     assert [r["skipped_steps"] for r in records] == [1, 1]
     assert all(math.isfinite(r["loss"]) for r in records) and result.count == 100
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["skipped_steps"] == 1
-
-
-def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
-    import torchvision
-
-    from trainer.checkpoint import export_state_dict
-
-    config = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=2", "data.mean=[0.2,0.3,0.4]")
-    train(config, LaunchEnv())
-    source = latest_checkpoint(tmp_path / "quickstart")
-    assert export_state_dict(source, tmp_path / "resnet18.pt").model_name == "resnet18"
-    reference = torchvision.models.resnet18(num_classes=4)
-    reference.load_state_dict(torch.load(tmp_path / "resnet18.pt", weights_only=True))
-    assert torch.equal(reference.fc.weight, load_checkpoint(source)["model"]["fc.weight"])
-    with pytest.raises(UserError, match="already a plain state dict"):
-        export_state_dict(tmp_path / "resnet18.pt", tmp_path / "again.pt")
-    with pytest.raises(UserError, match=r"resnet18.pt/out.pt: cannot write \(File exists"):  # under a file
-        export_state_dict(source, tmp_path / "resnet18.pt" / "out.pt")
-
-
-def test_an_export_evaluates_as_its_checkpoint_and_the_flags_override(tmp_path, imagefolder_root):
-    """The export carries the run's normalization, resize and crop (here none of the defaults) and its classes."""
-    from trainer.checkpoint import export_state_dict
-    from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
-
-    overrides = ("train.iterations=4", "data.mean=[0.2,0.3,0.4]", "data.std=[0.3,0.2,0.25]", "data.val_resize=44")
-    train(imagefolder_run(tmp_path, imagefolder_root, *overrides), LaunchEnv())
-    source = latest_checkpoint(tmp_path / "quickstart")
-    export_state_dict(source, tmp_path / "resnet18.pt")
-
-    def evaluation(path: Path, **flags) -> dict:
-        request = EvalRequest(path, imagefolder_root, batch_size=10, workers=0, precision="fp32", **flags)
-        return evaluate_checkpoint(request, LaunchEnv())[2]
-
-    by_checkpoint, by_export = evaluation(source), evaluation(tmp_path / "resnet18.pt")  # no --model needed
-    assert by_export["model"] == "resnet18"
-    assert by_export["correct1"] == by_checkpoint["correct1"] and by_export["correct5"] == by_checkpoint["correct5"]
-    flags = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resize": 36, "crop": 36}
-    assert [evaluation(tmp_path / "resnet18.pt", **flags)[key] for key in ("count", "top1")] == [
-        evaluation(source, **flags)[key] for key in ("count", "top1")
-    ]
-    with pytest.raises(UserError, match=r"data.crop_size=40: must be <= data.val_resize \(from the checkpoint or"):
-        evaluation(tmp_path / "resnet18.pt", resize=36, crop=40)
 
 
 def test_fp16_logs_the_loss_scale_and_counts_overflow_steps(tmp_path, cifar_root, monkeypatch):
@@ -393,30 +219,6 @@ def test_a_failed_evaluation_keeps_the_checkpoint_due_and_skip_corrupt_covers_va
     evaluations = [(record["iteration"], record["count"]) for record in metrics(run_dir, "eval")]
     assert evaluations == [(2, 19), (4, 19)] and result.count == 19  # resumed at 2: its evaluation made first, once
     assert [record["iteration"] for record in metrics(run_dir, "train")] == [2, 4]
-
-
-def test_a_full_disk_stops_with_the_last_good_checkpoint_named(small_disk, cifar_root):
-    from trainer.checkpoint import read_train_state
-    from trainer.faults import CheckpointNotWritten
-
-    overrides = ("train.iterations=10", "checkpoint.every=5", "checkpoint.keep=2")
-    with pytest.raises(CheckpointNotWritten) as raised:
-        train(small_run(small_disk, cifar_root, *overrides), LaunchEnv())
-    folder = small_disk / "run" / "checkpoints"
-    assert str(raised.value) == (
-        f"the checkpoint of iteration 10 could not be written to {folder} (No space left on device); nothing is "
-        f"lost: the last good checkpoint is {folder / 'ckpt-000000005.pt'}, and a new start resumes from it"
-    )
-    assert raised.value.exit_code == 74
-    assert sorted(path.name for path in folder.iterdir()) == ["ckpt-000000005.pt"]  # no partial file left
-    assert read_train_state(folder / "ckpt-000000005.pt")["iteration"] == 5
-
-
-def test_resuming_with_another_batch_size_is_refused(tmp_path, cifar_root):
-    train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
-    with pytest.raises(UserError, match=r"saved with 12 batches per epoch, this run has 25: the data set or"):
-        train(small_run(tmp_path, cifar_root, "train.iterations=10", "data.batch_size=16"), LaunchEnv())
-    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["ckpt-000000005.pt"]
 
 
 @pytest.mark.gpu

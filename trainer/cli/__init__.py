@@ -5,6 +5,7 @@ residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--sc
 residual export CHECKPOINT OUT.pt
 residual models [--json]
 residual env [--json]
+residual config show CONFIG [key=value ...]
 residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
 residual data prepare-imagenet IMAGES OUT (--devkit GROUND_TRUTH META.mat | --solution LOC_val_solution.csv)
 residual data shard SRC OUT [--shard-size N]
