@@ -19,6 +19,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([*args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_models_json_matches_the_paper():
     result = run(RESIDUAL, "models", "--json")
     assert result.returncode == 0, result.stderr
@@ -32,6 +33,7 @@ def test_models_json_matches_the_paper():
     assert rows["resnet56"]["paper_macs"] is None
 
 
+@pytest.mark.slow
 def test_models_table():
     result = run(RESIDUAL, "models")
     assert re.search(r"^resnet152\s+60\.19M\s+60\.20M\s+1\.000\s+11\.282G\s+11\.3G\s+0\.998$", result.stdout, re.M)
@@ -66,6 +68,7 @@ def test_data_synth(tmp_path):
     assert result.returncode == 2 and "not empty" in result.stderr
 
 
+@pytest.mark.slow
 def test_python_m_trainer_is_the_train_entry_point(tmp_path, quickstart_on_cifar):
     result = run(
         sys.executable,
@@ -103,6 +106,7 @@ def test_quickstart_learns(tmp_path):
     assert (tmp_path / "runs/quickstart/config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_data_verify_exit_codes(tmp_path, imagefolder_root):
     assert run(RESIDUAL, "data", "verify", str(imagefolder_root)).returncode == 0
     broken = tmp_path / "val" / "c0"
@@ -129,6 +133,7 @@ def test_bench_train_prints_the_ratio():
     )
 
 
+@pytest.mark.slow
 def test_bench_train_end_to_end_prints_the_wall_time_ratio():
     command = [RESIDUAL, "bench", "train", "--end-to-end", "--config", "configs/cifar10/resnet20.yaml",
                "--iterations", "4", "--per-class", "20", "--rounds", "1"]  # fmt: skip
@@ -138,6 +143,7 @@ def test_bench_train_end_to_end_prints_the_wall_time_ratio():
     assert re.search(r"cli / bare = \d+\.\d{3}  \[resnet20, 4 iterations of 128, ", result.stdout), result.stdout
 
 
+@pytest.mark.slow
 def test_export_names_who_loads_the_weights(tmp_path):
     """torchvision has resnet18..152, not the CIFAR-10 nets."""
     import torch
@@ -170,6 +176,7 @@ print(tempfile.gettempdir(), os.environ.get("TMPDIR"), multiprocessing.util.get_
 """
 
 
+@pytest.mark.slow
 def test_a_runs_temporary_files_live_in_its_run_directory():
     """multiprocessing's pymp-* (and what worker processes make) go to RUN_DIR/tmp/rankN, emptied at each start, so
     a run killed with -9 leaves them there, not in $TMPDIR; too deep a run directory for a socket keeps $TMPDIR."""

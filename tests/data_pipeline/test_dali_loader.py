@@ -62,6 +62,7 @@ def test_order_and_resume_match_the_torch_path(cifar_root):
     assert not torch.equal(following[0], epoch[0][0])
 
 
+@pytest.mark.slow
 def test_imagefolder_training_is_the_same_with_worker_processes(imagefolder_root):
     inline = list(build_dali_train_loader(imagefolder_config(imagefolder_root), rank=0, world_size=1, seed=1).epoch(0))
     workers = imagefolder_config(imagefolder_root, workers=2)
@@ -178,6 +179,7 @@ class SlowReader(SampleReader):
 '''
 
 
+@pytest.mark.slow
 def test_n_reader_processes_read_about_n_times_as_fast(cifar_root, tmp_path, monkeypatch):
     """DALI's pool gives each process a whole batch: without as many batches in flight as processes (the source's
     prefetch_queue_depth), the processes past the first wait."""

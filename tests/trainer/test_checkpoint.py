@@ -132,8 +132,9 @@ def test_a_full_disk_during_a_dcp_save_stops_with_one_line(small_disk):
 
 @pytest.mark.parametrize(
     ("precision", "half", "batch"),
-    # bf16 and fp16 are emulated on CPUs without them (12x slower than fp32 on an AVX2-only CPU): the fewest steps
-    [("fp32", 10, 32), ("bf16", 5, 8), ("fp16", 5, 8)],  # N a multiple of eval.every
+    # bf16 and fp16 are emulated on CPUs without them (12x slower than fp32 on an AVX2-only CPU): the fewest steps;
+    # N a multiple of eval.every
+    [("fp32", 10, 32), ("bf16", 5, 8), pytest.param("fp16", 5, 8, marks=pytest.mark.slow)],
 )
 def test_resume_is_bit_exact(tmp_path, cifar_root, precision, half, batch):
     """2N iterations straight == N, stop, resume, N more (the resume falls mid-epoch)."""

@@ -177,6 +177,7 @@ def test_cifar_is_tested_on_the_original_image(tmp_path, cifar_root):
 RESIDUAL = str(Path(sys.executable).parent / "residual")
 
 
+@pytest.mark.slow
 def test_torchvision_weights_file_from_the_command_line(tmp_path, mixed_sizes):
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "resnet18.pth")

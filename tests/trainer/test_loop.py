@@ -146,6 +146,7 @@ def test_compiled_model_trains_like_the_eager_one(tmp_path, cifar_root):
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_the_dali_backend_trains_and_resumes_bit_exact(tmp_path, cifar_root):
     """data.backend=dali (CPU-only mode here): 10 + 10 iterations == 20, and the evaluation counts every image."""
     common = ("data.backend=dali", "train.precision=fp32")
