@@ -16,7 +16,8 @@ import torch
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, open_dataset
 from data_pipeline.errors import UserError
-from data_pipeline.torch_loader import Batch, ShardedEpochSampler
+from data_pipeline.sampling import ShardedEpochSampler, val_share
+from data_pipeline.torch_loader import Batch
 from data_pipeline.transforms import augment_cifar_batch, normalize_batch
 
 
@@ -59,9 +60,9 @@ class CifarTensorEval:
 
     def __init__(self, config: DataConfig, *, rank: int, world_size: int, batch_per_rank: int, device: torch.device):
         dataset = open_dataset(config.root, "cifar", train=False)
-        start, stop = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
-        self.images = dataset.images[start:stop].to(device)
-        self.labels = dataset.labels[start:stop].to(device)
+        share = val_share(len(dataset), rank=rank, world_size=world_size)
+        self.images = dataset.images[share.start : share.stop].to(device)
+        self.labels = dataset.labels[share.start : share.stop].to(device)
         self.classes = dataset.classes
         self.config = config
         self.batch = batch_per_rank

@@ -26,9 +26,9 @@ from PIL import Image
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
-from data_pipeline.errors import UserError, from_worker_traceback
-from data_pipeline.seeding import sample_uniforms
-from data_pipeline.torch_loader import Batch, ShardedEpochSampler
+from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
+from data_pipeline.sampling import ShardedEpochSampler, SkipCorrupt, sample_uniforms, val_share
+from data_pipeline.torch_loader import Batch
 from data_pipeline.transforms import CIFAR_PADDING, PCA_EIGENVALUES, PCA_EIGENVECTORS, cifar_crop_flip
 from data_pipeline.webdataset import WebDatasetDataset
 
@@ -207,7 +207,7 @@ class TrainSource:
         self.sampler = sampler
         self.config = config
         self.first_epoch, self.first_batch = 0, 0
-        self.skipped = 0  # files skipped by data.skip_corrupt, in this process
+        self.skip_corrupt = SkipCorrupt(config.skip_corrupt)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order of the data set)
 
     def batch_samples(self, epoch: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,23 +247,16 @@ class TrainSource:
 
     def usable(self, index: int) -> tuple[int, np.ndarray, tuple[int, int] | None]:
         """Sample ``index`` (its index, encoded file and size), or with data.skip_corrupt the next one whose file
-        passes the cheap checks (warned about and counted); without it, a file that fails them stops the run with
-        its name."""
-        for offset in range(len(self.reader.labels)):
-            candidate = (index + offset) % len(self.reader.labels)
+        passes the cheap checks; without it, a file that fails them stops the run with its name."""
+
+        def attempt(candidate: int) -> tuple[int, np.ndarray, tuple[int, int] | None]:
             encoded = self.reader.encoded(candidate)
             size, defect = self.reader.inspect(encoded)
-            if defect is None:
-                return candidate, encoded, size
-            if not self.config.skip_corrupt:
-                raise UserError(
-                    f"{self.reader.name(candidate)}: {defect}; data.skip_corrupt=true skips such files, "
-                    "`residual data verify` lists them"
-                )
-            self.skipped += 1
-            log.warning("skipped %s: %s (%d skipped by this process)", self.reader.name(candidate), defect,
-                        self.skipped)  # fmt: skip
-        raise UserError("no decodable image in the training set")
+            if defect is not None:
+                raise CorruptImage(self.reader.name(candidate), defect)
+            return candidate, encoded, size
+
+        return self.skip_corrupt.first_usable(index, len(self.reader.labels), attempt)
 
     def explain(self, epoch: int, start: int, produced: int) -> str | None:
         """After DALI failed on a batch: the files of that batch Pillow cannot decode either, named."""
@@ -520,6 +513,6 @@ def build_dali_val_loader(
     if protocol == "multiscale":
         raise UserError("multiscale evaluation runs on the torch path (data.backend=torch or `residual eval`)")
     dataset = open_dataset(config.root, config.format, train=False)
-    share = range(rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size)
+    share = val_share(len(dataset), rank=rank, world_size=world_size)
     source = EvalSource(SampleReader(dataset), share, batch_per_rank, skip_corrupt=config.skip_corrupt)
     return DaliEvalLoader(source, config, dali_device(config.device), protocol)

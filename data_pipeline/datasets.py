@@ -3,7 +3,6 @@ batches. Images come out as uint8 C x H x W tensors; augmentation is data_pipeli
 
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data_pipeline.errors import CorruptImage, UserError
-
-log = logging.getLogger(__name__)
+from data_pipeline.sampling import SkipCorrupt
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
@@ -56,23 +54,17 @@ class ImageFolderDataset(Dataset):
 
 
 class SkippingCorrupt(Dataset):
-    """``data.skip_corrupt`` on the torch path: a sample whose image cannot be decoded is replaced by the next
-    one that can, with a warning that names the file and counts the skips of this process."""
+    """``data.skip_corrupt`` on the torch path (data_pipeline.sampling.SkipCorrupt): a sample whose image cannot be
+    decoded is replaced by the next one that can."""
 
     def __init__(self, dataset: Dataset) -> None:
-        self.dataset, self.classes, self.skipped = dataset, dataset.classes, 0
+        self.dataset, self.classes, self.policy = dataset, dataset.classes, SkipCorrupt(enabled=True)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for offset in range(len(self.dataset)):
-            try:
-                return self.dataset[(index + offset) % len(self.dataset)]
-            except CorruptImage as error:
-                self.skipped += 1
-                log.warning("skipped %s: %s (%d skipped by this process)", error.name, error.reason, self.skipped)
-        raise UserError("no decodable image in the training set")
+        return self.policy.first_usable(index, len(self.dataset), self.dataset.__getitem__)
 
 
 def _read_cifar_batch(path: Path) -> dict:

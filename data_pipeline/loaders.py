@@ -11,9 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.torch_loader import Batch
-from data_pipeline.torch_loader import build_train_loader as build_torch_train_loader
-from data_pipeline.torch_loader import build_val_loader as build_torch_val_loader
+from data_pipeline.torch_loader import Batch, build_torch_train_loader, build_torch_val_loader
 
 CPU = torch.device("cpu")
 

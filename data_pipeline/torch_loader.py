@@ -10,65 +10,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
-from data_pipeline.seeding import sample_seed, sample_seeds
+from data_pipeline.sampling import ShardedEpochSampler, val_share
 from data_pipeline.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized float32), labels (N, int64)
-Order = TypeVar("Order", torch.Tensor, np.ndarray)  # an epoch's permutation of the data set
-
-
-class ShardedEpochSampler(Sampler[tuple[int, int]]):
-    """A seeded permutation per epoch, cut into whole global batches (the tail that does not fill one is left for
-    a later epoch's permutation); rank r takes the r-th slice of every global batch, so the ranks' union of batch k
-    is exactly batch k of a single process with the global batch. Yields (dataset index, augmentation seed)."""
-
-    def __init__(self, dataset_size: int, *, global_batch: int, rank: int, world_size: int, seed: int) -> None:
-        self.dataset_size = dataset_size
-        self.global_batch = global_batch
-        self.per_rank = global_batch // world_size
-        self.rank = rank
-        self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.dataset_size // self.global_batch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.per_rank
-
-    def epoch_order(self, epoch: int) -> torch.Tensor:
-        """The epoch's permutation of the data set."""
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
-        return torch.randperm(self.dataset_size, generator=generator)
-
-    def rank_share(self, order: Order, epoch: int, batch: int) -> tuple[Order, np.ndarray]:
-        """This rank's share of global batch ``batch`` of an epoch whose ``order`` is given (a tensor on any device,
-        or an array): its data set indices, a slice of ``order``, and their augmentation seeds."""
-        start = batch * self.global_batch + self.rank * self.per_rank
-        positions = np.arange(start, start + self.per_rank)
-        return order[start : start + self.per_rank], sample_seeds(self.seed, epoch, positions)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.epoch_order(self.epoch)
-        for batch in range(self.start_batch, self.batches_per_epoch):
-            indices, seeds = self.rank_share(order, self.epoch, batch)
-            yield from zip(indices.tolist(), seeds.tolist(), strict=True)
 
 
 class AugmentedDataset(Dataset):
@@ -134,7 +88,7 @@ def _loader_options(config: DataConfig) -> dict:
     }
 
 
-def build_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
+def build_torch_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
     """Image files (ImageFolder, WebDataset shards) read and augmented one at a time in DataLoader workers."""
     assert config.format != "cifar", "CIFAR-format data goes through data_pipeline.cifar_tensors"
     dataset = open_dataset(config.root, config.format, train=True)
@@ -184,7 +138,7 @@ def collate_views(samples: list[tuple[object, int] | None]) -> tuple[object, tor
     return stacked, torch.tensor(labels, dtype=torch.int64)
 
 
-def build_val_loader(
+def build_torch_val_loader(
     config: DataConfig,
     *,
     rank: int,
@@ -217,10 +171,10 @@ def build_eval_loader(
     protocol: str,
     scales: tuple[int, ...],
 ) -> EvalBatches:
-    start, stop = rank * len(dataset) // world_size, (rank + 1) * len(dataset) // world_size
     transform = build_eval_transform(config, protocol, scales)
     share = torch.utils.data.Subset(
-        _Transformed(dataset, transform, skip_corrupt=config.skip_corrupt), range(start, stop)
+        _Transformed(dataset, transform, skip_corrupt=config.skip_corrupt),
+        val_share(len(dataset), rank=rank, world_size=world_size),
     )
     options = _loader_options(config) | {"persistent_workers": False}
     return EvalBatches(DataLoader(share, batch_size=batch_per_rank, shuffle=False, collate_fn=collate_views, **options))

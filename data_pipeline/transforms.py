@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.config import DataConfig
-from data_pipeline.seeding import GOLDEN, splitmix64
+from data_pipeline.sampling import GOLDEN, splitmix64
 
 # AlexNet's "standard color augmentation", with fb.resnet.torch's values (reference/resnet-paper.md).
 PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)

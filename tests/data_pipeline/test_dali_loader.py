@@ -11,8 +11,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader, train_parameters
 from data_pipeline.datasets import decode_rgb, open_dataset
 from data_pipeline.loaders import build_train_loader
-from data_pipeline.seeding import sample_seed
-from data_pipeline.torch_loader import build_val_loader
+from data_pipeline.sampling import sample_seed
+from data_pipeline.torch_loader import build_torch_val_loader as build_val_loader
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
@@ -187,7 +187,7 @@ def test_n_reader_processes_read_about_n_times_as_fast(cifar_root, tmp_path, mon
     import time
 
     from data_pipeline.dali_loader import TrainSource, build_train_pipeline
-    from data_pipeline.torch_loader import ShardedEpochSampler
+    from data_pipeline.sampling import ShardedEpochSampler
 
     (tmp_path / "slow_reader.py").write_text(SLOW_READER)
     monkeypatch.syspath_prepend(str(tmp_path))

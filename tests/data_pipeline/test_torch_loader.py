@@ -7,7 +7,9 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.errors import UserError
 from data_pipeline.loaders import build_train_loader as build_loader
-from data_pipeline.torch_loader import ShardedEpochSampler, build_train_loader, build_val_loader
+from data_pipeline.sampling import ShardedEpochSampler
+from data_pipeline.torch_loader import build_torch_train_loader as build_train_loader
+from data_pipeline.torch_loader import build_torch_val_loader as build_val_loader
 
 
 def cifar_config(root, **overrides) -> DataConfig:
