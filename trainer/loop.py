@@ -177,21 +177,12 @@ def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str, device:
 
 
 def describe(run: Run) -> None:
-    config, launch = run.config, run.launch
-    accumulation = config.train.accumulation
-    log.info(
-        "%s, %s: global batch %d (%d per rank x %d ranks x %d accumulation), %d iterations (%d per epoch), "
-        "run directory %s",
-        config.model.name,
-        config.dist.strategy if launch.distributed else "one process",
-        config.global_batch(),
-        config.global_batch() // launch.world_size // accumulation,
-        launch.world_size,
-        accumulation,
-        run.total_iterations,
-        run.loader.batches_per_epoch,
-        run.run_dir,
-    )
+    config, launch, split = run.config, run.launch, run.config.train.accumulation
+    where = config.dist.strategy if launch.distributed else "one process"
+    per_rank = config.global_batch() // launch.world_size // split
+    log.info(f"{config.model.name}, {where}: global batch {config.global_batch()} ({per_rank} per rank x "
+             f"{launch.world_size} ranks x {split} accumulation), {run.total_iterations} iterations "
+             f"({run.loader.batches_per_epoch} per epoch), run directory {run.run_dir}")  # fmt: skip
 
 
 def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager, metrics: MetricsProcessor,
