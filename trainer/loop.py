@@ -10,7 +10,6 @@ history the schedule reads, the open logging window and the RNG states.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,12 +54,8 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
         total_iterations=run.total_iterations,
     )  # fmt: skip
     saved_window = checkpoints.resume(state)
-    if launch.is_main:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        (run.run_dir / "config.yaml").write_text(to_yaml(config))
-        (run.run_dir / "env.json").write_text(json.dumps(facts, indent=2) + "\n")
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
-    run_log.text("config", "```\n" + to_yaml(config) + "```\n\n" + "\n\n".join(choices))
+    run_log.record_run(to_yaml(config), facts, choices)
     metrics = MetricsProcessor(
         run_log, launch=launch, device=device, log_every=config.log.every, progress=config.log.progress,
         images_per_step=config.global_batch(), iterations=(state.iteration, run.total_iterations),
@@ -87,17 +82,14 @@ class TrainState:
     history: MetricHistory = field(default_factory=MetricHistory)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "iteration": self.iteration,
-            "skipped_steps": self.skipped_steps,
-            "scaler_skipped_steps": self.scaler_skipped_steps,
-            "history": self.history.state_dict(),
-        }
+        return {**vars(self), "history": self.history.state_dict()}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.iteration, self.skipped_steps = saved["iteration"], saved["skipped_steps"]
-        self.scaler_skipped_steps = saved["scaler_skipped_steps"]
-        self.history = MetricHistory.from_state_dict(saved["history"])
+        self.scaler_skipped_steps, self.history = (
+            saved["scaler_skipped_steps"],
+            MetricHistory.from_state_dict(saved["history"]),
+        )
 
 
 @dataclass

@@ -56,7 +56,7 @@ LAYOUT = {
 
 class RunLog:
     def __init__(self, run_dir: Path, *, start_iteration: int, enabled: bool) -> None:
-        self.enabled = enabled
+        self.enabled, self.run_dir = enabled, run_dir
         self.tensorboard_dir = run_dir / "tensorboard"
         self.metrics_path = run_dir / METRICS_FILE
         self.writer: SummaryWriter | None = None
@@ -95,6 +95,16 @@ class RunLog:
 
     def has_eval(self, iteration: int, protocol: str) -> bool:
         return (iteration, protocol) in self.evaluated
+
+    def record_run(self, config_yaml: str, facts: dict[str, Any], choices: list[str]) -> None:
+        """The run directory's record of this start: config.yaml (resolved), env.json (the machine), and the config
+        with the automatic choices as TensorBoard text."""
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(config_yaml)
+        (self.run_dir / "env.json").write_text(json.dumps(facts, indent=2) + "\n")
+        self.text("config", "```\n" + config_yaml + "```\n\n" + "\n\n".join(choices))
 
     def text(self, tag: str, text: str) -> None:
         if self.enabled:
