@@ -27,7 +27,7 @@ from trainer.hardware import resolve_precision
 from trainer.metrics import TrainWindow
 from trainer.models import create_model, get_model_spec
 from trainer.precision import maybe_autocast
-from trainer.step import HostCopy, build_stepper
+from trainer.step import LateFlags, build_stepper
 from trainer.throughput import peak_flops, training_flops_per_image
 
 
@@ -90,7 +90,7 @@ def bench_train(
     stepper = build_stepper(config, launch, device)
     minimal = minimal_step(model_name, classes, precision, strategy, launch, device, images, labels)
 
-    window, unread = TrainWindow(), []
+    window, flags = TrainWindow(), LateFlags()
 
     def trainer_step(index: int) -> None:  # as the loop does it: the flags read a step late, the window at logs
         for group in stepper.optimizer.param_groups:
@@ -98,10 +98,7 @@ def bench_train(
         logging_step = index % 20 == 0
         outcome = stepper.step(images, labels, stop=False, grad_norm=logging_step)
         window.add(outcome, labels)
-        unread.append(HostCopy(outcome.flags))
-        for copy in unread if logging_step else unread[:-1]:
-            copy.values()
-        unread[:] = [] if logging_step else unread[-1:]
+        flags.read(index, outcome, now=logging_step)
         if logging_step:
             window.summed(device)
 

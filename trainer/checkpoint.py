@@ -339,8 +339,9 @@ class CheckpointManager:
 
     A checkpoint holds the model and the optimizer; beside them the train state (the iteration, which fixes the
     epoch and the batch within it and so the data order and every crop; skipped steps; the metrics history the
-    schedule reads), the open metrics window, the gradient scaler, the RNG states and the config, with what a
-    resume checks: the model's name, the batches per epoch (the data set and batch size), the classes."""
+    schedule reads), the open metrics window, the gradient scaler, the RNG states and the config, the classes
+    (which `residual eval` and `export` carry on) and what a resume checks: the model's name and the batches per
+    epoch (the data set and batch size)."""
 
     def __init__(self, run_dir: Path, config: Config, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, launch: LaunchEnv, device: torch.device, batches_per_epoch: int,

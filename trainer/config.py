@@ -325,13 +325,13 @@ def field_docs(section: type) -> dict[str, str]:
 
 def describe(config: Config) -> str:
     """The resolved config as YAML (JSON values), each key with its one-line documentation."""
-    lines = []
+    lines, plain = [], to_dict(config)
     for section in fields(config):
         value = getattr(config, section.name)
         docs = field_docs(type(value))
         lines.append(f"{section.name}:")
         for key in fields(value):
-            text = f"  {key.name}: {json.dumps(to_dict(config)[section.name][key.name])}"
+            text = f"  {key.name}: {json.dumps(plain[section.name][key.name])}"
             doc = docs.get(key.name)
             lines.append(f"{text:<44} # {doc}" if doc else text)
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
@@ -110,6 +111,17 @@ def reports_user_errors(launch: LaunchEnv) -> bool:
     """Whether this rank prints a UserError. Before the process group, errors come from the arguments, the config
     and the files every rank of a host reads alike: one rank per host says it. Later, the rank that met it does."""
     return launch.local_rank == 0 or _group_started
+
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def report_user_error(error: Exception, launch: LaunchEnv) -> int:
+    """Say a UserError in one line, without a traceback, on the ranks ``reports_user_errors`` picks; the process's
+    exit code for it."""
+    if reports_user_errors(launch):
+        print(f"residual: error: {error}", file=sys.stderr)
+    return USER_ERROR_EXIT_CODE
 
 
 def restart_store(launch: LaunchEnv, environ: Mapping[str, str] = os.environ) -> dist.Store | None:

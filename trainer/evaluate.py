@@ -55,11 +55,6 @@ class EvalResult:
         }
 
 
-def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
-    """How many rows have their label among the k highest scores, for each k (k capped at the class count)."""
-    return [int(hits.sum()) for hits in topk_hits(scores, labels, ks)]
-
-
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = top == labels[:, None]

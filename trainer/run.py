@@ -13,11 +13,9 @@ from pathlib import Path
 
 from data_pipeline.errors import UserError
 from trainer.config import load_config
-from trainer.distributed import LaunchEnv, destroy_process_group, reports_user_errors
+from trainer.distributed import LaunchEnv, destroy_process_group, report_user_error
 from trainer.faults import TrainingStopped
 from trainer.loop import train
-
-USER_ERROR_EXIT_CODE = 2
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +38,7 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
             print(f"residual: {stopped}", file=sys.stderr)
         return stopped.exit_code
     except UserError as error:
-        if reports_user_errors(launch):
-            print(f"residual: error: {error}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
+        return report_user_error(error, launch)
     finally:
         destroy_process_group()
     if launch.is_main:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from data_pipeline.errors import UserError
 from trainer.cli import bench, cluster, data, reports, train
@@ -57,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except UserError as error:
-        from trainer.distributed import LaunchEnv, reports_user_errors
+        from trainer.distributed import LaunchEnv, report_user_error
 
-        if reports_user_errors(LaunchEnv.from_environ()):
-            print(f"residual: error: {error}", file=sys.stderr)
-        return 2
+        return report_user_error(error, LaunchEnv.from_environ())
