@@ -12,13 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+from torchvision.transforms import v2
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.sampling import ShardedEpochSampler, val_share
 from data_pipeline.torch_loader import Batch
-from data_pipeline.transforms import augment_cifar_batch, normalize_batch
+from data_pipeline.transforms import after_crop, augment_cifar_batch, augment_each, normalize_batch
 
 
 class CifarTensorLoader:
@@ -30,6 +31,8 @@ class CifarTensorLoader:
         self.classes = dataset.classes
         self.sampler = sampler
         self.config = config
+        per_image = config.auto_augment != "none" or config.random_erase > 0
+        self.per_image = v2.Compose(after_crop(config, lighting=False)) if per_image else None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -40,7 +43,10 @@ class CifarTensorLoader:
         for batch in range(start_batch, self.batches_per_epoch):
             indices, seeds = self.sampler.rank_share(order, epoch, batch)
             images = augment_cifar_batch(self.images[indices], seeds)
-            yield normalize_batch(images, self.config), self.labels[indices]
+            if self.per_image is not None:  # auto-augmentation, erasing: each image its own draws
+                yield augment_each(images, seeds, self.per_image), self.labels[indices]
+            else:
+                yield normalize_batch(images, self.config), self.labels[indices]
 
 
 def build_cifar_train_loader(
@@ -49,9 +55,8 @@ def build_cifar_train_loader(
     dataset = open_dataset(config.root, "cifar", train=True)
     if len(dataset) < config.batch_size:
         raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
-    sampler = ShardedEpochSampler(
-        len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size, seed=seed
-    )
+    sampler = ShardedEpochSampler(len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size,
+                                  seed=seed, repeats=config.ra_reps)  # fmt: skip
     return CifarTensorLoader(dataset, sampler, config, device)
 
 

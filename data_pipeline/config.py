@@ -31,6 +31,33 @@ class SynthConfig:
 
 
 @dataclass
+class ResolutionRamp:
+    """Progressive resizing (FFCV): the training crop is ``start_size`` up to epoch ``start_epoch``, data.crop_size
+    from ``end_epoch`` on, and between them the linear interpolation rounded to a multiple of ``multiple``."""
+
+    start_size: int = 160
+    start_epoch: int = 0
+    end_epoch: int = 1
+    multiple: int = 32
+
+    def __post_init__(self) -> None:
+        require(self.start_size >= 8, "data.progressive.start_size", self.start_size, "must be at least 8 pixels")
+        require(0 <= self.start_epoch <= self.end_epoch, "data.progressive.start_epoch", self.start_epoch,
+                "must be in [0, end_epoch]")  # fmt: skip
+        require(self.multiple >= 1, "data.progressive.multiple", self.multiple, "must be >= 1")
+
+    def size(self, epoch: int, end_size: int) -> int:
+        """FFCV's ``get_resolution``: the crop of ``epoch``."""
+        if epoch <= self.start_epoch:
+            return self.start_size
+        if epoch >= self.end_epoch:
+            return end_size
+        share = (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)
+        interpolated = self.start_size + share * (end_size - self.start_size)
+        return int(round(interpolated / self.multiple)) * self.multiple
+
+
+@dataclass
 class DataConfig:
     root: str = "data/imagenet"  # the data set's folder
     # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches) | "webdataset" (tar shards)
@@ -48,9 +75,20 @@ class DataConfig:
     train_augment: Literal["scale", "random_resized_crop"] = "scale"
     scale_min: int = 256  # scale augmentation: the shorter side's smallest value (Sec. 3.4)
     scale_max: int = 480  # and its largest
-    crop_size: int = 224  # the training crop (and the center crop of evaluation)
-    val_resize: int = 256  # val: shorter side to this, then the center crop_size
+    crop_size: int = 224  # the training crop (the last one, with progressive)
+    progressive: ResolutionRamp | None = None  # a training crop that grows with the epoch (FFCV); None: crop_size
+    val_resize: int = 256  # val: shorter side to this, then the center val_crop
+    val_crop: int | None = None  # val: the center crop (test-time resolution, Touvron et al. 2019); None: crop_size
     lighting_std: float = 0.1  # AlexNet PCA lighting noise; 0 turns it off
+    # after the crop and flip: "none" | "trivial_augment_wide" (Mueller & Hutter 2021) | "rand_augment" (Cubuk et al.
+    # 2020). torch path: torchvision's transforms.v2, each image's ops drawn from its own seed; DALI: its
+    # nvidia.dali.auto_aug, whose draws come from DALI's own generator (seeded by train.seed, not per image: a
+    # resumed DALI run draws other ops than the run it continues)
+    auto_augment: Literal["none", "trivial_augment_wide", "rand_augment"] = "none"
+    rand_augment_ops: int = 2  # rand_augment: ops per image (N)
+    rand_augment_magnitude: int = 9  # rand_augment: their magnitude (M, of 31 bins)
+    random_erase: float = 0.0  # Zhong et al. 2020: the probability of erasing a box of the normalized image to 0
+    ra_reps: int = 1  # repeated augmentation (Hoffer et al. 2020, torchvision's RASampler): copies of each image
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel, on [0, 1] pixels
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel, on [0, 1] pixels
     skip_corrupt: bool = False  # an undecodable image: training takes the next, evaluation leaves it out (warned)
@@ -64,7 +102,24 @@ class DataConfig:
         require(valid_threads, "data.threads", self.threads, 'must be "auto" or an integer >= 1')
         require(0 < self.scale_min <= self.scale_max, "data.scale_min", self.scale_min, "must be in (0, scale_max]")
         require(self.crop_size <= self.scale_min, "data.crop_size", self.crop_size, "must be <= data.scale_min")
-        require(self.crop_size <= self.val_resize, "data.crop_size", self.crop_size, "must be <= data.val_resize")
+        val_crop = self.eval_crop
+        require(val_crop <= self.val_resize, "data.val_crop", val_crop, "must be <= data.val_resize")
+        require(0 <= self.random_erase <= 1, "data.random_erase", self.random_erase, "must be in [0, 1]")
+        require(self.ra_reps >= 1, "data.ra_reps", self.ra_reps, "must be >= 1")
+        require(0 <= self.rand_augment_magnitude <= 30, "data.rand_augment_magnitude", self.rand_augment_magnitude,
+                "must be in [0, 30]")  # fmt: skip
+        require(self.rand_augment_ops >= 1, "data.rand_augment_ops", self.rand_augment_ops, "must be >= 1")
+        if self.progressive is not None:
+            require(self.format != "cifar", "data.progressive", "set", "CIFAR trains on its 32 x 32 images as they are")
         require(self.lighting_std >= 0, "data.lighting_std", self.lighting_std, "must be >= 0")
         require(len(self.mean) == 3 and len(self.std) == 3, "data.mean/std", (self.mean, self.std), "need 3 values")
         require(all(s > 0 for s in self.std), "data.std", self.std, "must be > 0")
+
+    @property
+    def eval_crop(self) -> int:
+        """The center crop of evaluation: data.val_crop, else the training crop."""
+        return self.val_crop if self.val_crop is not None else self.crop_size
+
+    def train_crop(self, epoch: int) -> int:
+        """The training crop of ``epoch``: data.crop_size, or where the progressive ramp has it."""
+        return self.crop_size if self.progressive is None else self.progressive.size(epoch, self.crop_size)

@@ -27,7 +27,7 @@ from PIL import Image
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
-from data_pipeline.sampling import ShardedEpochSampler, SkipCorrupt, sample_uniforms, val_share
+from data_pipeline.sampling import ShardedEpochSampler, SkipCorrupt, sample_seed, sample_uniforms, val_share
 from data_pipeline.torch_loader import Batch
 from data_pipeline.transforms import CIFAR_PADDING, PCA_EIGENVALUES, PCA_EIGENVECTORS, cifar_crop_flip
 from data_pipeline.webdataset import WebDatasetDataset
@@ -42,16 +42,19 @@ def dali_device(requested: str) -> str:
     return "gpu" if requested == "gpu" or (requested == "auto" and torch.cuda.is_available()) else "cpu"
 
 
-def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None = None,
+                     crop: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
     """One sample's augmentation (``batch_parameters`` of a batch of one)."""
     sizes = None if size is None else np.array([size])
-    return {key: value[0] for key, value in batch_parameters(config, np.array([seed]), sizes).items()}
+    return {key: value[0] for key, value in batch_parameters(config, np.array([seed]), sizes, crop).items()}
 
 
 RRC_TRIES = 10  # torchvision's RandomResizedCrop: ten draws of the window, then the center crop
 
 
-def batch_parameters(config: DataConfig, seeds: np.ndarray, sizes: np.ndarray | None) -> dict[str, np.ndarray]:
+def batch_parameters(
+    config: DataConfig, seeds: np.ndarray, sizes: np.ndarray | None, crop: int | None = None
+) -> dict[str, np.ndarray]:
     """Each sample's augmentation, a function of its own seed alone, for a whole batch at once (numpy, no Python
     loop per sample: the feeder's work per image). CIFAR: the crop's offset in the 4-padded image and the flip, as
     the tensor path draws them (``cifar_crop_flip``). ImageNet (images of ``sizes`` = N x (width, height)): the
@@ -59,12 +62,20 @@ def batch_parameters(config: DataConfig, seeds: np.ndarray, sizes: np.ndarray | 
     crop covers (``anchor``, ``shape``: the crop of side c of the image resized to shorter side S is the window of
     side c * short / S resized to c, so only the window is decoded and resized; with
     data.train_augment=random_resized_crop, RandomResizedCrop's window); the flip; the normalization mean shifted
-    by the PCA lighting noise (adding the shift before normalizing is subtracting it from the mean)."""
+    by the PCA lighting noise (adding the shift before normalizing is subtracting it from the mean); the output
+    ``size`` (``crop``, default data.crop_size: progressive resizing asks for the epoch's). With data.random_erase,
+    the erased box of the output (``erase_anchor``, ``erase_shape``: (y, x), (height, width); empty: none)."""
+    u = sample_uniforms(seeds, ERASE_COLUMNS.stop if config.random_erase > 0 else ERASE_COLUMNS.start)
+    crop = crop or config.crop_size
+    erase = {}
+    if config.random_erase > 0:
+        side = 32 if config.format == "cifar" else crop
+        anchor, shape = erase_windows(u[:, ERASE_COLUMNS], side, config.random_erase)
+        erase = {"erase_anchor": anchor, "erase_shape": shape}
     if config.format == "cifar":
         left, top, flip = cifar_crop_flip(seeds)
         offset = np.stack([left, top], axis=1).astype(np.int32) - CIFAR_PADDING  # (x, y) in the padded image
-        return {"offset": offset, "flip": flip.astype(np.int32)}
-    u = sample_uniforms(seeds, 10 + 4 * RRC_TRIES)
+        return {"offset": offset, "flip": flip.astype(np.int32), **erase}
     flip = (u[:, 0] < 0.5).astype(np.int32)
     normals = np.sqrt(-2 * np.log1p(-u[:, 4:7])) * np.cos(2 * np.pi * u[:, 7:10])  # Box-Muller
     alpha = normals * config.lighting_std
@@ -74,15 +85,37 @@ def batch_parameters(config: DataConfig, seeds: np.ndarray, sizes: np.ndarray | 
         sizes = np.full((len(seeds), 2), config.scale_min)
     width, height = sizes.T.astype(np.float64)
     if config.train_augment == "random_resized_crop":
-        anchor, shape = random_resized_windows(u[:, 10:], width, height)
+        anchor, shape = random_resized_windows(u[:, 10 : 10 + 4 * RRC_TRIES], width, height)
     else:
         shorter = config.scale_min + np.floor(u[:, 1] * (config.scale_max - config.scale_min + 1))
         scale = shorter / np.minimum(width, height)  # as torchvision's RandomShortestSize: the long side truncated
         resized = np.stack([np.where(width <= height, shorter, np.floor(width * scale)),
                             np.where(height <= width, shorter, np.floor(height * scale))], axis=1)  # fmt: skip
-        corner = np.floor(u[:, 2:4] * (resized - config.crop_size + 1))  # RandomCrop's uniform integer corner
-        anchor, shape = corner / scale[:, None], np.repeat((config.crop_size / scale)[:, None], 2, axis=1)
-    return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean}
+        corner = np.floor(u[:, 2:4] * (resized - crop + 1))  # RandomCrop's uniform integer corner
+        anchor, shape = corner / scale[:, None], np.repeat((crop / scale)[:, None], 2, axis=1)
+    size = np.full((len(seeds), 2), crop, dtype=np.float32)
+    return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean,
+            "size": size, **erase}  # fmt: skip
+
+
+ERASE_TRIES = 10
+ERASE_COLUMNS = slice(10 + 4 * RRC_TRIES, 11 + 4 * RRC_TRIES + 4 * ERASE_TRIES)  # after the crop's uniforms
+
+
+def erase_windows(u: np.ndarray, side: int, probability: float) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's RandomErasing of a side x side image, drawn from 1 + 4 uniforms per try and sample: with
+    ``probability``, the first of 10 boxes (area 0.02-0.33 of the image, aspect 0.3-3.3 log-uniform, rounded sides)
+    that fits inside, at a uniform integer place; (y, x) and (height, width), zero where none is erased."""
+    erased, tries = u[:, 0] < probability, u[:, 1:].reshape(len(u), ERASE_TRIES, 4)
+    area = side * side * (0.02 + 0.31 * tries[..., 0])
+    ratio = np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * tries[..., 1])
+    height, width = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
+    fits = (height < side) & (width < side)
+    first, rows = fits.argmax(axis=1), np.arange(len(u))
+    box = np.stack([height[rows, first], width[rows, first]], axis=1)
+    anchor = np.floor(tries[rows, first, 2:4] * (side - box + 1))
+    chosen = (erased & fits.any(axis=1))[:, None]
+    return np.where(chosen, anchor, 0).astype(np.float32), np.where(chosen, box, 0).astype(np.float32)
 
 
 def random_resized_windows(u: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -241,7 +274,7 @@ class TrainSource:
             data.append(encoded)
             sizes.append(size)
         sizes = None if self.config.format == "cifar" else np.array(sizes)
-        parameters = batch_parameters(self.config, seeds, sizes)
+        parameters = batch_parameters(self.config, seeds, sizes, self.config.train_crop(epoch))
         labels = self.reader.labels[indices].astype(np.int64)
         return (data, labels, *(parameters[key] for key in sorted(parameters)))
 
@@ -302,8 +335,12 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
     from nvidia.dali import fn, pipeline_def, types
 
     names = ["data", "labels", *source.parameter_names()]
+    # auto_aug chooses ops with DALI's conditionals; its generator's seed: the start's (epoch, batch)
+    seed = sample_seed(source.sampler.seed, source.first_epoch, source.first_batch)
+    options = _pipeline_options(batch, device, config) | {"enable_conditionals": config.auto_augment != "none",
+                                                          "seed": seed % 2**31}  # fmt: skip
 
-    @pipeline_def(**_pipeline_options(batch, device, config))
+    @pipeline_def(**options)
     def pipeline():
         layouts = ["HWC" if config.format == "cifar" else "", *[""] * (len(names) - 1)]
         outputs = fn.external_source(
@@ -323,26 +360,42 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
                 fill_values=0,
             )  # fmt: skip
             images = fn.crop_mirror_normalize(
-                padded, mirror=given["flip"], dtype=types.FLOAT, output_layout="CHW", **_normalization(config)
-            )
+                auto_augment(padded, config), mirror=given["flip"], dtype=types.FLOAT, output_layout="CHW",
+                **_normalization(config),
+            )  # fmt: skip
         else:
             images = fn.decoders.image_slice(  # decodes the crop's window only
                 given["data"], given["anchor"], given["shape"], axis_names="WH", output_type=types.RGB,
                 normalized_anchor=False, normalized_shape=False, device="mixed" if device == "gpu" else "cpu",
                 adjust_orientation=False,  # as torchvision (and Pillow's header size, the window's frame): no EXIF turn
             )  # fmt: skip
-            images = fn.resize(images, size=(config.crop_size, config.crop_size), antialias=True)
+            images = fn.resize(images, size=given["size"], antialias=True)
             images = fn.crop_mirror_normalize(
-                images,
+                auto_augment(images, config),
                 mirror=given["flip"],
                 mean=given["mean"],
                 std=_normalization(config)["std"],
                 dtype=types.FLOAT,
                 output_layout="CHW",
             )
+        if config.random_erase > 0:
+            images = fn.erase(images, anchor=given["erase_anchor"], shape=given["erase_shape"], axis_names="HW",
+                              fill_value=0.0)  # fmt: skip
         return images, labels.gpu() if device == "gpu" else labels
 
     return pipeline()
+
+
+def auto_augment(images, config: DataConfig):
+    """data.auto_augment on a batch of uint8 HWC images, with nvidia.dali.auto_aug (its ops and magnitudes drawn
+    by DALI's generator, from the pipeline's seed: not per sample)."""
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
+
+    if config.auto_augment == "trivial_augment_wide":
+        return trivial_augment.trivial_augment_wide(images)
+    if config.auto_augment == "rand_augment":
+        return rand_augment.rand_augment(images, n=config.rand_augment_ops, m=config.rand_augment_magnitude)
+    return images
 
 
 @dataclass
@@ -417,9 +470,8 @@ def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, s
     dataset = open_dataset(config.root, config.format, train=True)
     if len(dataset) < config.batch_size:
         raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
-    sampler = ShardedEpochSampler(
-        len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size, seed=seed
-    )
+    sampler = ShardedEpochSampler(len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size,
+                                  seed=seed, repeats=config.ra_reps)  # fmt: skip
     device = dali_device(config.device)
     log.info("data: DALI %s pipeline (%s), %d reader workers", device, config.format, config.workers)
     source = TrainSource(SampleReader(dataset), sampler, config)
@@ -479,7 +531,7 @@ def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, 
             images = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
                                        adjust_orientation=False)  # fmt: skip
             images = fn.resize(images, resize_shorter=config.val_resize, antialias=True)
-            crop = (config.crop_size, config.crop_size)
+            crop = (config.eval_crop, config.eval_crop)
             if protocol == "center":
                 images = fn.crop_mirror_normalize(images, crop=crop, **normalize)
             else:  # tencrop: B x 10 x 3 x crop x crop

@@ -58,10 +58,18 @@ def sample_uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
 class ShardedEpochSampler(Sampler[tuple[int, int]]):
     """A seeded permutation per epoch, cut into whole global batches (the tail that does not fill one is left for
     a later epoch's permutation); rank r takes the r-th slice of every global batch, so the ranks' union of batch k
-    is exactly batch k of a single process with the global batch. Yields (dataset index, augmentation seed)."""
+    is exactly batch k of a single process with the global batch. Yields (dataset index, augmentation seed).
 
-    def __init__(self, dataset_size: int, *, global_batch: int, rank: int, world_size: int, seed: int) -> None:
+    With ``repeats`` > 1 (repeated augmentation, data.ra_reps): an epoch is as many samples as the data set, but
+    of its first 1/repeats images in the permutation, each ``repeats`` times, the copies on different ranks
+    where there are enough (torchvision's RASampler: copy c of an image goes to rank (its place + c) mod world);
+    each copy's augmentation comes from its own position, so the copies differ."""
+
+    def __init__(self, dataset_size: int, *, global_batch: int, rank: int, world_size: int, seed: int,
+                 repeats: int = 1) -> None:  # fmt: skip
         self.dataset_size = dataset_size
+        self.world_size = world_size
+        self.repeats = repeats
         self.global_batch = global_batch
         self.per_rank = global_batch // world_size
         self.rank = rank
@@ -82,7 +90,15 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The epoch's permutation of the data set."""
         generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
-        return torch.randperm(self.dataset_size, generator=generator)
+        order = torch.randperm(self.dataset_size, generator=generator)
+        if self.repeats == 1:
+            return order
+        # RASampler's stream (each image `repeats` times), dealt out to the ranks in turn: rank r's j-th sample of
+        # batch k is the stream's (k * per_rank + j) * world + r-th
+        stream = order.repeat_interleave(self.repeats)[: self.dataset_size]
+        used = self.batches_per_epoch * self.global_batch
+        dealt = stream[:used].reshape(-1, self.per_rank, self.world_size).transpose(1, 2).reshape(-1)
+        return torch.cat([dealt, stream[used:]])
 
     def rank_share(self, order: Order, epoch: int, batch: int) -> tuple[Order, np.ndarray]:
         """This rank's share of global batch ``batch`` of an epoch whose ``order`` is given (a tensor on any device,

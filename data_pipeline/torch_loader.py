@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
@@ -26,21 +27,39 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized f
 
 
 class AugmentedDataset(Dataset):
-    """Applies a random transform to sample ``index`` with the torch RNG seeded by the sampler's seed."""
+    """Applies the training transform to the epoch's crop size to sample ``index``, with the torch RNG seeded by the
+    sampler's seed (``CropSampler``'s keys)."""
 
-    def __init__(self, dataset: Dataset, transform: torch.nn.Module) -> None:
+    def __init__(self, dataset: Dataset, config: DataConfig) -> None:
         self.dataset = dataset
-        self.transform = transform
+        self.config = config
+        self.transforms: dict[int, v2.Compose] = {}  # per crop size, built where first needed (each worker)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = key
+    def __getitem__(self, key: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        index, seed, crop = key
         image, label = self.dataset[index]
+        if crop not in self.transforms:
+            self.transforms[crop] = build_train_transform(self.config, crop)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched (num_workers=0)
             torch.manual_seed(seed)
-            return self.transform(image), label
+            return self.transforms[crop](image), label
+
+
+class CropSampler(Sampler[tuple[int, int, int]]):
+    """The sampler's (index, seed) keys with the epoch's training crop (data.progressive), for ``AugmentedDataset``."""
+
+    def __init__(self, sampler: ShardedEpochSampler, config: DataConfig) -> None:
+        self.sampler, self.config = sampler, config
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        crop = self.config.train_crop(self.sampler.epoch)
+        return ((index, seed, crop) for index, seed in self.sampler)
 
 
 @dataclass
@@ -96,13 +115,10 @@ def build_torch_train_loader(config: DataConfig, *, rank: int, world_size: int, 
         dataset = SkippingCorrupt(dataset)
     if len(dataset) < config.batch_size:
         raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
-    sampler = ShardedEpochSampler(
-        len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size, seed=seed
-    )
-    augmented = AugmentedDataset(dataset, build_train_transform(config))
-    loader = DataLoader(
-        augmented, batch_size=sampler.per_rank, sampler=sampler, drop_last=True, **_loader_options(config)
-    )
+    sampler = ShardedEpochSampler(len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size,
+                                  seed=seed, repeats=config.ra_reps)  # fmt: skip
+    loader = DataLoader(AugmentedDataset(dataset, config), batch_size=sampler.per_rank,
+                        sampler=CropSampler(sampler, config), drop_last=True, **_loader_options(config))  # fmt: skip
     return TrainLoader(loader, sampler, dataset.classes)
 
 

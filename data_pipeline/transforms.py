@@ -82,31 +82,50 @@ def _to_normalized(config: DataConfig) -> list[nn.Module]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(config.mean, config.std)]
 
 
-def build_train_transform(config: DataConfig) -> v2.Compose:
-    """One image file's training augmentation (CIFAR's is ``augment_cifar_batch``, on whole batches)."""
+def build_train_transform(config: DataConfig, crop: int | None = None) -> v2.Compose:
+    """One image file's training augmentation to a ``crop`` x ``crop`` image (default data.crop_size; progressive
+    resizing asks for the epoch's), then data.auto_augment, the lighting noise, normalization and data.random_erase
+    (CIFAR's is ``augment_cifar_batch``, on whole batches, with ``augment_each`` for these last)."""
+    crop = crop or config.crop_size
     if config.train_augment == "scale":
         resize_crop = [
             v2.RandomShortestSize(list(range(config.scale_min, config.scale_max + 1)), antialias=True),
-            v2.RandomCrop(config.crop_size),
+            v2.RandomCrop(crop),
         ]
     else:
-        resize_crop = [v2.RandomResizedCrop(config.crop_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)]
-    lighting = [PCALighting(config.lighting_std)] if config.lighting_std > 0 else []
-    return v2.Compose(
-        [
-            *resize_crop,
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            *lighting,
-            v2.Normalize(config.mean, config.std),
-        ]
-    )
+        resize_crop = [v2.RandomResizedCrop(crop, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)]
+    return v2.Compose([*resize_crop, v2.RandomHorizontalFlip(), *after_crop(config)])
+
+
+def after_crop(config: DataConfig, *, lighting: bool = True) -> list[nn.Module]:
+    """What follows the crop and flip, on a uint8 image: the auto-augmentation, then to float with the lighting
+    noise (ImageNet's, not CIFAR's), normalization and random erasing (to 0, the mean, as torchvision's recipe
+    erases)."""
+    auto = {
+        "none": [],
+        "trivial_augment_wide": [v2.TrivialAugmentWide()],
+        "rand_augment": [v2.RandAugment(num_ops=config.rand_augment_ops, magnitude=config.rand_augment_magnitude)],
+    }[config.auto_augment]
+    lighting = [PCALighting(config.lighting_std)] if config.lighting_std > 0 and lighting else []
+    erase = [v2.RandomErasing(p=config.random_erase, value=0)] if config.random_erase > 0 else []
+    return [*auto, *_to_normalized(config)[:1], *lighting, *_to_normalized(config)[1:], *erase]
+
+
+def augment_each(images: torch.Tensor, seeds: np.ndarray, transform: nn.Module) -> torch.Tensor:
+    """``transform`` of each uint8 image of a batch with torch's generator seeded by the image's own seed (the ops of
+    an auto-augmentation differ per image; torchvision draws them from torch's global generator)."""
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for image, seed in zip(images, seeds.tolist(), strict=True):
+            torch.manual_seed(seed)
+            out.append(transform(image))
+    return torch.stack(out)
 
 
 def build_val_transform(config: DataConfig) -> v2.Compose:
     if config.format == "cifar":
         return v2.Compose(_to_normalized(config))
-    resize_crop = [v2.Resize(config.val_resize, antialias=True), v2.CenterCrop(config.crop_size)]
+    resize_crop = [v2.Resize(config.val_resize, antialias=True), v2.CenterCrop(config.eval_crop)]
     return v2.Compose([*resize_crop, *_to_normalized(config)])
 
 
@@ -157,6 +176,6 @@ def build_eval_transform(config: DataConfig, protocol: str, scales: tuple[int, .
         return build_val_transform(config)
     if protocol == "tencrop":
         return v2.Compose(
-            [v2.Resize(config.val_resize, antialias=True), *_to_normalized(config), TenCropViews(config.crop_size)]
+            [v2.Resize(config.val_resize, antialias=True), *_to_normalized(config), TenCropViews(config.eval_crop)]
         )
     return v2.Compose([*_to_normalized(config), MultiScaleViews(tuple(scales))])

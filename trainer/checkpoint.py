@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from data_pipeline.errors import UserError
 from trainer.config import Config, to_dict
 from trainer.distributed import LaunchEnv, any_rank, average_bn_buffers, barrier
+from trainer.ema import WeightAverage
 from trainer.faults import CheckpointNotWritten
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)(\.pt)?$")
@@ -70,6 +71,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     train_state: dict[str, Any],
     *,
+    ema: WeightAverage | None = None,
     sharded: bool,
     keep: int,
     is_main: bool,
@@ -83,6 +85,7 @@ def save_checkpoint(
     partial = path.with_name(path.name + ".tmp")
     options = StateDictOptions(full_state_dict=not sharded, cpu_offload=not sharded)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)  # a collective under FSDP2
+    averages = {} if ema is None else {"ema": ema.state_dict() if sharded else ema.full_state_dict()}
     failure = None
     try:
         if is_main:
@@ -90,11 +93,11 @@ def save_checkpoint(
             remove(partial)
         if sharded:
             barrier()
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+            dcp.save({"model": model_state, "optimizer": optimizer_state, **averages}, checkpoint_id=partial)
             if is_main:
                 write_file(partial / TRAIN_STATE, train_state)
         elif is_main:
-            write_file(partial, {**train_state, "model": model_state, "optimizer": optimizer_state})
+            write_file(partial, {**train_state, "model": model_state, "optimizer": optimizer_state, **averages})
     except (OSError, RuntimeError) as error:  # torch.save's zip writer reports a full disk as a RuntimeError
         failure = error
     except CheckpointException as error:  # DCP gathers its ranks' errors into one: the first rank's
@@ -149,16 +152,25 @@ def read_train_state(path: Path) -> dict[str, Any]:
 
 
 def load_model_and_optimizer(
-    path: Path, checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, *, name: str
+    path: Path,
+    checkpoint: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    name: str,
+    ema: WeightAverage | None = None,
 ) -> None:
     """Called on every rank: load a checkpoint of either format into the model and optimizer of this run, whatever
-    their strategy and world size (DCP reshards; a full file is cut into this run's shards)."""
+    their strategy and world size (DCP reshards; a full file is cut into this run's shards), and the EMA of the
+    weights if the run keeps one (one the checkpoint lacks starts from the loaded weights)."""
     try:
         if path.is_dir():
             check_dcp_metadata(path)
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
             set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+            if ema is not None and has_ema(path):
+                dcp.load({"ema": ema.average}, checkpoint_id=path)  # into this run's tensors, in place
         else:
             set_state_dict(
                 model,
@@ -167,10 +179,21 @@ def load_model_and_optimizer(
                 optim_state_dict=checkpoint["optimizer"],
                 options=StateDictOptions(full_state_dict=True),
             )
+            if ema is not None and "ema" in checkpoint:
+                ema.load_state_dict(checkpoint["ema"])
     except (RuntimeError, KeyError, ValueError) as error:  # another depth, width or class count
         raise UserError(f"{path}: does not fit {name}: {str(error).strip().splitlines()[-1][:300]}") from None
+    if ema is not None and not (has_ema(path) if path.is_dir() else "ema" in checkpoint):
+        log.warning("%s holds no EMA of the weights: the average starts from its weights", path)
+        ema.reset()
     for group in optimizer.param_groups:  # the update's kernel is this run's choice (fused where torch has it)
-        group.update({key: optimizer.defaults[key] for key in ("fused", "foreach")})
+        group.update({key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults})
+
+
+def has_ema(path: Path) -> bool:
+    """Whether a DCP checkpoint directory holds an EMA of the weights."""
+    metadata = dcp.FileSystemReader(path).read_metadata()
+    return any(key.startswith("ema.") for key in metadata.state_dict_metadata)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -203,7 +226,7 @@ def why_unreadable(path: Path, error: Exception) -> str:
 # data section's preprocessing) into the state dict's own ``_metadata``, where load_state_dict looks only for
 # module prefixes: torchvision's models load the file unchanged, and `residual eval` reads it back.
 EXPORT_METADATA = "residual"
-PREPROCESSING = ("mean", "std", "val_resize", "crop_size")
+PREPROCESSING = ("mean", "std", "val_resize", "crop_size", "val_crop")
 
 
 @dataclass
@@ -219,15 +242,21 @@ class Weights:
     plain: bool = False  # a state dict, not a training checkpoint
 
 
-def read_weights(path: Path) -> Weights:
-    """A training checkpoint file, a DCP checkpoint directory (FSDP2), or a plain state dict file."""
+def read_weights(path: Path, which: str = "raw") -> Weights:
+    """A training checkpoint file, a DCP checkpoint directory (FSDP2), or a plain state dict file; of a training
+    checkpoint, its trained weights (``which="raw"``) or their EMA (``"ema"``)."""
     checkpoint = _read_dcp(path) if path.is_dir() else load_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise UserError(f"{path}: neither a checkpoint nor a state dict")
     if "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        return Weights(
-            checkpoint["model"], checkpoint.get("model_name"), checkpoint.get("config"), checkpoint.get("classes")
-        )
+        state = checkpoint["model"]
+        if which == "ema":
+            if "ema" not in checkpoint:
+                raise UserError(f"{path}: holds no EMA of the weights (the run had no ema.decay); use --weights raw")
+            state = {**state, **checkpoint["ema"]}
+        return Weights(state, checkpoint.get("model_name"), checkpoint.get("config"), checkpoint.get("classes"))
+    if which == "ema":
+        raise UserError(f"{path}: a plain state dict holds one set of weights; --weights ema needs a checkpoint")
     if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         exported = getattr(checkpoint, "_metadata", {}).get(EXPORT_METADATA)
         if exported is None:
@@ -303,11 +332,11 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, s
         raise UserError(f"{source}: does not fit {name}: {str(error).splitlines()[1].strip()}") from None
 
 
-def export_state_dict(source: Path, out: Path) -> Weights:
-    """Write the model weights of a checkpoint (file or DCP directory) as a plain state dict, the format of
-    torchvision's ``resnet*`` files, with the run's model section, class names and preprocessing in its
-    ``_metadata``; returns what was exported. Written atomically, like a checkpoint."""
-    weights = read_weights(source)
+def export_state_dict(source: Path, out: Path, which: str = "raw") -> Weights:
+    """Write the model weights of a checkpoint (file or DCP directory), the trained ones or (``which="ema"``)
+    their EMA, as a plain state dict, the format of torchvision's ``resnet*`` files, with the run's model section,
+    class names and preprocessing in its ``_metadata``; returns what was exported. Written atomically."""
+    weights = read_weights(source, which)
     if weights.plain:
         raise UserError(f"{source}: already a plain state dict; nothing to export")
     state_dict = collections.OrderedDict(weights.state_dict)
@@ -315,7 +344,7 @@ def export_state_dict(source: Path, out: Path) -> Weights:
     state_dict._metadata[EXPORT_METADATA] = {
         "model": weights.config["model"],
         "classes": weights.classes,
-        "data": {key: weights.config["data"][key] for key in PREPROCESSING},
+        "data": {key: weights.config["data"].get(key) for key in PREPROCESSING},
     }
     partial = out.with_name(out.name + ".tmp")
     try:
@@ -337,17 +366,18 @@ class Stateful(Protocol):
 class CheckpointManager:
     """What a training run's checkpoint holds, when one is due, and which one a run resumes from.
 
-    A checkpoint holds the model and the optimizer; beside them the train state (the iteration, which fixes the
-    epoch and the batch within it and so the data order and every crop; skipped steps; the metrics history the
-    schedule reads), the open metrics window, the gradient scaler, the RNG states and the config, the classes
-    (which `residual eval` and `export` carry on) and what a resume checks: the model's name and the batches per
-    epoch (the data set and batch size)."""
+    A checkpoint holds the model, the optimizer and the EMA of the weights if the run keeps one; beside them the
+    train state (the iteration, which fixes the epoch and the batch within it and so the data order and every crop;
+    skipped steps; the metrics history the schedule reads), the open metrics window, the gradient scaler, the RNG
+    states and the config, the classes (which `residual eval` and `export` carry on) and what a resume checks: the
+    model's name and the batches per epoch (the data set and batch size).
+    """
 
     def __init__(self, run_dir: Path, config: Config, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, launch: LaunchEnv, device: torch.device, batches_per_epoch: int,
-                 classes: list[str], total_iterations: int) -> None:  # fmt: skip
+                 scaler: torch.amp.GradScaler, ema: WeightAverage | None, launch: LaunchEnv, device: torch.device,
+                 batches_per_epoch: int, classes: list[str], total_iterations: int) -> None:  # fmt: skip
         self.run_dir, self.config, self.launch, self.device = run_dir, config, launch, device
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.model, self.optimizer, self.scaler, self.ema = model, optimizer, scaler, ema
         self.batches_per_epoch, self.classes, self.total_iterations = batches_per_epoch, classes, total_iterations
         self.every = config.checkpoint.every or batches_per_epoch
 
@@ -382,7 +412,7 @@ class CheckpointManager:
                 f"{source}: saved with {saved['batches_per_epoch']} batches per epoch, this run has "
                 f"{self.batches_per_epoch}: the data set or data.batch_size changed"
             )
-        load_model_and_optimizer(source, saved, self.model, self.optimizer, name=name)
+        load_model_and_optimizer(source, saved, self.model, self.optimizer, name=name, ema=self.ema)
         torch.set_rng_state(saved["rng"]["torch"])
         random.setstate(saved["rng"]["python"])
         self.scaler.load_state_dict(saved["scaler"])
@@ -412,6 +442,7 @@ class CheckpointManager:
             self.model,
             self.optimizer,
             {**state, **extra},
+            ema=self.ema,
             sharded=self.config.dist.strategy == "fsdp",
             keep=self.config.checkpoint.keep,
             is_main=self.launch.is_main,

@@ -59,36 +59,51 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum (Sec. 3.4)."""
+    """SGD with momentum (Sec. 3.4), or LARS (You et al. 2017, as MLPerf trains ResNet-50 at batches of thousands)."""
 
+    # "sgd" (torch.optim.SGD) | "lars": SGD whose step of each weight is scaled by its trust ratio
+    # trust_coefficient x |w| / (|g| + weight_decay x |w|) (trainer.optim.LARS)
+    name: Literal["sgd", "lars"] = "sgd"
     lr: float = 0.1  # at `base_batch` images per iteration
     momentum: float = 0.9  # Sec. 3.4
     weight_decay: float = 1e-4  # L2 penalty, Sec. 3.4
     nesterov: bool = False  # Nesterov momentum (not in the paper)
-    no_decay_bn_bias: bool = False  # exclude BN parameters and biases from weight decay
+    no_decay_bn_bias: bool = False  # exclude BN parameters and biases from weight decay (and, with LARS, its scaling)
     linear_scaling: bool = False  # Goyal et al. 2017: lr x global_batch / base_batch
     base_batch: int = 256  # the batch `lr` is given for (linear_scaling)
+    trust_coefficient: float = 0.001  # LARS's eta (MLPerf: 0.001)
+    lars_eps: float = 0.0  # LARS: added to the trust ratio's denominator (MLPerf's lars_epsilon: 0)
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
         require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         require(self.base_batch >= 1, "optim.base_batch", self.base_batch, "must be >= 1")
+        require(self.trust_coefficient > 0, "optim.trust_coefficient", self.trust_coefficient, "must be > 0")
+        require(self.lars_eps >= 0, "optim.lars_eps", self.lars_eps, "must be >= 0")
+        require(not (self.nesterov and not self.momentum), "optim.nesterov", True, "needs optim.momentum > 0")
 
 
 @dataclass
 class ScheduleConfig:
-    """The learning-rate schedule (trainer.schedule). Lengths are in `unit`s: iterations or epochs."""
+    """The learning-rate schedule (trainer.schedule): a warm-up, then a decay over the rest of the run. Lengths are
+    in `unit`s: iterations or epochs. Every rate is a function of the iteration (and, for "plateau", of the
+    evaluations before it), computed at every iteration."""
 
     unit: Literal["iteration", "epoch"] = "iteration"  # unit of milestones and warmup_length
-    decay: Literal["step", "plateau"] = "step"  # "step": x gamma at each milestone | "plateau": when val error stalls
+    # "step": x gamma at each milestone | "plateau": x gamma when the val error stalls | "cosine": half a cosine from
+    # lr to min_lr at the last iteration (Loshchilov & Hutter 2017) | "linear": a straight line from lr to min_lr
+    # (FFCV's ramp-down) | "poly": min_lr + (lr - min_lr) (1 - t / (T + 1))^poly_power, t of T decay iterations
+    # (MLPerf's ResNet-50)
+    decay: Literal["step", "plateau", "cosine", "linear", "poly"] = "step"
     milestones: list[int] = field(default_factory=list)  # decay: step: where the lr is multiplied by gamma, in `unit`s
     gamma: float = 0.1  # the lr's factor at each decay (Sec. 3.4: divided by 10)
     plateau_patience: int = 5  # evaluations without improvement before a decay
     plateau_threshold: float = 1e-3  # relative improvement of the val error that counts
-    min_lr: float = 0.0  # no decay below this
+    min_lr: float = 0.0  # no decay below this; where cosine, linear and poly end
+    poly_power: float = 2.0  # decay: poly: the exponent (MLPerf: 2)
     warmup: Literal["none", "constant", "linear"] = "none"  # "constant": lr = warmup_lr | "linear": warmup_lr -> lr
-    warmup_lr: float = 0.01  # the warm-up's lr (Sec. 4.2: 0.01 for ResNet-110)
+    warmup_lr: float = 0.01  # the warm-up's lr (Sec. 4.2: 0.01 for ResNet-110); the linear warm-up's first
     warmup_length: int = 0  # constant/linear warm-up length; 0 with warmup_until_train_error: no fixed cap
     warmup_until_train_error: float | None = None  # constant warm-up ends when train error < this (0.8, Sec. 4.2)
 
@@ -98,7 +113,8 @@ class ScheduleConfig:
         require(all(m > 0 for m in self.milestones), "schedule.milestones", self.milestones, "must be > 0")
         require(self.plateau_patience >= 0, "schedule.plateau_patience", self.plateau_patience, "must be >= 0")
         require(self.min_lr >= 0, "schedule.min_lr", self.min_lr, "must be >= 0")
-        require(self.warmup_lr > 0, "schedule.warmup_lr", self.warmup_lr, "must be > 0")
+        require(self.warmup_lr >= 0, "schedule.warmup_lr", self.warmup_lr, "must be >= 0")
+        require(self.poly_power > 0, "schedule.poly_power", self.poly_power, "must be > 0")
         require(self.warmup_length >= 0, "schedule.warmup_length", self.warmup_length, "must be >= 0")
         if self.warmup == "linear":
             require(self.warmup_length > 0, "schedule.warmup_length", self.warmup_length, "linear warm-up needs > 0")
@@ -131,6 +147,49 @@ class TrainConfig:
             value = getattr(self, key)
             require(value is None or value > 0, f"train.{key}", value, "must be > 0 or null")
         require(self.accumulation >= 1, "train.accumulation", self.accumulation, "must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    """What the model is trained against: cross-entropy with label smoothing, on batches that Mixup or CutMix may
+    blend (trainer.mixing; on the batch, after the data pipeline, so on either backend). With mixing, the running
+    train top-1/top-5 count a prediction against each image's dominant label (the larger share)."""
+
+    label_smoothing: float = 0.0  # Szegedy et al. 2016: the target puts this much mass uniformly on all classes
+    mixup_alpha: float = 0.0  # Mixup (Zhang et al. 2018): lambda ~ Beta(alpha, alpha); 0: off
+    cutmix_alpha: float = 0.0  # CutMix (Yun et al. 2019): lambda ~ Beta(alpha, alpha), a box of area 1 - lambda
+    mix_prob: float = 1.0  # the share of batches that are mixed at all
+    switch_prob: float = 0.5  # with both alphas > 0: the share of mixed batches that CutMix (the others Mixup)
+
+    def __post_init__(self) -> None:
+        smoothing = self.label_smoothing
+        require(0 <= smoothing < 1, "loss.label_smoothing", smoothing, "must be in [0, 1)")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            require(getattr(self, key) >= 0, f"loss.{key}", getattr(self, key), "must be >= 0")
+        for key in ("mix_prob", "switch_prob"):
+            require(0 <= getattr(self, key) <= 1, f"loss.{key}", getattr(self, key), "must be in [0, 1]")
+
+    @property
+    def mixing(self) -> bool:
+        return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the weights (trainer.ema): every `every` iterations
+    ema = decay x ema + (1 - decay) x weights, on each rank's shards under FSDP2. Saved in every checkpoint;
+    eval.weights says which weights the evaluations use."""
+
+    decay: float | None = None  # the weight of the old average at each update; None: no EMA
+    every: int = 1  # iterations between updates (torchvision: 32)
+    # BatchNorm's running statistics: "copy" (the EMA model uses the trained model's) | "average" (as the weights)
+    bn_buffers: Literal["copy", "average"] = "average"
+    start: int = 0  # iterations in which the EMA follows the weights exactly (torchvision: the lr warm-up)
+
+    def __post_init__(self) -> None:
+        require(self.decay is None or 0 < self.decay < 1, "ema.decay", self.decay, "must be in (0, 1) or null")
+        require(self.every >= 1, "ema.every", self.every, "must be >= 1")
+        require(self.start >= 0, "ema.start", self.start, "must be >= 0")
 
 
 @dataclass
@@ -168,6 +227,9 @@ class EvalConfig:
     final_protocol: Protocol = "center"  # at the end of training
     scales: list[int] = field(default_factory=lambda: list(PAPER_SCALES))  # shorter sides, Table 4
     batch_size: int = 256  # global: images per evaluation step over all ranks
+    # "raw": the trained weights | "ema": their moving average (ema.decay) | "both": each, the raw ones first (the
+    # schedule reads the raw weights' error; the final result is the EMA's)
+    weights: Literal["raw", "ema", "both"] = "raw"
 
     def __post_init__(self) -> None:
         require(self.every is None or self.every > 0, "eval.every", self.every, "must be > 0 or null")
@@ -197,6 +259,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -279,6 +343,12 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         True,
         f"not with train.accumulation={train.accumulation}: DDP's static graph asserts at the first step and past it "
         "stops all-reducing gradients (pytorch/pytorch#143580)",
+    )
+    require(
+        config.eval.weights == "raw" or config.ema.decay is not None,
+        "eval.weights",
+        config.eval.weights,
+        "evaluates the EMA of the weights: set ema.decay",
     )
     protocols = {"eval.protocol": config.eval.protocol, "eval.final_protocol": config.eval.final_protocol}
     check_evaluation(config.data, protocols, ("eval.scales", config.eval.scales),

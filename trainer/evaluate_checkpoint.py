@@ -80,10 +80,8 @@ def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -
     data_format = "cifar" if (request.data / "test_batch").is_file() else "imagefolder"
     if data_format == "cifar" and (request.resize or request.crop):
         raise UserError("--resize/--crop: CIFAR-10 is tested on the 32x32 image as it is (Sec. 4.2)")
-    given = {"mean": request.mean, "std": request.std, "val_resize": request.resize, "crop_size": request.crop}
+    given = {"mean": request.mean, "std": request.std, "val_resize": request.resize, "val_crop": request.crop}
     given = {key: value for key, value in given.items() if value is not None}
-    if request.crop:  # the training scales do not constrain an evaluation's crop
-        given |= {"scale_min": max(config.scale_min, request.crop), "scale_max": max(config.scale_max, request.crop)}
     try:
         return replace(config, **given, root=str(request.data), format=data_format, workers=request.workers,
                        synthesize=None)  # fmt: skip

@@ -11,6 +11,7 @@ history the schedule reads, the open logging window and the RNG states.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from data_pipeline.synthetic import ensure_synthetic
 from trainer.checkpoint import CheckpointManager, latest_checkpoint
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import LaunchEnv, average_bn_buffers, barrier, init_process_group, pick_device
+from trainer.ema import WeightAverage, build_weight_average
 from trainer.evaluate import EvalResult, evaluate
 from trainer.faults import NonFiniteLoss, Preempted, StopSignals
 from trainer.hardware import environment, format_environment, resolve_auto
 from trainer.metrics import MetricsProcessor
+from trainer.mixing import BatchMixer
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
 from trainer.step import LateFlags, Stepper, build_stepper
@@ -50,8 +53,8 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     state = TrainState()
     checkpoints = CheckpointManager(
         run.run_dir, config, model=run.stepper.model, optimizer=run.stepper.optimizer, scaler=run.stepper.scaler,
-        launch=launch, device=device, batches_per_epoch=run.loader.batches_per_epoch, classes=run.loader.classes,
-        total_iterations=run.total_iterations,
+        ema=run.ema, launch=launch, device=device, batches_per_epoch=run.loader.batches_per_epoch,
+        classes=run.loader.classes, total_iterations=run.total_iterations,
     )  # fmt: skip
     saved_window = checkpoints.resume(state)
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
@@ -80,6 +83,7 @@ class TrainState:
     skipped_steps: int = 0  # steps without an update because the loss was not finite
     scaler_skipped_steps: int = 0  # fp16 steps the gradient scaler skipped (overflow)
     history: MetricHistory = field(default_factory=MetricHistory)
+    seconds: float = 0.0  # wall-clock of training and evaluation so far, over every start (time-to-accuracy)
 
     def state_dict(self) -> dict[str, Any]:
         return {**vars(self), "history": self.history.state_dict()}
@@ -90,6 +94,7 @@ class TrainState:
             saved["scaler_skipped_steps"],
             MetricHistory.from_state_dict(saved["history"]),
         )
+        self.seconds = saved.get("seconds", 0.0)  # checkpoints before time-to-accuracy have none
 
 
 @dataclass
@@ -105,6 +110,8 @@ class Run:
     val_batches: Any
     schedule: LRSchedule
     total_iterations: int
+    mixer: BatchMixer  # Mixup/CutMix of each batch (loss section), or nothing
+    ema: WeightAverage | None = None  # the EMA of the weights (ema section)
     peak_flops: float | None = None  # the GPUs' dense peak, for the model FLOP utilization
     flops_per_image: float = 0.0  # training FLOPs: 3 x forward
 
@@ -145,11 +152,12 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
     stepper = build_stepper(config, launch, device)
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch
-    schedule = build_schedule(
-        config.schedule, config.optim, global_batch=config.global_batch(), iterations_per_epoch=loader.batches_per_epoch
-    )
+    schedule = build_schedule(config.schedule, config.optim, global_batch=config.global_batch(),
+                              iterations_per_epoch=loader.batches_per_epoch, total_iterations=total)  # fmt: skip
     run_dir = Path(train.output_dir) / train.run_name
-    run = Run(config, launch, run_dir, device, stepper, loader, val_batches, schedule, total)
+    mixer = BatchMixer(config.loss, num_classes=config.model.num_classes, seed=train.seed, rank=launch.rank)
+    ema = build_weight_average(stepper.model, config.ema)
+    run = Run(config, launch, run_dir, device, stepper, loader, val_batches, schedule, total, mixer, ema)
     run.peak_flops = peak_flops(device, train.precision)
     if run.peak_flops is not None:
         run.flops_per_image = training_flops_per_image(config)
@@ -184,15 +192,20 @@ def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager
     result = evaluate_and_log(run, state, metrics) if run.evaluation_due(state.iteration) else None
     flags, first_epoch = LateFlags(), state.iteration // run.loader.batches_per_epoch
     run.stepper.wrapped.train()
+    clock = (time.monotonic(), state.seconds)
     while state.iteration < run.total_iterations:
         epoch, start = divmod(state.iteration, run.loader.batches_per_epoch)
         for images, labels in metrics.timed(run.loader.epoch(epoch, start)):
             lr = run.set_lr(state)
             images, labels = run.to_device(images, labels)
+            images, targets, labels = run.mixer(images, labels, state.iteration)
             stop = signals.received is not None
-            step = run.stepper.step(images, labels, stop=stop, grad_norm=metrics.should_log(state.iteration + 1))
+            step = run.stepper.step(images, targets, stop=stop, grad_norm=metrics.should_log(state.iteration + 1))
             state.iteration += 1
+            if run.ema is not None:
+                run.ema.update(state.iteration)
             metrics.record(state.iteration, step, images, labels)
+            state.seconds = clock[1] + time.monotonic() - clock[0]
             logging, saving, evaluating = (metrics.should_log(state.iteration), checkpoints.due(state.iteration),
                                            run.evaluation_due(state.iteration))  # fmt: skip
             stop = check_flags(run, state, flags.read(state.iteration, step, now=logging or saving or evaluating))
@@ -234,11 +247,26 @@ def check_flags(run: Run, state: TrainState, read: list[tuple[int, dict[str, flo
 def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsProcessor) -> EvalResult:
     """This iteration's evaluation, into the history the schedule reads and into the logs, each once (a checkpoint
     of an earlier version of this code holds it already; a start before this one may have logged it)."""
-    result = run_evaluation(run, run.val_batches)
+    results = evaluate_weights(run, run.val_batches)
+    first = next(iter(results.values()))
     if not state.history.val_errors or state.history.val_errors[-1][0] != state.iteration:
-        state.history.val_errors.append((state.iteration, 1 - result.top1))
-    metrics.log_eval(state.iteration, run.config.eval.protocol, result)
+        state.history.val_errors.append((state.iteration, 1 - first.top1))
+    for weights, result in results.items():
+        metrics.log_eval(state.iteration, run.config.eval.protocol, result, weights=weights, seconds=state.seconds)
     return result
+
+
+def evaluate_weights(run: Run, batches: Any) -> dict[str, EvalResult]:
+    """The evaluation of each set of weights eval.weights names ("raw", "ema"), in that order."""
+    chosen = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[run.config.eval.weights]
+    results = {}
+    for weights in chosen:
+        if weights == "ema":
+            with run.ema.applied():
+                results[weights] = run_evaluation(run, batches)
+        else:
+            results[weights] = run_evaluation(run, batches)
+    return results
 
 
 def run_evaluation(run: Run, batches: Any) -> EvalResult:
@@ -259,8 +287,11 @@ def final_evaluation(run: Run, state: TrainState, metrics: MetricsProcessor, las
     the run's hyperparameters with its result, for TensorBoard's HParams view."""
     config, result = run.config, last
     if config.eval.final_protocol != config.eval.protocol:
-        result = run_evaluation(run, build_eval_batches(config, run.launch, config.eval.final_protocol, run.device))
-        metrics.log_eval(state.iteration, config.eval.final_protocol, result)
+        batches = build_eval_batches(config, run.launch, config.eval.final_protocol, run.device)
+        for weights, result in evaluate_weights(run, batches).items():
+            metrics.log_eval(
+                state.iteration, config.eval.final_protocol, result, weights=weights, seconds=state.seconds
+            )
     final = {"top1": result.top1, "top5": result.top5, "top1_error": 1 - result.top1}
     metrics.run_log.hparams(state.iteration, to_dict(config), {f"hparams/{k}": v for k, v in final.items()})
     return result

@@ -171,10 +171,16 @@ class MetricsProcessor:
             metrics["mfu"] = self.flops_per_image * images_per_second / (self.peak_flops * self.launch.world_size)
         return metrics
 
-    def log_eval(self, iteration: int, protocol: str, result: EvalResult) -> None:
-        """An evaluation's record, once (a start before this one may have logged it)."""
-        if not self.run_log.has_eval(iteration, protocol):
-            self.run_log.log("eval", iteration, {"protocol": protocol, **result.as_dict()})
+    def log_eval(self, iteration: int, protocol: str, result: EvalResult, *, weights: str = "raw",
+                 seconds: float = 0.0) -> None:  # fmt: skip
+        """An evaluation's record, once (a start before this one may have logged it), with the run's wall-clock
+        time so far (``seconds``, over all its starts) in hours and device-hours (times the ranks), the measure
+        time-to-accuracy is given in. The EMA's evaluation is the protocol "PROTOCOL-ema"."""
+        label = protocol if weights == "raw" else f"{protocol}-{weights}"
+        if not self.run_log.has_eval(iteration, label):
+            hours = seconds / 3600
+            timing = {"hours": hours, "device_hours": hours * self.launch.world_size}
+            self.run_log.log("eval", iteration, {"protocol": label, **result.as_dict(), **timing})
 
     def log_memory(self) -> None:
         """After a start's first epoch on a GPU: DALI's pools grow, never shrink, so say how far."""

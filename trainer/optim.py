@@ -1,28 +1,103 @@
-"""SGD with momentum and weight decay (Sec. 3.4)."""
+"""The optimizers: SGD with momentum and weight decay (Sec. 3.4), and LARS for large batches (MLPerf's ResNet-50)."""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.SGD:
-    """With ``no_decay_bn_bias``, BN weights and every bias (the one-dimensional parameters) get no weight decay.
+class LARS(torch.optim.Optimizer):
+    """Layer-wise adaptive rate scaling (You, Gitman & Ginsburg 2017), as MLPerf's reference trains ResNet-50: per
+    parameter tensor w with gradient g, in a group with ``lars`` on,
 
-    Fused (one kernel per device and dtype) wherever torch has it: there the step can be cancelled on the device
-    (``optimizer.found_inf``) without the host waiting for the loss. FSDP2's DTensors have no fused SGD in torch, so
-    a sharded model gets the foreach one. The momentum buffers start as zeros rather than on the first update
-    (the same first step, as dampening is 0): a cancelled first fused step would leave them uninitialized."""
+        ratio = trust_coefficient * |w| / (|g| + weight_decay * |w| + eps)   (1 where |w| or |g| is 0)
+        v = momentum * v + lr * ratio * (g + weight_decay * w);   w = w - v
+
+    (Nesterov: w = w - lr * ratio * (g + weight_decay * w) - momentum * v). A group with ``lars`` off (BN
+    parameters and biases, ``optim.no_decay_bn_bias``) takes the plain step with ratio 1.
+
+    Like the fused SGD, a step is cancelled on the device when ``found_inf`` (a 0-dim tensor set by the caller)
+    is nonzero: weights and momentum keep their values and the host waits for nothing. Under FSDP2 each rank updates
+    its shards; the norms are of whole tensors (one all-reduce of the shards' squared norms per step)."""
+
+    def __init__(self, params, *, lr: float, momentum: float, weight_decay: float, trust_coefficient: float,
+                 eps: float = 0.0, nesterov: bool = False) -> None:  # fmt: skip
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
+                        eps=eps, nesterov=nesterov, lars=True)  # fmt: skip
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:
+        assert closure is None, "LARS takes no closure"
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                self._update(group, params)
+
+    def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        weights, grads = [local(p) for p in params], [local(p.grad) for p in params]
+        buffers = [local(self.state[p]["momentum_buffer"]) for p in params]
+        decay, momentum = group["weight_decay"], group["momentum"]
+        if group["lars"]:
+            norms = torch.stack([torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(grads))])
+            if isinstance(params[0], DTensor):  # each rank holds shards: the whole tensors' norms
+                squares = norms.square()
+                dist.all_reduce(squares, group=params[0].device_mesh.get_group())
+                norms = squares.sqrt()
+            w_norm, g_norm = norms
+            ratio = group["trust_coefficient"] * w_norm / (g_norm + decay * w_norm + group["eps"])
+            scale = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)) * group["lr"]
+        else:
+            scale = torch.full((len(params),), group["lr"], device=weights[0].device)
+        steps = torch._foreach_add(grads, weights, alpha=decay) if decay else [g.clone() for g in grads]
+        torch._foreach_mul_(steps, list(scale.unbind()))
+        velocities = torch._foreach_mul(buffers, momentum)
+        torch._foreach_add_(velocities, steps)
+        updates = torch._foreach_add(steps, velocities, alpha=momentum) if group["nesterov"] else velocities
+        found_inf = getattr(self, "found_inf", None)  # set by the caller for one step
+        if found_inf is None:
+            torch._foreach_copy_(buffers, velocities)
+            torch._foreach_sub_(weights, updates)
+            return
+        keep = found_inf == 0
+        for buffer, velocity, weight, update in zip(buffers, velocities, weights, updates, strict=True):
+            buffer.copy_(torch.where(keep, velocity, buffer))
+            weight.sub_(torch.where(keep, update, torch.zeros_like(update)))
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view: updating it updates the DTensor), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """With ``no_decay_bn_bias``, BN weights and every bias (the one-dimensional parameters) get no weight decay
+    (and, with LARS, no trust ratio).
+
+    SGD is fused (one kernel per device and dtype) wherever torch has it: there the step can be cancelled on the
+    device (``optimizer.found_inf``) without the host waiting for the loss. FSDP2's DTensors have no fused SGD in
+    torch, so a sharded model gets the foreach one. The momentum buffers start as zeros rather than on the first
+    update (the same first step, as dampening is 0): a cancelled first fused step would leave them uninitialized."""
     params = list(model.parameters())
     if config.no_decay_bn_bias:
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
     else:
         groups = [{"params": params}]
+    if config.name == "lars":
+        return LARS(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                    trust_coefficient=config.trust_coefficient, eps=config.lars_eps,
+                    nesterov=config.nesterov)  # fmt: skip
+    for group in groups:
+        group.pop("lars", None)
     fused = not any(isinstance(p, DTensor) for p in params)
     optimizer = torch.optim.SGD(
         groups,
@@ -36,3 +111,8 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.SGD:
         for p in params:
             optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     return optimizer
+
+
+def cancels_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's step reads ``found_inf`` on the device (fused SGD, LARS), so the host need not."""
+    return bool(optimizer.defaults.get("fused")) or isinstance(optimizer, LARS)

@@ -1,4 +1,5 @@
-"""Learning-rate schedules of the paper (Sec. 3.4, Sec. 4.2) and of Goyal et al. 2017.
+"""Learning-rate schedules: the paper's (Sec. 3.4, Sec. 4.2), Goyal et al. 2017's warm-up, and the decays of the
+recipes users train with today: cosine (torchvision's V2), linear (FFCV's ramp-down), polynomial (MLPerf's).
 
 ``LRSchedule.lr(iteration, history)`` is a pure function of the iteration and of the metrics seen before it, so a
 resumed run that restores the ``MetricHistory`` continues with exactly the same rates.
@@ -60,6 +61,8 @@ class LRSchedule:
     warmup_lr: float = 0.01
     warmup_iterations: int = 0
     warmup_until_train_error: float | None = None
+    total_iterations: int = 0  # the run's length: where cosine, linear and poly reach min_lr
+    poly_power: float = 2.0
 
     def lr(self, iteration: int, history: MetricHistory | None = None) -> float:
         history = history or MetricHistory()
@@ -67,12 +70,25 @@ class LRSchedule:
             if self.warmup == "linear":
                 return self.warmup_lr + (self.base_lr - self.warmup_lr) * iteration / self.warmup_iterations
             return self.warmup_lr
+        if self.decay in ("cosine", "linear", "poly"):
+            return self.annealed(iteration)
         if self.decay == "step":
             decays = bisect.bisect_right(self.milestones, iteration)
         else:
             seen = [error for at, error in history.val_errors if at < iteration]
             decays = plateau_decays(seen, patience=self.plateau_patience, threshold=self.plateau_threshold)
         return max(self.base_lr * self.gamma**decays, self.min_lr)
+
+    def annealed(self, iteration: int) -> float:
+        """From base_lr at the warm-up's end to min_lr at the run's end: t of T iterations after the warm-up."""
+        length = max(1, self.total_iterations - self.warmup_iterations)
+        t = min(max(iteration - self.warmup_iterations, 0), length)
+        span = self.base_lr - self.min_lr
+        if self.decay == "cosine":  # torch's CosineAnnealingLR, closed form
+            return self.min_lr + span * (1 + math.cos(math.pi * t / length)) / 2
+        if self.decay == "linear":  # FFCV's cyclic schedule after its peak
+            return self.min_lr + span * (1 - t / length)
+        return self.min_lr + span * (1 - t / (length + 1)) ** self.poly_power  # MLPerf: T + 1 decay steps
 
     def in_warmup(self, iteration: int, history: MetricHistory) -> bool:
         if self.warmup == "none":
@@ -85,9 +101,8 @@ class LRSchedule:
         return not any(at < iteration and error < self.warmup_until_train_error for at, error in history.train_errors)
 
 
-def build_schedule(
-    schedule: ScheduleConfig, optim: OptimConfig, *, global_batch: int, iterations_per_epoch: int
-) -> LRSchedule:
+def build_schedule(schedule: ScheduleConfig, optim: OptimConfig, *, global_batch: int, iterations_per_epoch: int,
+                   total_iterations: int) -> LRSchedule:  # fmt: skip
     to_iterations = iterations_per_epoch if schedule.unit == "epoch" else 1
     base_lr = optim.lr * global_batch / optim.base_batch if optim.linear_scaling else optim.lr
     return LRSchedule(
@@ -102,4 +117,6 @@ def build_schedule(
         warmup_lr=schedule.warmup_lr,
         warmup_iterations=schedule.warmup_length * to_iterations,
         warmup_until_train_error=schedule.warmup_until_train_error,
+        total_iterations=total_iterations,
+        poly_power=schedule.poly_power,
     )

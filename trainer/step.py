@@ -14,7 +14,7 @@ from data_pipeline.errors import UserError
 from trainer.config import Config
 from trainer.distributed import LaunchEnv, any_rank_on_device, apply_sync_batchnorm
 from trainer.models import create_model
-from trainer.optim import build_optimizer
+from trainer.optim import build_optimizer, cancels_on_device
 from trainer.parallel import gradient_sync, parallelize
 from trainer.precision import build_grad_scaler, maybe_autocast
 
@@ -82,9 +82,12 @@ class Stepper:
     device: torch.device
     precision: str
     accumulation: int = 1
+    label_smoothing: float = 0.0
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, *, stop: bool, grad_norm: bool) -> StepOutcome:
-        """Forward and backward each micro-batch (the gradients are reduced over ranks after the last), one
+        """``labels``: class indices, or class probabilities (N x C) of a mixed batch (trainer.mixing).
+
+        Forward and backward each micro-batch (the gradients are reduced over ranks after the last), one
         collective for the flags every rank must agree on, and the update, which a non-finite loss on any rank
         cancels on the device (the fused optimizer's ``found_inf``, as the gradient scaler uses it). Nothing here
         waits for the device, but under FSDP2 (no fused SGD for DTensors): the host reads the flag before updating."""
@@ -95,7 +98,7 @@ class Stepper:
             with gradient_sync(self.wrapped, enabled=index == len(micro) - 1):
                 with maybe_autocast(self.device, self.precision):
                     logits = self.wrapped(inputs)
-                    loss = F.cross_entropy(logits.float(), targets)
+                    loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
                 self.scaler.scale(loss * (len(targets) / len(labels))).backward()
             total_loss += loss.detach() * len(targets)
             outputs.append(logits.detach())
@@ -104,7 +107,7 @@ class Stepper:
         self.scaler.unscale_(self.optimizer)  # fp16 (else nothing): finds overflow, the norm is of true gradients
         norm = gradient_norm(self.model) if grad_norm else None
         overflow = scaler_found_inf(self.scaler, self.optimizer, self.device)
-        if self.optimizer.defaults.get("fused"):
+        if cancels_on_device(self.optimizer):
             self.optimizer.found_inf = torch.maximum(skipped, overflow)
             self.optimizer.step()
             del self.optimizer.found_inf
@@ -152,4 +155,5 @@ def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> St
         wrapped = torch.compile(wrapped)
     optimizer = build_optimizer(model, config.optim)
     scaler = build_grad_scaler(device, train.precision)
-    return Stepper(model, wrapped, optimizer, scaler, device, train.precision, train.accumulation)
+    return Stepper(model, wrapped, optimizer, scaler, device, train.precision, train.accumulation,
+                   config.loss.label_smoothing)  # fmt: skip

@@ -244,7 +244,7 @@ def test_an_export_evaluates_as_its_checkpoint_and_the_flags_override(tmp_path, 
     assert [evaluation(tmp_path / "resnet18.pt", **flags)[key] for key in ("count", "top1")] == [
         evaluation(source, **flags)[key] for key in ("count", "top1")
     ]
-    with pytest.raises(UserError, match=r"data.crop_size=40: must be <= data.val_resize \(from the checkpoint or"):
+    with pytest.raises(UserError, match=r"data.val_crop=40: must be <= data.val_resize \(from the checkpoint or"):
         evaluation(tmp_path / "resnet18.pt", resize=36, crop=40)
 
 

@@ -1,4 +1,8 @@
+import math
+
+import numpy as np
 import pytest
+import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule, plateau_decays
@@ -16,7 +20,9 @@ def test_cifar_step_schedule_of_the_paper():
 
 def test_epoch_milestones_become_iterations():
     config = ScheduleConfig(unit="epoch", milestones=[30, 60])
-    schedule = build_schedule(config, OptimConfig(), global_batch=256, iterations_per_epoch=5005)
+    schedule = build_schedule(
+        config, OptimConfig(), global_batch=256, iterations_per_epoch=5005, total_iterations=90 * 5005
+    )
     assert schedule.milestones == (150150, 300300)
     assert schedule.lr(150149) == 0.1 and schedule.lr(150150) == pytest.approx(0.01)
 
@@ -66,7 +72,7 @@ def test_fixed_constant_warmup():
 def test_goyal_linear_scaling_and_linear_warmup():
     optim = OptimConfig(lr=0.1, linear_scaling=True, base_batch=256)
     config = ScheduleConfig(unit="epoch", milestones=[30, 60, 80], warmup="linear", warmup_lr=0.1, warmup_length=5)
-    schedule = build_schedule(config, optim, global_batch=8192, iterations_per_epoch=156)
+    schedule = build_schedule(config, optim, global_batch=8192, iterations_per_epoch=156, total_iterations=90 * 156)
     assert schedule.base_lr == pytest.approx(3.2)
     assert schedule.lr(0) == pytest.approx(0.1)
     assert schedule.lr(390) == pytest.approx(0.1 + (3.2 - 0.1) / 2)
@@ -77,3 +83,58 @@ def test_goyal_linear_scaling_and_linear_warmup():
 def test_history_round_trips_through_a_state_dict():
     history = MetricHistory(val_errors=[(1, 0.5)], train_errors=[(2, 0.25), (3, 0.125)])
     assert MetricHistory.from_state_dict(history.state_dict()) == history
+
+
+def test_cosine_after_linear_warmup_follows_torchvision_v2():
+    """torchvision's reference: LinearLR(start_factor=0.01) over the warm-up, then CosineAnnealingLR(T_max = the
+    rest, eta_min); torch's schedulers stepped once per iteration give the anchor's values."""
+    warmup, total, base, floor = 5, 40, 0.5, 1e-3
+    config = ScheduleConfig(decay="cosine", warmup="linear", warmup_lr=0.01 * base, warmup_length=warmup, min_lr=floor)
+    schedule = build_schedule(config, OptimConfig(lr=base), global_batch=1024, iterations_per_epoch=1,
+                              total_iterations=total)  # fmt: skip
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    anchor = torch.optim.lr_scheduler.SequentialLR(
+        optimizer,
+        [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=floor)],
+        milestones=[warmup],
+    )  # fmt: skip
+    for iteration in range(total + 1):
+        assert schedule.lr(iteration) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9), iteration
+        optimizer.step()
+        anchor.step()
+    assert schedule.lr(total) == pytest.approx(floor)
+
+
+def test_ffcv_ramps_up_and_down_as_its_cyclic_schedule():
+    """ffcv-imagenet's get_cyclic_lr: np.interp(epoch, [0, peak, epochs], [1e-4 lr, lr, 0]), interpolated linearly
+    within each epoch."""
+    lr, peak, epochs, per_epoch = 1.7, 2, 16, 10
+    config = ScheduleConfig(unit="epoch", decay="linear", warmup="linear", warmup_lr=1e-4 * lr, warmup_length=peak)
+    schedule = build_schedule(config, OptimConfig(lr=lr), global_batch=1024, iterations_per_epoch=per_epoch,
+                              total_iterations=epochs * per_epoch)  # fmt: skip
+    for iteration in range(epochs * per_epoch):
+        epoch = iteration // per_epoch
+        start, end = (np.interp([e], [0, peak, epochs], [1e-4 * lr, lr, 0])[0] for e in (epoch, epoch + 1))
+        expected = np.interp(iteration % per_epoch, [0, per_epoch], [start, end])
+        assert schedule.lr(iteration) == pytest.approx(expected, rel=1e-9, abs=1e-12), iteration
+
+
+def test_mlperf_polynomial_decay_after_warmup_from_zero():
+    """MLPerf's ResNet-50 reference: base_lr x step / warmup_steps, then
+    end_lr + (base_lr - end_lr) (1 - min(step - warmup, decay_steps) / decay_steps)^2, decay_steps = train_steps -
+    warmup_steps + 1, end_lr 1e-4."""
+    base, end, per_epoch, warmup_epochs, epochs = 10.5, 1e-4, 8, 2, 37
+    config = ScheduleConfig(unit="epoch", decay="poly", poly_power=2, warmup="linear", warmup_lr=0.0,
+                            warmup_length=warmup_epochs, min_lr=end)  # fmt: skip
+    total = epochs * per_epoch
+    schedule = build_schedule(config, OptimConfig(lr=base), global_batch=3264, iterations_per_epoch=per_epoch,
+                              total_iterations=total)  # fmt: skip
+    warmup_steps, decay_steps = warmup_epochs * per_epoch, total - warmup_epochs * per_epoch + 1
+    for step in range(total):
+        if step <= warmup_steps:
+            expected = base * step / warmup_steps
+        else:
+            expected = end + (base - end) * (1 - min(step - warmup_steps, decay_steps) / decay_steps) ** 2
+        assert schedule.lr(step) == pytest.approx(expected, rel=1e-9), step
+    assert schedule.lr(total - 1) > end and math.isclose(schedule.lr(10**9), end + (base - end) / decay_steps**2)

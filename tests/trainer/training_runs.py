@@ -48,8 +48,11 @@ def imagefolder_run(tmp_path: Path, imagefolder_root: Path, *overrides: str):
     return load_config(CONFIG, [*base, *overrides])
 
 
+WALL_CLOCK = ("images_per_second", "hours", "device_hours")
+
+
 def metrics(run_dir: Path, kind: str) -> list[dict]:
-    """The records of one kind, less the wall-clock speed (the one value a resume may change)."""
+    """The records of one kind, less the wall-clock figures (speed and time so far: what a resume may change)."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [record for record in map(json.loads, lines) if record["kind"] == kind]
-    return [{key: value for key, value in record.items() if key != "images_per_second"} for record in records]
+    return [{key: value for key, value in record.items() if key not in WALL_CLOCK} for record in records]

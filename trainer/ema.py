@@ -1,0 +1,84 @@
+"""An exponential moving average of the weights (Polyak averaging, as torchvision's V2 recipe and timm keep one).
+
+Every ``ema.every`` iterations ``ema = decay * ema + (1 - decay) * weights``, for the parameters and (``average``)
+BatchNorm's running statistics; with ``copy`` the EMA model uses the trained model's statistics. The average
+holds tensors of the model's own kind: under FSDP2 each rank averages its shards (no collective, no full copy).
+An evaluation swaps the average into the model (``applied``) and back. ``state_dict`` is saved in every
+checkpoint under the model's own names, so a resumed run continues the same average bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from trainer.config import EmaConfig
+
+
+class WeightAverage:
+    def __init__(self, model: nn.Module, config: EmaConfig) -> None:
+        self.model, self.config = model, config
+        self.tracked = dict(model.named_parameters())
+        if config.bn_buffers == "average":
+            self.tracked |= {name: b for name, b in model.named_buffers() if b.is_floating_point()}
+        self.average = {name: value.detach().clone() for name, value in self.tracked.items()}
+        self.copied = {name: b for name, b in model.named_buffers() if name not in self.average}  # BN's batch counts
+
+    def reset(self) -> None:
+        """The average starts again from the weights."""
+        with torch.no_grad():
+            torch._foreach_copy_(list(self.average.values()), [value.detach() for value in self.tracked.values()])
+
+    def update(self, iteration: int) -> None:
+        """After the update of ``iteration`` (counted from 1): fold the weights in when it is an EMA iteration;
+        within ``ema.start`` the average is the weights."""
+        if iteration % self.config.every:
+            return
+        weight = 1.0 if iteration <= self.config.start else 1 - self.config.decay
+        averages, values = list(self.average.values()), [value.detach() for value in self.tracked.values()]
+        with torch.no_grad():
+            torch._foreach_lerp_(averages, values, weight)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The model holds the averaged weights inside the block and its own again after it."""
+        saved = {name: value.detach().clone() for name, value in self.tracked.items()}
+        with torch.no_grad():
+            for name, value in self.tracked.items():
+                value.copy_(self.average[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in self.tracked.items():
+                    value.copy_(saved[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged model's state under the model's names: DTensor shards under FSDP2, else full tensors."""
+        return {**self.copied, **self.average}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The same as whole tensors on the CPU (a collective under FSDP2: call on every rank)."""
+        return {name: full_tensor(value).cpu() for name, value in self.state_dict().items()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """From either kind of checkpoint: whole tensors are cut into this run's shards."""
+        with torch.no_grad():
+            for name, value in self.average.items():
+                given = saved[name].to(value.device if not isinstance(value, DTensor) else value.to_local().device)
+                if isinstance(value, DTensor) and not isinstance(given, DTensor):
+                    given = distribute_tensor(given, value.device_mesh, value.placements)
+                value.copy_(given)
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def build_weight_average(model: nn.Module, config: EmaConfig) -> WeightAverage | None:
+    return None if config.decay is None else WeightAverage(model, config)
