@@ -46,6 +46,7 @@ class EvalRequest:
     std: list[float] | None = None
     resize: int | None = None
     crop: int | None = None
+    weights: str = "raw"  # of a training checkpoint: "raw" (the trained weights) or "ema" (their moving average)
 
 
 def build_model(weights: Weights, requested: str | None, source: Path) -> nn.Module:
@@ -105,7 +106,7 @@ def check_classes(weights: Weights, dataset_classes: list[str], num_outputs: int
 
 
 def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalResult, list[str], dict[str, Any]]:
-    weights = read_weights(request.checkpoint)
+    weights = read_weights(request.checkpoint, request.weights)
     model = build_model(weights, request.model, request.checkpoint)
     model_name = request.model or weights.model_name
     data = build_data_config(weights, model_name, request)
@@ -136,6 +137,7 @@ def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalRe
         "model": model_name,
         "data": data.root,
         "protocol": request.protocol,
+        "weights": request.weights,
         "precision": precision,
         "scales": list(request.scales) if request.protocol == "multiscale" else None,
         **result.as_dict(),

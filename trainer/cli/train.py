@@ -74,6 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         std=args.std,
         resize=args.resize,
         crop=args.crop,
+        weights=args.weights,
     )
     launch = LaunchEnv.from_environ()
     try:
@@ -111,7 +112,13 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--std", type=parse_floats, help=f"per-channel std on [0, 1] pixels {preprocessing}")
     evaluation.add_argument("--resize", type=int, help=f"shorter side before the center crop {preprocessing}")
     evaluation.add_argument("--crop", type=int, help=f"center crop size {preprocessing}")
+    add_weights_flag(evaluation)
     evaluation.set_defaults(run=cmd_eval)
+
+
+def add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    help = "of a training checkpoint: the trained weights, or their EMA (a run with ema.decay)"
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw", help=help)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -119,9 +126,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from trainer.checkpoint import export_state_dict
 
-    weights = export_state_dict(Path(args.checkpoint), Path(args.out))
+    weights = export_state_dict(Path(args.checkpoint), Path(args.out), args.weights)
     name, classes = weights.model_name, len(weights.classes)
-    print(f"wrote the {name} weights of {args.checkpoint} to {args.out}, with the run's preprocessing and classes")
+    which = "EMA weights" if args.weights == "ema" else "weights"
+    print(f"wrote the {name} {which} of {args.checkpoint} to {args.out}, with the run's preprocessing and classes")
     if hasattr(torchvision.models, name):
         print(f"  torchvision.models.{name}(num_classes={classes}) loads them; `residual eval {args.out}` reads them")
     else:
@@ -132,6 +140,7 @@ def add_export(commands: argparse._SubParsersAction) -> None:
     export = commands.add_parser("export", help="a checkpoint's weights as a plain (torchvision) state dict")
     export.add_argument("checkpoint", help="training checkpoint file or DCP directory")
     export.add_argument("out", help="the .pt file to write")
+    add_weights_flag(export)
     export.set_defaults(run=cmd_export)
 
 

@@ -1,0 +1,198 @@
+"""The pieces of the modern recipes in the trainer: LARS, Mixup/CutMix, label smoothing, the EMA of the weights."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from training_runs import metrics, small_run
+
+from trainer.checkpoint import export_state_dict, latest_checkpoint, load_checkpoint, read_weights
+from trainer.config import EmaConfig, LossConfig, OptimConfig
+from trainer.distributed import LaunchEnv
+from trainer.ema import WeightAverage
+from trainer.loop import train
+from trainer.mixing import BatchMixer, cutmix_box, dominant_labels, mixed_targets
+from trainer.optim import LARS, build_optimizer
+
+
+def two_layers() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def test_lars_updates_as_computed_by_hand():
+    """Two steps of MLPerf's LARS on a two-layer model, weights with the trust ratio and decay, biases (excluded)
+    without either, against the formula written out per tensor."""
+    model, eta, decay, momentum, lr = two_layers(), 0.001, 5e-5, 0.9, 2.0
+    config = OptimConfig(name="lars", lr=lr, momentum=momentum, weight_decay=decay, trust_coefficient=eta,
+                         no_decay_bn_bias=True)  # fmt: skip
+    optimizer = build_optimizer(model, config)
+    assert isinstance(optimizer, LARS)
+    expected = {name: p.detach().clone() for name, p in model.named_parameters()}
+    velocity = {name: torch.zeros_like(p) for name, p in expected.items()}
+    inputs, targets = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1] * 4)
+    for _ in range(2):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(inputs), targets).backward()
+        for name, p in model.named_parameters():
+            w, g = expected[name], p.grad
+            if p.ndim > 1:
+                ratio = eta * w.norm() / (g.norm() + decay * w.norm())
+                step = lr * ratio * (g + decay * w)
+            else:
+                step = lr * g
+            velocity[name] = momentum * velocity[name] + step
+            expected[name] = w - velocity[name]
+        optimizer.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[name], rtol=1e-6, atol=1e-7)
+
+
+def test_lars_step_is_cancelled_on_the_device():
+    model = two_layers()
+    optimizer = build_optimizer(model, OptimConfig(name="lars", lr=1.0))
+    model(torch.randn(2, 4)).sum().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    next(model.parameters()).grad.fill_(math.nan)
+    optimizer.found_inf = torch.ones(())
+    optimizer.step()
+    del optimizer.found_inf
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert all(not optimizer.state[p]["momentum_buffer"].any() for p in model.parameters())
+
+
+def test_mixup_targets_and_dominant_labels():
+    labels = torch.tensor([0, 1, 2, 3])
+    targets = mixed_targets(labels, 0.7, 4)
+    torch.testing.assert_close(targets.sum(1), torch.ones(4))
+    assert targets[1].tolist() == pytest.approx([0.3, 0.7, 0, 0])  # image 1 takes 0.3 of image 0 (rolled by one)
+    assert targets[0].tolist() == pytest.approx([0.7, 0, 0, 0.3])
+    assert dominant_labels(labels, 0.7).tolist() == [0, 1, 2, 3]
+    assert dominant_labels(labels, 0.3).tolist() == [3, 0, 1, 2]
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5, 0.9])
+def test_the_cutmix_box_area_is_one_minus_lambda(lam):
+    """Centred, the box is (1 - lambda) of the image to the pixel's rounding; at a corner, clipped, and the labels
+    weigh the clipped area."""
+    top, bottom, left, right = cutmix_box(lam, 224, 224, (0.5, 0.5))
+    assert (bottom - top) * (right - left) / 224**2 == pytest.approx(1 - lam, abs=2 * 2 / 224)
+    top, bottom, left, right = cutmix_box(lam, 224, 224, (0.0, 0.0))
+    assert (top, left) == (0, 0) and (bottom - top) * (right - left) <= (1 - lam) * 224**2 / 4 + 224
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_a_mixed_batch_is_the_blend_its_targets_say(kind):
+    config = LossConfig(mixup_alpha=0.2 if kind == "mixup" else 0.0, cutmix_alpha=1.0 if kind == "cutmix" else 0.0)
+    mixer = BatchMixer(config, num_classes=4, seed=0, rank=0)
+    images = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()  # image i is all i
+    labels = torch.tensor([0, 1, 2, 3])
+    mixed, targets, dominant = mixer(images, labels, iteration=5)
+    lam = targets[1, 1].item()  # image 1's own share
+    share_own = (mixed[1] == 1).float().mean().item() if kind == "cutmix" else None
+    if kind == "mixup":
+        torch.testing.assert_close(mixed[1], torch.full((3, 8, 8), lam * 1 + (1 - lam) * 0))
+    else:
+        assert share_own == pytest.approx(lam)  # the box's area weighs the labels
+    assert dominant.tolist() == (labels if lam >= 0.5 else labels.roll(1)).tolist()
+    again = mixer(images, labels, iteration=5)
+    assert torch.equal(again[0], mixed) and torch.equal(again[1], targets)  # a function of (seed, iteration, rank)
+
+
+def test_switch_prob_chooses_cutmix_that_often():
+    mixer = BatchMixer(LossConfig(mixup_alpha=0.2, cutmix_alpha=1.0, switch_prob=0.25), num_classes=2, seed=0, rank=0)
+    images, labels = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 16, 16).contiguous(), torch.tensor([0, 1])
+    cutmix = 0
+    for iteration in range(400):
+        mixed = mixer(images, labels, iteration)[0]
+        cutmix += int(bool(((mixed == 0) | (mixed == 1)).all()))  # pasted pixels are whole, blended ones are not
+    assert cutmix / 400 == pytest.approx(0.25, abs=0.07)
+
+
+def test_the_ema_averages_as_its_formula():
+    model = two_layers()
+    ema = WeightAverage(model, EmaConfig(decay=0.9, every=2))
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(1)  # not an EMA iteration
+    assert all(torch.equal(ema.average[n], start[n]) for n in start)
+    ema.update(2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ema.average[name], 0.9 * start[name] + 0.1 * p.detach())
+    with ema.applied():
+        assert all(torch.equal(p, ema.average[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, start[n] + 1) for n, p in model.named_parameters())
+
+
+# (A cosine schedule's rates depend on train.iterations, which the resume below changes: the schedules' tests show
+# their rates are functions of the iteration alone.)
+EMA = ("ema.decay=0.8", "ema.every=2", "eval.weights=both", "loss.label_smoothing=0.1", "loss.mixup_alpha=0.2",
+       "loss.cutmix_alpha=1.0")  # fmt: skip
+
+
+def test_ema_and_mixing_resume_bit_exact(tmp_path, cifar_root):
+    """16 iterations straight == 8, stop, resume, 8 more, with the EMA, Mixup/CutMix and label smoothing: the
+    weights, the average and every logged figure."""
+    common = (*EMA, "checkpoint.every=4", "eval.every=4")
+    train(small_run(tmp_path / "a", cifar_root, "train.iterations=16", *common), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=8", *common), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=16", *common), LaunchEnv())
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / run / "run")) for run in "ab")
+    for name, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][name]), name
+    assert not all(torch.equal(a["ema"][n], a["model"][n]) for n in a["ema"])  # an average, not the weights
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
+    evals = metrics(tmp_path / "a/run", "eval")
+    assert evals == metrics(tmp_path / "b/run", "eval")
+    assert [record["protocol"] for record in evals[:2]] == ["center", "center-ema"]  # eval.weights=both
+
+
+def test_eval_and_export_choose_the_ema(tmp_path, cifar_root):
+    train(small_run(tmp_path, cifar_root, "train.iterations=6", *EMA), LaunchEnv())
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    raw, ema = read_weights(checkpoint), read_weights(checkpoint, "ema")
+    assert not torch.equal(raw.state_dict["fc.weight"], ema.state_dict["fc.weight"])
+    assert torch.equal(ema.state_dict["fc.weight"], load_checkpoint(checkpoint)["ema"]["fc.weight"])
+    exported = export_state_dict(checkpoint, tmp_path / "ema.pt", "ema")
+    assert torch.equal(
+        torch.load(tmp_path / "ema.pt", weights_only=True)["fc.weight"], exported.state_dict["fc.weight"]
+    )
+    from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+
+    results = {which: evaluate_checkpoint(EvalRequest(checkpoint, cifar_root, weights=which, workers=0), LaunchEnv())[0]
+               for which in ("raw", "ema")}  # fmt: skip
+    final = [r for r in metrics(tmp_path / "run", "eval") if r["iteration"] == 6]
+    assert {r["protocol"]: r["correct1"] for r in final} == {
+        "center": results["raw"].correct1,
+        "center-ema": results["ema"].correct1,
+    }
+
+
+def test_label_smoothing_is_the_loss_of_smoothed_targets():
+    from trainer.step import Stepper
+
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 2, 3, 4])
+    smoothed = torch.full((4, 10), 0.01) + 0.9 * nn.functional.one_hot(labels, 10)
+    expected = -(smoothed * logits.log_softmax(1)).sum(1).mean()
+    assert Stepper.__dataclass_fields__["label_smoothing"].default == 0.0
+    assert nn.functional.cross_entropy(logits, labels, label_smoothing=0.1).item() == pytest.approx(expected.item())
+
+
+def test_repeated_augmentation_deals_the_copies_to_different_ranks():
+    from data_pipeline.sampling import ShardedEpochSampler
+
+    samplers = [ShardedEpochSampler(64, global_batch=16, rank=r, world_size=4, seed=0, repeats=4) for r in range(4)]
+    batches = [list(s) for s in samplers]
+    for position in range(0, 16, 4):
+        firsts = [batches[r][position][0] for r in range(4)]
+        assert len(set(firsts)) == 1  # one image, on each of the four ranks
+        assert len({batches[r][position][1] for r in range(4)}) == 4  # with four different augmentations
+    indices = np.array([index for rank in batches for index, _ in rank])
+    assert len(indices) == 64 and len(set(indices.tolist())) == 16  # an epoch of 64 samples: 16 images x 4
