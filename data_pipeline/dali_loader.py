@@ -351,7 +351,7 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
             layout=layouts,
             **_external_source_options(config),
         )
-        given = dict(zip(names, outputs, strict=True))
+        given = {name: outputs[position] for position, name in enumerate(names)}  # (autograph has no zip(strict))
         labels = given["labels"]
         if config.format == "cifar":
             images = given["data"].gpu() if device == "gpu" else given["data"]
