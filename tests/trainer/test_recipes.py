@@ -1,6 +1,7 @@
 """The pieces of the modern recipes in the trainer: LARS, Mixup/CutMix, label smoothing, the EMA of the weights."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from trainer.ema import WeightAverage
 from trainer.loop import train
 from trainer.mixing import BatchMixer, cutmix_box, dominant_labels, mixed_targets
 from trainer.optim import LARS, build_optimizer
+
+ROOT = Path(__file__).parents[2]
 
 
 def two_layers() -> nn.Sequential:
@@ -196,3 +199,40 @@ def test_repeated_augmentation_deals_the_copies_to_different_ranks():
         assert len({batches[r][position][1] for r in range(4)}) == 4  # with four different augmentations
     indices = np.array([index for rank in batches for index, _ in rank])
     assert len(indices) == 64 and len(set(indices.tolist())) == 16  # an epoch of 64 samples: 16 images x 4
+
+
+RECIPES = ["imagenet/resnet50-torchvision-v2", "imagenet/resnet50-ffcv-16ep", "imagenet/resnet50-ffcv-88ep",
+           "imagenet/resnet50-mlperf", "cifar10/resnet56-modern"]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_config_runs_three_steps(tmp_path, cifar_root, imagefolder_root, recipe):
+    """The recipe as written (its crops, test-time resolution, augmentations, optimizer, schedule, EMA), on the
+    small fixtures: ImageNet recipes with 8 images a step on the ImageFolder set, the CIFAR one on the CIFAR set."""
+    from trainer.config import load_config
+
+    data = ([f"data.root={cifar_root}"] if recipe.startswith("cifar")
+            else [f"data.root={imagefolder_root}", "model.num_classes=4", "data.ra_reps=2"])  # fmt: skip
+    overrides = [*data, "data.batch_size=8", "data.workers=0", "train.epochs=null", "train.iterations=3",
+                 "eval.batch_size=10", "log.progress=false", "log.every=1", f"train.output_dir={tmp_path}"]  # fmt: skip
+    config = load_config(ROOT / "configs" / f"{recipe}.yaml", overrides)
+    result, _ = train(config, LaunchEnv())
+    assert result.count in (20, 100)
+    records = metrics(tmp_path / config.train.run_name, "train")
+    assert [record["iteration"] for record in records] == [1, 2, 3]
+    assert all(math.isfinite(record["loss"]) for record in records)
+
+
+@pytest.mark.slow
+def test_a_recipe_runs_on_dali(tmp_path, imagefolder_root):
+    """torchvision's V2 recipe on the DALI path: TrivialAugmentWide from nvidia.dali.auto_aug, the feeder's erasing
+    boxes, repeated augmentation, the 176 crop and the 232/224 evaluation."""
+    from trainer.config import load_config
+
+    overrides = [f"data.root={imagefolder_root}", "data.backend=dali", "model.num_classes=4", "data.batch_size=8",
+                 "data.ra_reps=2", "data.workers=0", "train.epochs=null", "train.iterations=3", "eval.batch_size=10",
+                 "log.progress=false", f"train.output_dir={tmp_path}"]  # fmt: skip
+    config = load_config(ROOT / "configs/imagenet/resnet50-torchvision-v2.yaml", overrides)
+    result, _ = train(config, LaunchEnv())
+    assert result.count == 20
+    assert [r["protocol"] for r in metrics(tmp_path / config.train.run_name, "eval")] == ["center", "center-ema"]
