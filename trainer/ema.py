@@ -18,6 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.config import EmaConfig
+from trainer.parallel import local
 
 
 class WeightAverage:
@@ -32,7 +33,8 @@ class WeightAverage:
     def reset(self) -> None:
         """The average starts again from the weights."""
         with torch.no_grad():
-            torch._foreach_copy_(list(self.average.values()), [value.detach() for value in self.tracked.values()])
+            for name, value in self.tracked.items():
+                self.average[name].copy_(value.detach())
 
     def update(self, iteration: int) -> None:
         """After the update of ``iteration`` (counted from 1): fold the weights in when it is an EMA iteration;
@@ -40,7 +42,8 @@ class WeightAverage:
         if iteration % self.config.every:
             return
         weight = 1.0 if iteration <= self.config.start else 1 - self.config.decay
-        averages, values = list(self.average.values()), [value.detach() for value in self.tracked.values()]
+        averages = [local(value) for value in self.average.values()]  # each rank's shards under FSDP2
+        values = [local(value.detach()) for value in self.tracked.values()]
         with torch.no_grad():
             torch._foreach_lerp_(averages, values, weight)
 

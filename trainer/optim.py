@@ -8,6 +8,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig
+from trainer.parallel import local
 
 
 class LARS(torch.optim.Optimizer):
@@ -70,11 +71,6 @@ class LARS(torch.optim.Optimizer):
         for buffer, velocity, weight, update in zip(buffers, velocities, weights, updates, strict=True):
             buffer.copy_(torch.where(keep, velocity, buffer))
             weight.sub_(torch.where(keep, update, torch.zeros_like(update)))
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (a view: updating it updates the DTensor), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:

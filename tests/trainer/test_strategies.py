@@ -117,6 +117,28 @@ def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
     assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
 
 
+def test_ema_and_lars_under_fsdp_follow_one_process(tmp_path, short):
+    """The EMA kept on each rank's shards: two FSDP2 ranks follow one process accumulating two micro-batches, to 6
+    steps and after a resume of each (DCP and file) to 10, and the EMA evaluates as the one process's. LARS's trust
+    ratios from the shards' norms: 3 steps agree (the norms are summed in another order, 1e-8 apart at the first
+    step, which the training's own sensitivity grows about tenfold a step). BN's running statistics are left out:
+    one process updates them once per micro-batch (so the EMA's evaluations are not compared, only made)."""
+    common = [*short, "ema.decay=0.5", "ema.every=2", "eval.weights=both", "eval.every=6", "checkpoint.every=6"]
+    lars = ["optim.name=lars", "optim.lr=0.2", "optim.no_decay_bn_bias=true", "train.iterations=3"]
+    for name, keys, tolerance in [("sgd", ["train.iterations=6"], 1e-6), ("sgd", ["train.iterations=10"], 1e-6),
+                                  ("lars", lars, 1e-4)]:  # fmt: skip
+        run_trainer(1, [*common, *keys, "train.accumulation=2", f"train.run_name={name}-one"])
+        run_trainer(2, [*common, *keys, "dist.strategy=fsdp", f"train.run_name={name}-fsdp"])
+        one, fsdp = (read_weights(latest_checkpoint(tmp_path / f"{name}-{kind}"), "ema").state_dict
+                     for kind in ("one", "fsdp"))  # fmt: skip
+        raw = read_weights(latest_checkpoint(tmp_path / f"{name}-one")).state_dict
+        assert not torch.equal(one["conv1.weight"], raw["conv1.weight"])  # an average, not the weights
+        for key in (key for key in one if "running_" not in key and one[key].is_floating_point()):
+            torch.testing.assert_close(fsdp[key], one[key], rtol=10 * tolerance, atol=tolerance, msg=key)
+    evaluated = [r["count"] for r in records(tmp_path / "sgd-fsdp", "eval") if r["protocol"] == "center-ema"]
+    assert evaluated == [100, 100]
+
+
 def test_checkpoints_resume_across_strategies_and_world_sizes(tmp_path, short):
     """FSDP2 on 2 ranks -> 1 process, and 1 process -> FSDP2 on 2 ranks, and DDP on 2 -> FSDP2 on 2: each second
     half follows the straight single-process run (accumulating, so that BN sees the same batches)."""
