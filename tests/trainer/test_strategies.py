@@ -119,7 +119,7 @@ def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
 
 def test_ema_and_lars_under_fsdp_follow_one_process(tmp_path, short):
     """The EMA kept on each rank's shards: two FSDP2 ranks follow one process accumulating two micro-batches, to 6
-    steps and after a resume of each (DCP and file) to 10, and the EMA evaluates as the one process's. LARS's trust
+    steps and after a resume of each (DCP and file) to 10. LARS's trust
     ratios from the shards' norms: 3 steps agree (the norms are summed in another order, 1e-8 apart at the first
     step, which the training's own sensitivity grows about tenfold a step). BN's running statistics are left out:
     one process updates them once per micro-batch (so the EMA's evaluations are not compared, only made)."""
