@@ -1,8 +1,11 @@
-"""``residual report RUN_DIR ...``: the paper's figures and table for one's own runs.
+"""``residual report RUN_DIR ...``: the paper's figures and table for one's own runs, and how fast each got there.
 
 The figures follow Fig. 4 and Fig. 6: error (%) against iterations, training error thin, validation error bold,
-one colour per run; plain and residual nets side by side when both are present (the degradation figure). The
-table gives each run's final errors beside the paper's for the same model and protocol (reference/resnet-paper.md).
+one colour per run; plain and residual nets side by side when both are present (the degradation figure). A second
+figure plots the validation error against wall-clock hours and device-hours (hours x ranks): recipes compare on
+time, as FFCV, MLPerf and airbench compare them. The tables give each run's final errors beside the paper's for the
+same model and protocol (reference/resnet-paper.md), and the time each run took to reach a target top-1 (by default
+the best top-1 that every run reached), counting the EMA's evaluations as well as the raw weights'.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ class RunHistory:
     train_error: list[tuple[int, float]] = field(default_factory=list)  # (iteration, %)
     val_error: list[tuple[int, float]] = field(default_factory=list)
     finals: dict[str, tuple[int, float, float]] = field(default_factory=dict)  # protocol: (iteration, top-1, top-5)
+    timed: list[tuple[int, float, float, float]] = field(
+        default_factory=list
+    )  # (iteration, hours, device-hours, top-1 %)
 
 
 def read_run(run_dir: Path) -> RunHistory:
@@ -50,8 +56,21 @@ def read_run(run_dir: Path) -> RunHistory:
             top1, top5 = 100 * record["top1_error"], 100 * record["top5_error"]
             if record["protocol"] == history.protocol:
                 history.val_error.append((iteration, top1))
+            if record["protocol"] in (history.protocol, f"{history.protocol}-ema") and "hours" in record:
+                history.timed.append((iteration, record["hours"], record["device_hours"], 100 * record["top1"]))
             history.finals[record["protocol"]] = (iteration, top1, top5)
     return history
+
+
+def time_to_accuracy(run: RunHistory, target: float) -> tuple[int, float, float] | None:
+    """The first evaluation (raw or EMA weights) at ``target`` top-1 % or above: (iteration, hours, device-hours)."""
+    return next(((it, hours, device) for it, hours, device, top1 in run.timed if top1 >= target), None)
+
+
+def common_target(runs: list[RunHistory]) -> float | None:
+    """The best top-1 % that every run reached (None if some run has no timed evaluation)."""
+    bests = [max((top1 for *_, top1 in run.timed), default=None) for run in runs]
+    return None if None in bests else min(bests)
 
 
 def plot(runs: list[RunHistory], out: Path) -> list[Path]:
@@ -87,6 +106,42 @@ def plot(runs: list[RunHistory], out: Path) -> list[Path]:
     return written
 
 
+def plot_time(runs: list[RunHistory], out: Path) -> list[Path]:
+    """Validation error against wall-clock hours and device-hours, one PNG per data set (runs that logged time)."""
+    written = []
+    for dataset in sorted({run.dataset for run in runs if run.timed}):
+        chosen = [run for run in runs if run.dataset == dataset and run.timed]
+        figure = Figure(figsize=(12, 4.2))
+        axes = figure.subplots(1, 2, sharey=True)
+        for axis, column, unit in ((axes[0], 1, "wall-clock hours"), (axes[1], 2, "device-hours (hours x ranks)")):
+            for run in chosen:
+                points = [(point[column], 100 - point[3]) for point in run.timed]
+                axis.plot(*zip(*points, strict=True), marker=".", linewidth=1.6, label=label(run, runs))
+            axis.set_xlabel(unit)
+            axis.grid(alpha=0.3)
+            axis.legend(loc="upper right", fontsize=9)
+        axes[0].set_ylabel("validation error (%, top-1; raw and EMA weights)")
+        figure.tight_layout()
+        path = out / f"time-{dataset}.png"
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+        written.append(path)
+    return written
+
+
+def time_table(runs: list[RunHistory], target: float | None) -> str:
+    """Markdown: each run's time to ``target`` top-1 % (default: the best top-1 that every run reached)."""
+    target = target if target is not None else common_target(runs)
+    if target is None:
+        return "No time-to-accuracy: some run's evaluations carry no time (runs before this version log none)."
+    lines = [f"Time to {target:.2f}% top-1:", "",
+             "| run | model | reached at iteration | hours | device-hours |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for run in runs:
+        reached = time_to_accuracy(run, target)
+        cells = "not reached | - | -" if reached is None else f"{reached[0]} | {reached[1]:.4f} | {reached[2]:.4f}"
+        lines.append(f"| {run.name} | {run.model} | {cells} |")
+    return "\n".join(lines)
+
+
 def label(run: RunHistory, runs: list[RunHistory]) -> str:
     """The model's name, as in the paper's legends; with the run's name where two runs train the same model."""
     return run.model if sum(other.model == run.model for other in runs) == 1 else f"{run.model} ({run.name})"
@@ -112,11 +167,13 @@ def table(runs: list[RunHistory]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out: Path) -> list[Path]:
+def write_report(run_dirs: list[Path], out: Path, target: float | None = None) -> list[Path]:
+    """``target``: the top-1 % whose time to reach the time table gives (default: the best all runs reached)."""
     runs = [read_run(run_dir) for run_dir in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
-    figures = plot(runs, out)
+    figures = [*plot(runs, out), *plot_time(runs, out)]
     images = "\n".join(f"![{path.stem}]({path.name})" for path in figures)
     markdown = out / "report.md"
-    markdown.write_text(f"# Report\n\n{images}\n\n{table(runs)}\n\nRuns: {', '.join(map(str, run_dirs))}\n")
+    markdown.write_text(f"# Report\n\n{images}\n\n{table(runs)}\n\n{time_table(runs, target)}\n\n"
+                        f"Runs: {', '.join(map(str, run_dirs))}\n")  # fmt: skip
     return [*figures, markdown]

@@ -236,3 +236,25 @@ def test_a_recipe_runs_on_dali(tmp_path, imagefolder_root):
     result, _ = train(config, LaunchEnv())
     assert result.count == 20
     assert [r["protocol"] for r in metrics(tmp_path / config.train.run_name, "eval")] == ["center", "center-ema"]
+
+
+def test_the_report_gives_time_to_accuracy(tmp_path, cifar_root):
+    """Each evaluation carries the run's hours so far, which go on across a resume; the report plots error against
+    hours and device-hours and tabulates when each run first reached the target (raw or EMA weights)."""
+    from trainer.report import common_target, read_run, time_to_accuracy, write_report
+
+    train(small_run(tmp_path / "a", cifar_root, "train.iterations=10"), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=5", *EMA), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=10", *EMA), LaunchEnv())  # resumed at 5
+    runs = [read_run(tmp_path / name / "run") for name in "ab"]
+    assert [point[0] for point in runs[1].timed] == [5, 5, 10, 10]  # raw and EMA at each evaluation
+    hours = [point[1] for point in runs[1].timed]
+    assert 0 < hours[0] <= hours[2] and all(point[2] == point[1] for point in runs[1].timed)  # one rank
+    target = common_target(runs)
+    assert all(time_to_accuracy(run, target) is not None for run in runs)
+    write_report([tmp_path / "a/run", tmp_path / "b/run"], tmp_path / "report")
+    text = (tmp_path / "report/report.md").read_text()
+    assert f"Time to {target:.2f}% top-1" in text and "not reached" not in text
+    assert (tmp_path / "report/time-cifar10.png").stat().st_size > 10_000
+    write_report([tmp_path / "a/run"], tmp_path / "report", target=100.5)
+    assert "| run | resnet20 | not reached | - | - |" in (tmp_path / "report/report.md").read_text()
