@@ -204,6 +204,55 @@ def bench_end_to_end(*, config_path: str, precision: str, iterations: int, round
     )
 
 
+# What each piece of the modern recipes adds to the paper's recipe (the config's own), as overrides.
+RECIPE_PIECES = {
+    "paper": [],
+    "label_smoothing": ["loss.label_smoothing=0.1"],
+    "mixup": ["loss.mixup_alpha=0.2"],
+    "cutmix": ["loss.cutmix_alpha=1.0"],
+    "ema": ["ema.decay=0.999"],
+    "lars": ["optim.name=lars", "optim.no_decay_bn_bias=true"],
+    "nesterov": ["optim.nesterov=true"],
+    "cosine": ["schedule.decay=cosine", "schedule.warmup=linear", "schedule.warmup_length=10"],
+    "trivial_augment_wide": ["data.auto_augment=trivial_augment_wide"],
+    "random_erase": ["data.random_erase=0.25"],
+    "ra_reps": ["data.ra_reps=4"],
+}
+
+
+def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int) -> None:
+    """The cost per training step of each recipe piece (``RECIPE_PIECES``) on top of the config, as the ratio of
+    the paper recipe's images/s to the piece's: the trainer's own logged images/s (data and step, no evaluation),
+    the median of its log windows after the first, each piece run in turn in every round, the median over rounds."""
+    from trainer.config import load_config
+    from trainer.loop import train
+    from trainer.run_log import read_metrics
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch) / "data"
+        synthesize_cifar(root, classes=10, train_per_class=per_class, val_per_class=10, seed=0)
+        overrides = [f"data.root={root}", "data.synthesize=null", f"train.precision={precision}", "log.every=10",
+                     f"train.output_dir={scratch}/runs", "log.progress=false", "checkpoint.resume=never",
+                     f"train.iterations={iterations}", f"eval.every={iterations}", f"checkpoint.every={iterations}",
+                     "eval.batch_size=100"]  # fmt: skip
+        speeds: dict[str, list[float]] = {name: [] for name in RECIPE_PIECES}
+        for round_index in range(rounds + 1):  # round 0 warms up
+            for name, piece in RECIPE_PIECES.items():
+                run_name = f"{name}-{round_index}"
+                train(load_config(config_path, [*overrides, *piece, f"train.run_name={run_name}"]), LaunchEnv())
+                records = read_metrics(Path(scratch) / "runs" / run_name / "metrics.jsonl")
+                windows = [r["images_per_second"] for r in records if r["kind"] == "train"][1:]
+                if round_index:
+                    speeds[name].append(statistics.median(windows))
+                    print(f"round {round_index} {name:<22} {speeds[name][-1]:8.1f} images/s", flush=True)
+    paper = statistics.median(speeds["paper"])
+    print(f"cost per step against the paper recipe [{config_path}, {iterations} iterations of "
+          f"{load_config(config_path, overrides).data.batch_size}, precision {precision}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, medians of {rounds} rounds]:")  # fmt: skip
+    for name, values in speeds.items():
+        print(f"  {name:<22} {paper / statistics.median(values):5.2f}x  ({statistics.median(values):.0f} images/s)")
+
+
 def bare_loop(config: Config, precision: str, *, iterations: int) -> float:
     """A 60-line training script of ``config``'s recipe, as one writes it by hand; returns its final top-1."""
     data = config.data

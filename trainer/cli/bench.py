@@ -46,6 +46,13 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_bench_recipes(args: argparse.Namespace) -> None:
+    from trainer.bench import bench_recipes
+
+    bench_recipes(config_path=args.config, precision=args.precision, iterations=args.iterations, rounds=args.rounds,
+                  per_class=args.per_class)  # fmt: skip
+
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from trainer.bench import bench_gpu
 
@@ -89,6 +96,14 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     bench_train.add_argument("--iterations", type=int, default=600, help="--end-to-end: iterations per run")
     bench_train.add_argument("--per-class", type=int, default=1000, help="--end-to-end: synthetic images per class")
     bench_train.set_defaults(run=cmd_bench_train)
+
+    recipes = bench.add_parser("recipes", help="the cost per step of each recipe piece against the paper's recipe")
+    recipes.add_argument("--config", default="configs/quickstart.yaml", help="the paper's recipe to add pieces to")
+    recipes.add_argument("--precision", choices=PRECISIONS, default="auto")
+    recipes.add_argument("--iterations", type=int, default=40, help="iterations per run (logged every 10)")
+    recipes.add_argument("--rounds", type=int, default=3, help="timed rounds, each running every piece in turn")
+    recipes.add_argument("--per-class", type=int, default=600, help="synthetic CIFAR-format images per class")
+    recipes.set_defaults(run=cmd_bench_recipes)
 
     bench_gpu = bench.add_parser("gpu", help="the first figures of a new GPU node, each with device and versions")
     bench_gpu.add_argument("--out", default="bench-gpu", help="folder for its synthetic data, runs and logs")
