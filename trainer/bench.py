@@ -241,7 +241,7 @@ def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: 
                 run_name = f"{name}-{round_index}"
                 train(load_config(config_path, [*overrides, *piece, f"train.run_name={run_name}"]), LaunchEnv())
                 records = read_metrics(Path(scratch) / "runs" / run_name / "metrics.jsonl")
-                windows = [r["images_per_second"] for r in records if r["kind"] == "train"][1:]
+                windows = [r["images_per_second"] for r in records if r["kind"] == "speed"][1:]
                 if round_index:
                     speeds[name].append(statistics.median(windows))
                     print(f"round {round_index} {name:<22} {speeds[name][-1]:8.1f} images/s", flush=True)
