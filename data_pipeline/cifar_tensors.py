@@ -10,6 +10,7 @@ image at a time): order from ``ShardedEpochSampler``, each image's crop and flip
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 from torchvision.transforms import v2
@@ -19,7 +20,7 @@ from data_pipeline.datasets import CifarDataset, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.sampling import ShardedEpochSampler, val_share
 from data_pipeline.torch_loader import Batch
-from data_pipeline.transforms import after_crop, augment_cifar_batch, augment_each, normalize_batch
+from data_pipeline.transforms import after_crop, augment_cifar_batch, augment_each, erase_batch, normalize_batch
 
 
 class CifarTensorLoader:
@@ -31,8 +32,9 @@ class CifarTensorLoader:
         self.classes = dataset.classes
         self.sampler = sampler
         self.config = config
-        per_image = config.auto_augment != "none" or config.random_erase > 0
-        self.per_image = v2.Compose(after_crop(config, lighting=False)) if per_image else None
+        # the auto-augmentation draws each image's ops from its seed, one image at a time (erasing is batched)
+        auto = config.auto_augment != "none"
+        self.per_image = v2.Compose(after_crop(replace(config, random_erase=0.0), lighting=False)) if auto else None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -43,10 +45,13 @@ class CifarTensorLoader:
         for batch in range(start_batch, self.batches_per_epoch):
             indices, seeds = self.sampler.rank_share(order, epoch, batch)
             images = augment_cifar_batch(self.images[indices], seeds)
-            if self.per_image is not None:  # auto-augmentation, erasing: each image its own draws
-                yield augment_each(images, seeds, self.per_image), self.labels[indices]
+            if self.per_image is not None:
+                images = augment_each(images, seeds, self.per_image)
             else:
-                yield normalize_batch(images, self.config), self.labels[indices]
+                images = normalize_batch(images, self.config)
+            if self.config.random_erase > 0:
+                images = erase_batch(images, seeds, self.config.random_erase)
+            yield images, self.labels[indices]
 
 
 def build_cifar_train_loader(

@@ -29,7 +29,15 @@ from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_datase
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
 from data_pipeline.sampling import ShardedEpochSampler, SkipCorrupt, sample_seed, sample_uniforms, val_share
 from data_pipeline.torch_loader import Batch
-from data_pipeline.transforms import CIFAR_PADDING, PCA_EIGENVALUES, PCA_EIGENVECTORS, cifar_crop_flip
+from data_pipeline.transforms import (
+    CIFAR_PADDING,
+    ERASE_COLUMNS,
+    PCA_EIGENVALUES,
+    PCA_EIGENVECTORS,
+    RRC_TRIES,
+    cifar_crop_flip,
+    erase_windows,
+)
 from data_pipeline.webdataset import WebDatasetDataset
 
 log = logging.getLogger(__name__)
@@ -47,9 +55,6 @@ def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None
     """One sample's augmentation (``batch_parameters`` of a batch of one)."""
     sizes = None if size is None else np.array([size])
     return {key: value[0] for key, value in batch_parameters(config, np.array([seed]), sizes, crop).items()}
-
-
-RRC_TRIES = 10  # torchvision's RandomResizedCrop: ten draws of the window, then the center crop
 
 
 def batch_parameters(
@@ -96,26 +101,6 @@ def batch_parameters(
     size = np.full((len(seeds), 2), crop, dtype=np.float32)
     return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean,
             "size": size, **erase}  # fmt: skip
-
-
-ERASE_TRIES = 10
-ERASE_COLUMNS = slice(10 + 4 * RRC_TRIES, 11 + 4 * RRC_TRIES + 4 * ERASE_TRIES)  # after the crop's uniforms
-
-
-def erase_windows(u: np.ndarray, side: int, probability: float) -> tuple[np.ndarray, np.ndarray]:
-    """torchvision's RandomErasing of a side x side image, drawn from 1 + 4 uniforms per try and sample: with
-    ``probability``, the first of 10 boxes (area 0.02-0.33 of the image, aspect 0.3-3.3 log-uniform, rounded sides)
-    that fits inside, at a uniform integer place; (y, x) and (height, width), zero where none is erased."""
-    erased, tries = u[:, 0] < probability, u[:, 1:].reshape(len(u), ERASE_TRIES, 4)
-    area = side * side * (0.02 + 0.31 * tries[..., 0])
-    ratio = np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * tries[..., 1])
-    height, width = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
-    fits = (height < side) & (width < side)
-    first, rows = fits.argmax(axis=1), np.arange(len(u))
-    box = np.stack([height[rows, first], width[rows, first]], axis=1)
-    anchor = np.floor(tries[rows, first, 2:4] * (side - box + 1))
-    chosen = (erased & fits.any(axis=1))[:, None]
-    return np.where(chosen, anchor, 0).astype(np.float32), np.where(chosen, box, 0).astype(np.float32)
 
 
 def random_resized_windows(u: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

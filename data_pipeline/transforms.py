@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.config import DataConfig
-from data_pipeline.sampling import GOLDEN, splitmix64
+from data_pipeline.sampling import GOLDEN, sample_uniforms, splitmix64
 
 # AlexNet's "standard color augmentation", with fb.resnet.torch's values (reference/resnet-paper.md).
 PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
@@ -71,6 +71,39 @@ def augment_cifar_batch(images: torch.Tensor, seeds: np.ndarray) -> torch.Tensor
     batch = torch.arange(len(images), device=images.device)[:, None, None, None]
     channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
     return padded[batch, channels, rows[:, None, :, None], columns[:, None, None, :]]
+
+
+RRC_TRIES = 10  # torchvision's RandomResizedCrop: ten draws of the window, then the center crop
+ERASE_TRIES = 10
+ERASE_COLUMNS = slice(10 + 4 * RRC_TRIES, 11 + 4 * RRC_TRIES + 4 * ERASE_TRIES)  # after the crop's uniforms
+
+
+def erase_windows(u: np.ndarray, side: int, probability: float) -> tuple[np.ndarray, np.ndarray]:
+    """torchvision's RandomErasing of a side x side image, drawn from 1 + 4 uniforms per try and sample: with
+    ``probability``, the first of 10 boxes (area 0.02-0.33 of the image, aspect 0.3-3.3 log-uniform, rounded sides)
+    that fits inside, at a uniform integer place; (y, x) and (height, width), zero where none is erased."""
+    erased, tries = u[:, 0] < probability, u[:, 1:].reshape(len(u), ERASE_TRIES, 4)
+    area = side * side * (0.02 + 0.31 * tries[..., 0])
+    ratio = np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * tries[..., 1])
+    height, width = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
+    fits = (height < side) & (width < side)
+    first, rows = fits.argmax(axis=1), np.arange(len(u))
+    box = np.stack([height[rows, first], width[rows, first]], axis=1)
+    anchor = np.floor(tries[rows, first, 2:4] * (side - box + 1))
+    chosen = (erased & fits.any(axis=1))[:, None]
+    return np.where(chosen, anchor, 0).astype(np.float32), np.where(chosen, box, 0).astype(np.float32)
+
+
+def erase_batch(images: torch.Tensor, seeds: np.ndarray, probability: float) -> torch.Tensor:
+    """Random erasing of a normalized B x C x S x S batch, each image's box (``erase_windows``) from its own seed's
+    uniforms (those DALI's feeder draws it from), zeroed by one mask."""
+    u = sample_uniforms(seeds, ERASE_COLUMNS.stop)[:, ERASE_COLUMNS]
+    anchor, shape = (torch.from_numpy(values).to(images.device) for values in erase_windows(u, images.shape[-1],
+                                                                                             probability))  # fmt: skip
+    steps = torch.arange(images.shape[-1], device=images.device)
+    rows = (steps >= anchor[:, :1]) & (steps < anchor[:, :1] + shape[:, :1])  # B x S
+    columns = (steps >= anchor[:, 1:]) & (steps < anchor[:, 1:] + shape[:, 1:])
+    return images.masked_fill((rows[:, :, None] & columns[:, None, :])[:, None], 0.0)
 
 
 def normalize_batch(images: torch.Tensor, config: DataConfig) -> torch.Tensor:

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from data_pipeline.config import DataConfig, ResolutionRamp
-from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader, erase_windows
+from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader
 from data_pipeline.loaders import build_train_loader, build_val_loader
 from data_pipeline.sampling import sample_seed, sample_uniforms
+from data_pipeline.transforms import erase_windows
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
@@ -107,6 +108,16 @@ def test_cifar_tensors_augment_each_image_by_its_seed(cifar_root):
     a, b = next(iter(loader.epoch(0))), next(iter(loader.epoch(0)))
     assert torch.equal(a[0], b[0]) and a[0].shape == (16, 3, 32, 32)
     assert (a[0] == 0).all(dim=1).flatten(1).any(dim=1).sum() >= 2  # about half the images have an erased box
+
+
+def test_cifar_erasing_is_the_same_on_dali_and_the_tensor_path(cifar_root):
+    """Both draw each image's box from its seed's uniforms: the batches are equal, erased boxes and all."""
+    config = DataConfig(root=str(cifar_root), format="cifar", batch_size=16, workers=0, mean=MEAN, std=STD,
+                        random_erase=0.5)  # fmt: skip
+    tensors = next(iter(build_train_loader(config, rank=0, world_size=1, seed=0).epoch(1)))[0]
+    dali = next(iter(build_dali_train_loader(config, rank=0, world_size=1, seed=0).epoch(1)))[0]
+    torch.testing.assert_close(dali, tensors, atol=1e-5, rtol=0)
+    assert 4 <= int((tensors == 0).all(dim=1).flatten(1).any(dim=1).sum()) <= 12  # about half erased
 
 
 def test_repeated_augmentation_on_one_process_keeps_the_epoch_length(cifar_root):
