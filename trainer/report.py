@@ -57,19 +57,20 @@ def read_run(run_dir: Path) -> RunHistory:
             if record["protocol"] == history.protocol:
                 history.val_error.append((iteration, top1))
             if record["protocol"] in (history.protocol, f"{history.protocol}-ema") and "hours" in record:
-                history.timed.append((iteration, record["hours"], record["device_hours"], 100 * record["top1"]))
+                ema = record["protocol"].endswith("-ema")
+                history.timed.append((iteration, record["hours"], record["device_hours"], 100 * record["top1"], ema))
             history.finals[record["protocol"]] = (iteration, top1, top5)
     return history
 
 
 def time_to_accuracy(run: RunHistory, target: float) -> tuple[int, float, float] | None:
     """The first evaluation (raw or EMA weights) at ``target`` top-1 % or above: (iteration, hours, device-hours)."""
-    return next(((it, hours, device) for it, hours, device, top1 in run.timed if top1 >= target), None)
+    return next(((it, hours, device) for it, hours, device, top1, _ in run.timed if top1 >= target), None)
 
 
 def common_target(runs: list[RunHistory]) -> float | None:
     """The best top-1 % that every run reached (None if some run has no timed evaluation)."""
-    bests = [max((top1 for *_, top1 in run.timed), default=None) for run in runs]
+    bests = [max((point[3] for point in run.timed), default=None) for run in runs]
     return None if None in bests else min(bests)
 
 
@@ -113,14 +114,19 @@ def plot_time(runs: list[RunHistory], out: Path) -> list[Path]:
         chosen = [run for run in runs if run.dataset == dataset and run.timed]
         figure = Figure(figsize=(12, 4.2))
         axes = figure.subplots(1, 2, sharey=True)
+        colours = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
         for axis, column, unit in ((axes[0], 1, "wall-clock hours"), (axes[1], 2, "device-hours (hours x ranks)")):
-            for run in chosen:
-                points = [(point[column], 100 - point[3]) for point in run.timed]
-                axis.plot(*zip(*points, strict=True), marker=".", linewidth=1.6, label=label(run, runs))
+            for index, run in enumerate(chosen):
+                for ema in (False, True):
+                    points = [(point[column], 100 - point[3]) for point in run.timed if point[4] == ema]
+                    style = {"linestyle": "--" if ema else "-", "color": colours[index % len(colours)]}
+                    if points:
+                        name = label(run, runs) + (" EMA" if ema else "")
+                        axis.plot(*zip(*points, strict=True), marker=".", linewidth=1.6, label=name, **style)
             axis.set_xlabel(unit)
             axis.grid(alpha=0.3)
             axis.legend(loc="upper right", fontsize=9)
-        axes[0].set_ylabel("validation error (%, top-1; raw and EMA weights)")
+        axes[0].set_ylabel("validation error (%, top-1; dashed: EMA weights)")
         figure.tight_layout()
         path = out / f"time-{dataset}.png"
         figure.savefig(path, dpi=120, bbox_inches="tight")

@@ -248,6 +248,7 @@ def test_the_report_gives_time_to_accuracy(tmp_path, cifar_root):
     train(small_run(tmp_path / "b", cifar_root, "train.iterations=10", *EMA), LaunchEnv())  # resumed at 5
     runs = [read_run(tmp_path / name / "run") for name in "ab"]
     assert [point[0] for point in runs[1].timed] == [5, 5, 10, 10]  # raw and EMA at each evaluation
+    assert [point[4] for point in runs[1].timed] == [False, True, False, True]
     hours = [point[1] for point in runs[1].timed]
     assert 0 < hours[0] <= hours[2] and all(point[2] == point[1] for point in runs[1].timed)  # one rank
     target = common_target(runs)
