@@ -35,10 +35,10 @@ class ResolutionRamp:
     """Progressive resizing (FFCV): the training crop is ``start_size`` up to epoch ``start_epoch``, data.crop_size
     from ``end_epoch`` on, and between them the linear interpolation rounded to a multiple of ``multiple``."""
 
-    start_size: int = 160
-    start_epoch: int = 0
-    end_epoch: int = 1
-    multiple: int = 32
+    start_size: int = 160  # the first epochs' crop (FFCV's min_res)
+    start_epoch: int = 0  # the last epoch at start_size (start_ramp)
+    end_epoch: int = 1  # the first epoch at data.crop_size (end_ramp)
+    multiple: int = 32  # the crops between are multiples of this
 
     def __post_init__(self) -> None:
         require(self.start_size >= 8, "data.progressive.start_size", self.start_size, "must be at least 8 pixels")
