@@ -235,7 +235,8 @@ def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: 
                      f"train.output_dir={scratch}/runs", "log.progress=false", "checkpoint.resume=never",
                      f"train.iterations={iterations}", f"eval.every={iterations}", f"checkpoint.every={iterations}",
                      "eval.batch_size=100"]  # fmt: skip
-        batch = load_config(config_path, overrides).data.batch_size
+        config = load_config(config_path, overrides)
+        precision, _ = resolve_precision(config.train.precision, pick_device(config.train.device, LaunchEnv()))
         speeds: dict[str, list[float]] = {name: [] for name in RECIPE_PIECES}
         for round_index in range(rounds + 1):  # round 0 warms up
             for name, piece in RECIPE_PIECES.items():
@@ -248,7 +249,7 @@ def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: 
                     print(f"round {round_index} {name:<22} {speeds[name][-1]:8.1f} images/s", flush=True)
     paper = statistics.median(speeds["paper"])
     print(f"cost per step against the paper recipe [{config_path}, {iterations} iterations of "
-          f"{batch}, precision {precision}, torch {torch.__version__}, "
+          f"{config.data.batch_size}, {precision}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, medians of {rounds} rounds]:")  # fmt: skip
     for name, values in speeds.items():
         print(f"  {name:<22} {paper / statistics.median(values):5.2f}x  ({statistics.median(values):.0f} images/s)")
