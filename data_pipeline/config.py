@@ -82,8 +82,8 @@ class DataConfig:
     lighting_std: float = 0.1  # AlexNet PCA lighting noise; 0 turns it off
     # after the crop and flip: "none" | "trivial_augment_wide" (Mueller & Hutter 2021) | "rand_augment" (Cubuk et al.
     # 2020). torch path: torchvision's transforms.v2, each image's ops drawn from its own seed; DALI: its
-    # nvidia.dali.auto_aug, whose draws come from DALI's own generator (seeded by train.seed, not per image: a
-    # resumed DALI run draws other ops than the run it continues)
+    # nvidia.dali.auto_aug, whose draws come from DALI's own generator (seeded from train.seed and where a start
+    # begins, not per image: a resumed DALI run draws other ops than the run it continues)
     auto_augment: Literal["none", "trivial_augment_wide", "rand_augment"] = "none"
     rand_augment_ops: int = 2  # rand_augment: ops per image (N)
     rand_augment_magnitude: int = 9  # rand_augment: their magnitude (M, of 31 bins)

@@ -23,7 +23,7 @@ from trainer.parallel import local
 
 class WeightAverage:
     def __init__(self, model: nn.Module, config: EmaConfig) -> None:
-        self.model, self.config = model, config
+        self.config = config
         self.tracked = dict(model.named_parameters())
         if config.bn_buffers == "average":
             self.tracked |= {name: b for name, b in model.named_buffers() if b.is_floating_point()}
@@ -73,9 +73,9 @@ class WeightAverage:
         """From either kind of checkpoint: whole tensors are cut into this run's shards."""
         with torch.no_grad():
             for name, value in self.average.items():
-                given = saved[name].to(value.device if not isinstance(value, DTensor) else value.to_local().device)
-                if isinstance(value, DTensor) and not isinstance(given, DTensor):
-                    given = distribute_tensor(given, value.device_mesh, value.placements)
+                given = saved[name]
+                if isinstance(value, DTensor):
+                    given = distribute_tensor(given.to(local(value).device), value.device_mesh, value.placements)
                 value.copy_(given)
 
 
