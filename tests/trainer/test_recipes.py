@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from training_runs import metrics, small_run
+from training_runs import RECIPES, metrics, small_run
 
 from trainer.checkpoint import export_state_dict, latest_checkpoint, load_checkpoint, read_weights
 from trainer.config import EmaConfig, LossConfig, OptimConfig
@@ -199,10 +199,6 @@ def test_repeated_augmentation_deals_the_copies_to_different_ranks():
         assert len({batches[r][position][1] for r in range(4)}) == 4  # with four different augmentations
     indices = np.array([index for rank in batches for index, _ in rank])
     assert len(indices) == 64 and len(set(indices.tolist())) == 16  # an epoch of 64 samples: 16 images x 4
-
-
-RECIPES = ["imagenet/resnet50-torchvision-v2", "imagenet/resnet50-ffcv-16ep", "imagenet/resnet50-ffcv-88ep",
-           "imagenet/resnet50-mlperf", "cifar10/resnet56-modern"]  # fmt: skip
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -7,6 +7,9 @@ from pathlib import Path
 from trainer.config import load_config
 
 CONFIG = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+# The recipes beside the paper's (issue 15): configs/<these>.yaml, which the paper-config checks leave out.
+RECIPES = ["imagenet/resnet50-torchvision-v2", "imagenet/resnet50-ffcv-16ep", "imagenet/resnet50-ffcv-88ep",
+           "imagenet/resnet50-mlperf", "cifar10/resnet56-modern"]  # fmt: skip
 
 
 def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):
