@@ -147,6 +147,8 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, runs_dir: str) -> None
         while True:
             finished = process.poll() is not None
             for record in new_evaluations(run_dir / METRICS_FILE, after=reported):
+                if record["iteration"] <= reported:  # one report per iteration: the first record (raw weights)
+                    continue
                 reported = record["iteration"]
                 with tempfile.TemporaryDirectory() as folder:
                     (Path(folder) / "trial.json").write_text(
