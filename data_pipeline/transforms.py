@@ -7,6 +7,11 @@ of 224 and their flips) of the 256 image, or the whole image at several shorter 
 CIFAR-10 train (Sec. 4.2): 4-pixel zero padding (black, before normalization), random 32 crop, flip; CIFAR-10
 test: the image as is. CIFAR's augmentation runs on whole batches of uint8 tensors (``augment_cifar_batch``), each
 image's crop and flip a hash of its own seed (``cifar_crop_flip``), so no work is done per image in Python.
+
+The modern recipes' additions (data.auto_augment, data.random_erase, progressive crops): torchvision's
+TrivialAugmentWide, RandAugment and RandomErasing after the crop and flip (``after_crop``); on CIFAR tensors the
+auto-augmentation image by image (``augment_each``) and the erasing batched, with the boxes DALI's feeder draws
+(``erase_windows``, ``erase_batch``).
 """
 
 from __future__ import annotations
@@ -98,8 +103,8 @@ def erase_batch(images: torch.Tensor, seeds: np.ndarray, probability: float) -> 
     """Random erasing of a normalized B x C x S x S batch, each image's box (``erase_windows``) from its own seed's
     uniforms (those DALI's feeder draws it from), zeroed by one mask."""
     u = sample_uniforms(seeds, ERASE_COLUMNS.stop)[:, ERASE_COLUMNS]
-    anchor, shape = (torch.from_numpy(values).to(images.device) for values in erase_windows(u, images.shape[-1],
-                                                                                             probability))  # fmt: skip
+    boxes = erase_windows(u, images.shape[-1], probability)
+    anchor, shape = (torch.from_numpy(values).to(images.device) for values in boxes)
     steps = torch.arange(images.shape[-1], device=images.device)
     rows = (steps >= anchor[:, :1]) & (steps < anchor[:, :1] + shape[:, :1])  # B x S
     columns = (steps >= anchor[:, 1:]) & (steps < anchor[:, 1:] + shape[:, 1:])
@@ -141,7 +146,7 @@ def after_crop(config: DataConfig, *, lighting: bool = True) -> list[nn.Module]:
     }[config.auto_augment]
     lighting = [PCALighting(config.lighting_std)] if config.lighting_std > 0 and lighting else []
     erase = [v2.RandomErasing(p=config.random_erase, value=0)] if config.random_erase > 0 else []
-    return [*auto, *_to_normalized(config)[:1], *lighting, *_to_normalized(config)[1:], *erase]
+    return [*auto, v2.ToDtype(torch.float32, scale=True), *lighting, v2.Normalize(config.mean, config.std), *erase]
 
 
 def augment_each(images: torch.Tensor, seeds: np.ndarray, transform: nn.Module) -> torch.Tensor:
