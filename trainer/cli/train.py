@@ -117,8 +117,8 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
 
 
 def add_weights_flag(parser: argparse.ArgumentParser) -> None:
-    help = "of a training checkpoint: the trained weights, or their EMA (a run with ema.decay)"
-    parser.add_argument("--weights", choices=("raw", "ema"), default="raw", help=help)
+    text = "of a training checkpoint: the trained weights, or their EMA (a run with ema.decay)"
+    parser.add_argument("--weights", choices=("raw", "ema"), default="raw", help=text)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
