@@ -139,6 +139,30 @@ def test_ema_and_lars_under_fsdp_follow_one_process(tmp_path, short):
     assert evaluated == [100, 100]
 
 
+def test_the_recipe_pieces_under_ddp_resume_bit_exact_after_kill_9(tmp_path, short):
+    """Two DDP ranks with Mixup/CutMix (each rank its own draws), label smoothing, LARS, a cosine schedule over the
+    whole run and the EMA: 24 steps straight equal 12, kill -9, a new start, 12 more: weights, average and losses
+    bit for bit."""
+    args = [*short, "loss.mixup_alpha=0.2", "loss.cutmix_alpha=1.0", "loss.label_smoothing=0.1", "optim.name=lars",
+            "optim.lr=0.5", "schedule.decay=cosine", "ema.decay=0.9", "eval.weights=both", "train.iterations=24",
+            "checkpoint.every=12", "dist.strategy=ddp"]  # fmt: skip
+    run_trainer(2, [*args, "train.run_name=straight"])
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    process = subprocess.Popen([*trainer_command(2), *args, "train.run_name=killed"], cwd=ROOT, **quiet,
+                               start_new_session=True)  # fmt: skip
+    wait_until(lambda: list_checkpoints(tmp_path / "killed"), process)
+    assert process.poll() is None, "the run finished before it could be killed"
+    kill_tree(process.pid)
+    process.wait()
+    resumed = run_trainer(2, [*args, "train.run_name=killed"])
+    assert "at iteration 12" in resumed.stderr, resumed.stderr[-3000:]
+    for which in ("raw", "ema"):
+        straight, killed = (read_weights(latest_checkpoint(tmp_path / name), which).state_dict
+                            for name in ("straight", "killed"))  # fmt: skip
+        assert all(torch.equal(straight[name], killed[name]) for name in straight), which
+    assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
+
+
 def test_checkpoints_resume_across_strategies_and_world_sizes(tmp_path, short):
     """FSDP2 on 2 ranks -> 1 process, and 1 process -> FSDP2 on 2 ranks, and DDP on 2 -> FSDP2 on 2: each second
     half follows the straight single-process run (accumulating, so that BN sees the same batches)."""
