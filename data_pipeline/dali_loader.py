@@ -519,9 +519,10 @@ def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, 
             crop = (config.eval_crop, config.eval_crop)
             if protocol == "center":
                 images = fn.crop_mirror_normalize(images, crop=crop, **normalize)
-            else:  # tencrop: B x 10 x 3 x crop x crop
+            else:  # flip: B x 2 x 3 x crop x crop; tencrop: B x 10 x ...
+                windows = [(0.5, 0.5, 0), (0.5, 0.5, 1)] if protocol == "flip" else ten_crop_windows()
                 views = [fn.crop_mirror_normalize(images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, **normalize)
-                         for x, y, m in ten_crop_windows()]  # fmt: skip
+                         for x, y, m in windows]  # fmt: skip
                 images = fn.stack(*views, axis=0)
         return images, labels.gpu() if device == "gpu" else labels
 

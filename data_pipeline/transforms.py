@@ -208,10 +208,20 @@ class MultiScaleViews(nn.Module):
         return views
 
 
+class FlipViews(nn.Module):
+    """The image and its mirror image: 2 x C x H x W."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.stack([image, image.flip(-1)])
+
+
 def build_eval_transform(config: DataConfig, protocol: str, scales: tuple[int, ...] = ()) -> v2.Compose:
-    """The test views of one image for ``protocol``: "center" (one view), "tencrop" (10) or "multiscale"."""
+    """The test views of one image for ``protocol``: "center" (one view), "flip" (the center crop and its mirror:
+    FFCV's test-time augmentation), "tencrop" (10) or "multiscale"."""
     if protocol == "center":
         return build_val_transform(config)
+    if protocol == "flip":
+        return v2.Compose([build_val_transform(config), FlipViews()])
     if protocol == "tencrop":
         return v2.Compose(
             [v2.Resize(config.val_resize, antialias=True), *_to_normalized(config), TenCropViews(config.eval_crop)]

@@ -24,7 +24,7 @@ from data_pipeline.errors import UserError, require, require_one_of
 from trainer.models.table import MODEL_NAMES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Protocol = Literal["center", "tencrop", "multiscale"]
+Protocol = Literal["center", "flip", "tencrop", "multiscale"]
 PRECISIONS, PROTOCOLS = get_args(Precision), get_args(Protocol)
 PAPER_SCALES = (224, 256, 384, 480, 640)  # the shorter sides of multi-scale testing (Table 4)
 
@@ -219,8 +219,9 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     """Evaluation during training (``protocol``, every ``every``) and at its end (``final_protocol``):
-    "center" (shorter side data.val_resize, center data.crop_size; CIFAR: the image as is), "tencrop" (corners and
-    center and their flips) or "multiscale" (the whole image at each of ``scales`` and its flip)."""
+    "center" (shorter side data.val_resize, center data.val_crop; CIFAR: the image as is), "flip" (that center crop
+    and its mirror, FFCV's test-time augmentation), "tencrop" (corners and center and their flips) or "multiscale"
+    (the whole image at each of ``scales`` and its flip). The views' class probabilities are averaged."""
 
     every: int | None = None  # iterations between evaluations; None: every epoch (and always at the last iteration)
     protocol: Protocol = "center"  # during training

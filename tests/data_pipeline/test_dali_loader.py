@@ -74,7 +74,7 @@ def test_imagefolder_training_is_the_same_with_worker_processes(imagefolder_root
     assert 0.4 < np.mean(flips) < 0.6
 
 
-@pytest.mark.parametrize("protocol", ["center", "tencrop"])
+@pytest.mark.parametrize("protocol", ["center", "flip", "tencrop"])
 def test_evaluation_views_match_the_torch_path_and_count_every_image_once(imagefolder_root, cifar_root, protocol):
     config = imagefolder_config(imagefolder_root)
     counted = 0

@@ -137,3 +137,11 @@ def test_dali_evaluation_uses_the_val_crop_on_tencrop(imagefolder_root):
     config = imagefolder_config(imagefolder_root, backend="dali", val_resize=44, val_crop=40)
     images, _ = next(iter(build_dali_val_loader(config, rank=0, world_size=1, batch_per_rank=2, protocol="tencrop")))
     assert images.shape[1:] == (10, 3, 40, 40)
+
+
+def test_the_flip_protocol_is_the_center_crop_and_its_mirror(imagefolder_root):
+    config = imagefolder_config(imagefolder_root, val_resize=44, val_crop=40)
+    center = next(iter(build_val_loader(config, rank=0, world_size=1, batch_per_rank=4)))[0]
+    flip = next(iter(build_val_loader(config, rank=0, world_size=1, batch_per_rank=4, protocol="flip")))[0]
+    assert flip.shape == (4, 2, 3, 40, 40)
+    assert torch.equal(flip[:, 0], center) and torch.equal(flip[:, 1], center.flip(-1))

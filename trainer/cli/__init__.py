@@ -1,8 +1,9 @@
 """``residual``: the one command line of the project.
 
 residual train CONFIG [key=value ...] [--resume [CHECKPOINT]]
-residual eval CHECKPOINT --data DIR [--protocol center|tencrop|multiscale] [--scales 224,256,...]
-residual export CHECKPOINT OUT.pt
+residual eval CHECKPOINT --data DIR [--protocol center|flip|tencrop|multiscale] [--scales 224,256,...]
+                                    [--weights raw|ema]
+residual export CHECKPOINT OUT.pt [--weights raw|ema]
 residual models [--json]
 residual env [--json]
 residual config show CONFIG [key=value ...]
@@ -16,10 +17,11 @@ residual submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--tasks-per-
 residual jobs [RUNS_DIR]
 residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
 residual tensorboard [RUNS_DIR] [--port P] [--host H]
-residual report RUN_DIR [RUN_DIR ...] [--out DIR]
+residual report RUN_DIR [RUN_DIR ...] [--out DIR] [--target TOP1]
 residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
                       [--feeder-only]
 residual bench gpu [--out DIR]
+residual bench recipes [--config CONFIG] [--iterations N] [--rounds R]
 residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision auto] [--steps N] [--rounds R]
                      [--end-to-end [--config CONFIG] [--iterations N]]
 """
