@@ -145,14 +145,13 @@ def test_bench_train_end_to_end_prints_the_wall_time_ratio():
 
 @pytest.mark.slow
 def test_bench_recipes_prints_each_pieces_cost():
-    command = [RESIDUAL, "bench", "recipes", "--iterations", "20", "--per-class", "30", "--rounds", "1"]
+    command = [RESIDUAL, "bench", "recipes", "--iterations", "20", "--per-class", "30", "--rounds", "1",
+               "--pieces", "cutmix,ema"]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cost per step against the paper recipe [configs/quickstart.yaml, 20 iterations of 128, " in result.stdout
     costs = dict(re.findall(r"^  (\w+) +(\d+\.\d\d)x", result.stdout, re.MULTILINE))
-    assert costs.keys() == {"paper", "label_smoothing", "mixup", "cutmix", "ema", "lars", "nesterov", "cosine",
-                            "trivial_augment_wide", "random_erase", "ra_reps"}  # fmt: skip
-    assert costs["paper"] == "1.00"
+    assert costs.keys() == {"paper", "cutmix", "ema"} and costs["paper"] == "1.00"
 
 
 @pytest.mark.slow

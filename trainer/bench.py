@@ -220,8 +220,10 @@ RECIPE_PIECES = {
 }
 
 
-def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int) -> None:
-    """The cost per training step of each recipe piece (``RECIPE_PIECES``) on top of the config, as the ratio of
+def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int,
+                  pieces: list[str] | None = None) -> None:  # fmt: skip
+    """The cost per training step of each recipe piece (``RECIPE_PIECES``, or the ``pieces`` named; the paper's
+    recipe always) on top of the config, as the ratio of
     the paper recipe's images/s to the piece's: the trainer's own logged images/s (data and step, no evaluation),
     the median of its log windows after the first, each piece run in turn in every round, the median over rounds."""
     from trainer.config import load_config
@@ -237,9 +239,10 @@ def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: 
                      "eval.batch_size=100"]  # fmt: skip
         config = load_config(config_path, overrides)
         precision, _ = resolve_precision(config.train.precision, pick_device(config.train.device, LaunchEnv()))
-        speeds: dict[str, list[float]] = {name: [] for name in RECIPE_PIECES}
+        chosen = {name: piece for name, piece in RECIPE_PIECES.items() if name == "paper" or name in (pieces or [name])}
+        speeds: dict[str, list[float]] = {name: [] for name in chosen}
         for round_index in range(rounds + 1):  # round 0 warms up
-            for name, piece in RECIPE_PIECES.items():
+            for name, piece in chosen.items():
                 run_name = f"{name}-{round_index}"
                 train(load_config(config_path, [*overrides, *piece, f"train.run_name={run_name}"]), LaunchEnv())
                 records = read_metrics(Path(scratch) / "runs" / run_name / "metrics.jsonl")

@@ -50,7 +50,7 @@ def cmd_bench_recipes(args: argparse.Namespace) -> None:
     from trainer.bench import bench_recipes
 
     bench_recipes(config_path=args.config, precision=args.precision, iterations=args.iterations, rounds=args.rounds,
-                  per_class=args.per_class)  # fmt: skip
+                  per_class=args.per_class, pieces=args.pieces.split(",") if args.pieces else None)  # fmt: skip
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
@@ -103,6 +103,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     recipes.add_argument("--iterations", type=int, default=40, help="iterations per run (logged every 10)")
     recipes.add_argument("--rounds", type=int, default=3, help="timed rounds, each running every piece in turn")
     recipes.add_argument("--per-class", type=int, default=600, help="synthetic CIFAR-format images per class")
+    recipes.add_argument("--pieces", help="comma-separated pieces to measure (default: all of trainer.bench's list)")
     recipes.set_defaults(run=cmd_bench_recipes)
 
     bench_gpu = bench.add_parser("gpu", help="the first figures of a new GPU node, each with device and versions")
