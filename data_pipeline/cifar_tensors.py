@@ -10,15 +10,13 @@ image at a time): order from ``ShardedEpochSampler``, each image's crop and flip
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 
 import torch
 from torchvision.transforms import v2
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, open_dataset
-from data_pipeline.errors import UserError
-from data_pipeline.sampling import ShardedEpochSampler, val_share
+from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
 from data_pipeline.torch_loader import Batch
 from data_pipeline.transforms import after_crop, augment_cifar_batch, augment_each, erase_batch, normalize_batch
 
@@ -34,7 +32,7 @@ class CifarTensorLoader:
         self.config = config
         # the auto-augmentation draws each image's ops from its seed, one image at a time (erasing is batched)
         auto = config.auto_augment != "none"
-        self.per_image = v2.Compose(after_crop(replace(config, random_erase=0.0), lighting=False)) if auto else None
+        self.per_image = v2.Compose(after_crop(config, lighting=False, erase=False)) if auto else None
 
     @property
     def batches_per_epoch(self) -> int:
@@ -58,10 +56,7 @@ def build_cifar_train_loader(
     config: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device
 ) -> CifarTensorLoader:
     dataset = open_dataset(config.root, "cifar", train=True)
-    if len(dataset) < config.batch_size:
-        raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
-    sampler = ShardedEpochSampler(len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size,
-                                  seed=seed, repeats=config.ra_reps)  # fmt: skip
+    sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
     return CifarTensorLoader(dataset, sampler, config, device)
 
 

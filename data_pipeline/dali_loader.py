@@ -27,7 +27,14 @@ from PIL import Image
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
-from data_pipeline.sampling import ShardedEpochSampler, SkipCorrupt, sample_seed, sample_uniforms, val_share
+from data_pipeline.sampling import (
+    ShardedEpochSampler,
+    SkipCorrupt,
+    sample_seed,
+    sample_uniforms,
+    training_sampler,
+    val_share,
+)
 from data_pipeline.torch_loader import Batch
 from data_pipeline.transforms import (
     CIFAR_PADDING,
@@ -453,10 +460,7 @@ def to_torch(tensors, dtype: torch.dtype) -> torch.Tensor:
 
 def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> DaliTrainLoader:
     dataset = open_dataset(config.root, config.format, train=True)
-    if len(dataset) < config.batch_size:
-        raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
-    sampler = ShardedEpochSampler(len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size,
-                                  seed=seed, repeats=config.ra_reps)  # fmt: skip
+    sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
     device = dali_device(config.device)
     log.info("data: DALI %s pipeline (%s), %d reader workers", device, config.format, config.workers)
     source = TrainSource(SampleReader(dataset), sampler, config)

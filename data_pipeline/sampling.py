@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import CorruptImage, UserError
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,15 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
         for batch in range(self.start_batch, self.batches_per_epoch):
             indices, seeds = self.rank_share(order, self.epoch, batch)
             yield from zip(indices.tolist(), seeds.tolist(), strict=True)
+
+
+def training_sampler(config: DataConfig, dataset_size: int, *, rank: int, world_size: int,
+                     seed: int) -> ShardedEpochSampler:  # fmt: skip
+    """The sampler of every backend's training loader: data.batch_size images a step, data.ra_reps copies."""
+    if dataset_size < config.batch_size:
+        raise UserError(f"data.batch_size={config.batch_size}: larger than the {dataset_size} training images")
+    return ShardedEpochSampler(dataset_size, global_batch=config.batch_size, rank=rank, world_size=world_size,
+                               seed=seed, repeats=config.ra_reps)  # fmt: skip
 
 
 def val_share(size: int, *, rank: int, world_size: int) -> range:

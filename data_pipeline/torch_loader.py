@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
-from data_pipeline.sampling import ShardedEpochSampler, val_share
+from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
 from data_pipeline.transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,7 @@ def build_torch_train_loader(config: DataConfig, *, rank: int, world_size: int, 
     dataset = open_dataset(config.root, config.format, train=True)
     if config.skip_corrupt:
         dataset = SkippingCorrupt(dataset)
-    if len(dataset) < config.batch_size:
-        raise UserError(f"data.batch_size={config.batch_size}: larger than the {len(dataset)} training images")
-    sampler = ShardedEpochSampler(len(dataset), global_batch=config.batch_size, rank=rank, world_size=world_size,
-                                  seed=seed, repeats=config.ra_reps)  # fmt: skip
+    sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
     loader = DataLoader(AugmentedDataset(dataset, config), batch_size=sampler.per_rank,
                         sampler=CropSampler(sampler, config), drop_last=True, **_loader_options(config))  # fmt: skip
     return TrainLoader(loader, sampler, dataset.classes)

@@ -135,18 +135,18 @@ def build_train_transform(config: DataConfig, crop: int | None = None) -> v2.Com
     return v2.Compose([*resize_crop, v2.RandomHorizontalFlip(), *after_crop(config)])
 
 
-def after_crop(config: DataConfig, *, lighting: bool = True) -> list[nn.Module]:
+def after_crop(config: DataConfig, *, lighting: bool = True, erase: bool = True) -> list[nn.Module]:
     """What follows the crop and flip, on a uint8 image: the auto-augmentation, then to float with the lighting
     noise (ImageNet's, not CIFAR's), normalization and random erasing (to 0, the mean, as torchvision's recipe
-    erases)."""
+    erases; CIFAR tensors erase whole batches instead)."""
     auto = {
         "none": [],
         "trivial_augment_wide": [v2.TrivialAugmentWide()],
         "rand_augment": [v2.RandAugment(num_ops=config.rand_augment_ops, magnitude=config.rand_augment_magnitude)],
     }[config.auto_augment]
     lighting = [PCALighting(config.lighting_std)] if config.lighting_std > 0 and lighting else []
-    erase = [v2.RandomErasing(p=config.random_erase, value=0)] if config.random_erase > 0 else []
-    return [*auto, v2.ToDtype(torch.float32, scale=True), *lighting, v2.Normalize(config.mean, config.std), *erase]
+    erasing = [v2.RandomErasing(p=config.random_erase, value=0)] if config.random_erase > 0 and erase else []
+    return [*auto, v2.ToDtype(torch.float32, scale=True), *lighting, v2.Normalize(config.mean, config.std), *erasing]
 
 
 def augment_each(images: torch.Tensor, seeds: np.ndarray, transform: nn.Module) -> torch.Tensor:

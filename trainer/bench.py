@@ -223,9 +223,9 @@ RECIPE_PIECES = {
 def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int,
                   pieces: list[str] | None = None) -> None:  # fmt: skip
     """The cost per training step of each recipe piece (``RECIPE_PIECES``, or the ``pieces`` named; the paper's
-    recipe always) on top of the config, as the ratio of
-    the paper recipe's images/s to the piece's: the trainer's own logged images/s (data and step, no evaluation),
-    the median of its log windows after the first, each piece run in turn in every round, the median over rounds."""
+    recipe always) on top of the config, as the ratio of the paper recipe's images/s to the piece's: the trainer's
+    own logged images/s (data and step, no evaluation), the median of its log windows after the first, each piece
+    run in turn in every round, the median over rounds."""
     from trainer.config import load_config
     from trainer.loop import train
     from trainer.run_log import read_metrics

@@ -163,13 +163,17 @@ def load_model_and_optimizer(
     """Called on every rank: load a checkpoint of either format into the model and optimizer of this run, whatever
     their strategy and world size (DCP reshards; a full file is cut into this run's shards), and the EMA of the
     weights if the run keeps one (one the checkpoint lacks starts from the loaded weights)."""
+    if path.is_dir():
+        saved_keys = check_dcp_metadata(path).state_dict_metadata
+        averaged = ema is not None and any(key.startswith("ema.") for key in saved_keys)
+    else:
+        averaged = ema is not None and "ema" in checkpoint
     try:
         if path.is_dir():
-            check_dcp_metadata(path)
             model_state, optimizer_state = get_state_dict(model, optimizer)
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
             set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
-            if ema is not None and has_ema(path):
+            if averaged:
                 dcp.load({"ema": ema.average}, checkpoint_id=path)  # into this run's tensors, in place
         else:
             set_state_dict(
@@ -179,21 +183,15 @@ def load_model_and_optimizer(
                 optim_state_dict=checkpoint["optimizer"],
                 options=StateDictOptions(full_state_dict=True),
             )
-            if ema is not None and "ema" in checkpoint:
+            if averaged:
                 ema.load_state_dict(checkpoint["ema"])
     except (RuntimeError, KeyError, ValueError) as error:  # another depth, width or class count
         raise UserError(f"{path}: does not fit {name}: {str(error).strip().splitlines()[-1][:300]}") from None
-    if ema is not None and not (has_ema(path) if path.is_dir() else "ema" in checkpoint):
+    if ema is not None and not averaged:
         log.warning("%s holds no EMA of the weights: the average starts from its weights", path)
         ema.reset()
     for group in optimizer.param_groups:  # the update's kernel is this run's choice (fused where torch has it)
         group.update({key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults})
-
-
-def has_ema(path: Path) -> bool:
-    """Whether a DCP checkpoint directory holds an EMA of the weights."""
-    metadata = dcp.FileSystemReader(path).read_metadata()
-    return any(key.startswith("ema.") for key in metadata.state_dict_metadata)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -300,9 +298,9 @@ class DcpMetadataUnpickler(pickle.Unpickler):
         return self.ALLOWED[module, name]
 
 
-def check_dcp_metadata(path: Path) -> None:
+def check_dcp_metadata(path: Path) -> dcp_metadata.Metadata:
     """Before DCP unpickles a directory's ``.metadata``: read it with ``DcpMetadataUnpickler``, refuse it with one
-    line unless it is DCP's own ``Metadata``."""
+    line unless it is DCP's own ``Metadata``; that metadata (what the checkpoint holds)."""
     metadata = path / ".metadata"
     if not metadata.is_file():
         raise UserError(f"{path}: a directory without .metadata is not a torch.distributed.checkpoint checkpoint")
@@ -313,6 +311,7 @@ def check_dcp_metadata(path: Path) -> None:
         raise UserError(f"{metadata}: not loaded: {error} (checkpoints are read weights-only)") from None
     if not isinstance(loaded, dcp_metadata.Metadata):
         raise UserError(f"{metadata}: holds a {type(loaded).__name__}, not DCP's Metadata; not loaded")
+    return loaded
 
 
 def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: Path, name: str) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.config import EmaConfig
-from trainer.parallel import local
+from trainer.parallel import full_tensor, local
 
 
 class WeightAverage:
@@ -77,10 +77,6 @@ class WeightAverage:
                 if isinstance(value, DTensor):
                     given = distribute_tensor(given.to(local(value).device), value.device_mesh, value.placements)
                 value.copy_(given)
-
-
-def full_tensor(value: torch.Tensor) -> torch.Tensor:
-    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def build_weight_average(model: nn.Module, config: EmaConfig) -> WeightAverage | None:

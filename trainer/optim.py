@@ -30,9 +30,7 @@ class LARS(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         eps=eps, nesterov=nesterov, lars=True)  # fmt: skip
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        zero_momentum(self)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -104,9 +102,16 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
         fused=fused or None,
     )
     if fused and config.momentum:
-        for p in params:
-            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        zero_momentum(optimizer)
     return optimizer
+
+
+def zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Momentum buffers of zeros for every parameter, before the first step (a cancelled first step then leaves
+    them zero rather than uninitialized)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def cancels_on_device(optimizer: torch.optim.Optimizer) -> bool:

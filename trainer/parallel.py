@@ -68,6 +68,11 @@ def gradient_sync(module: nn.Module, enabled: bool) -> AbstractContextManager:
     return nullcontext()
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it), or the tensor itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: updating it updates the DTensor), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from data_pipeline.errors import UserError
 from trainer.config import Config
 from trainer.distributed import LaunchEnv, any_rank_on_device, apply_sync_batchnorm
 from trainer.models import create_model
 from trainer.optim import build_optimizer, cancels_on_device
-from trainer.parallel import gradient_sync, parallelize
+from trainer.parallel import full_tensor, gradient_sync, parallelize
 from trainer.precision import build_grad_scaler, maybe_autocast
 
 
@@ -89,8 +88,8 @@ class Stepper:
 
         Forward and backward each micro-batch (the gradients are reduced over ranks after the last), one
         collective for the flags every rank must agree on, and the update, which a non-finite loss on any rank
-        cancels on the device (the fused optimizer's ``found_inf``, as the gradient scaler uses it). Nothing here
-        waits for the device, but under FSDP2 (no fused SGD for DTensors): the host reads the flag before updating."""
+        cancels on the device (``found_inf`` of the fused SGD and of LARS, as the gradient scaler uses it). Nothing
+        here waits for the device, but SGD under FSDP2 (no fused SGD for DTensors): the host reads the flag first."""
         self.optimizer.zero_grad(set_to_none=True)
         micro = list(zip(images.chunk(self.accumulation), labels.chunk(self.accumulation), strict=True))
         total_loss, outputs = torch.zeros((), device=self.device), []
@@ -132,7 +131,7 @@ def gradient_norm(model: nn.Module) -> torch.Tensor:
     """The L2 norm of all gradients of the model, over every rank's shard under FSDP2 (a device tensor)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+    return full_tensor(norm)
 
 
 def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> Stepper:
