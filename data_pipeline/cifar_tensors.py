@@ -1,5 +1,6 @@
-"""CIFAR-format data held as tensors (``data.backend=torch``, ``data.format=cifar``): the whole set is one uint8
-N x 3 x 32 x 32 tensor on the training device (150 MB for CIFAR-10's 50,000 images), and each batch is gathered,
+"""CIFAR-format and IDX data held as tensors (``data.backend=torch``, ``data.format=cifar|idx``): the whole set is
+one uint8 N x C x H x W tensor on the training device (150 MB for CIFAR-10's 50,000 images, 47 MB for
+Fashion-MNIST's 60,000), and each batch is gathered,
 augmented and normalized there by batched tensor ops, as airbench and hlb-CIFAR10 do. No worker processes, no
 Python work per image.
 
@@ -28,6 +29,7 @@ class CifarTensorLoader:
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
         self.classes = dataset.classes
+        self.channels = dataset.images.shape[1]
         self.sampler = sampler
         self.config = config
         # the auto-augmentation draws each image's ops from its seed, one image at a time (erasing is batched)
@@ -42,7 +44,7 @@ class CifarTensorLoader:
         order = self.sampler.epoch_order(epoch).to(self.images.device)
         for batch in range(start_batch, self.batches_per_epoch):
             indices, seeds = self.sampler.rank_share(order, epoch, batch)
-            images = augment_cifar_batch(self.images[indices], seeds)
+            images = augment_cifar_batch(self.images[indices], seeds, flip=self.config.flip)
             if self.per_image is not None:
                 images = augment_each(images, seeds, self.per_image)
             else:
@@ -55,7 +57,7 @@ class CifarTensorLoader:
 def build_cifar_train_loader(
     config: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device
 ) -> CifarTensorLoader:
-    dataset = open_dataset(config.root, "cifar", train=True)
+    dataset = open_dataset(config.root, config.format, train=True)
     sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
     return CifarTensorLoader(dataset, sampler, config, device)
 
@@ -64,7 +66,7 @@ class CifarTensorEval:
     """This rank's contiguous share of the test set (every image once over all ranks), normalized in batches."""
 
     def __init__(self, config: DataConfig, *, rank: int, world_size: int, batch_per_rank: int, device: torch.device):
-        dataset = open_dataset(config.root, "cifar", train=False)
+        dataset = open_dataset(config.root, config.format, train=False)
         share = val_share(len(dataset), rank=rank, world_size=world_size)
         self.images = dataset.images[share.start : share.stop].to(device)
         self.labels = dataset.labels[share.start : share.stop].to(device)

@@ -60,9 +60,10 @@ class ResolutionRamp:
 @dataclass
 class DataConfig:
     root: str = "data/imagenet"  # the data set's folder
-    # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches) | "webdataset" (tar shards)
-    format: Literal["imagefolder", "cifar", "webdataset"] = "imagefolder"
-    #                              | "webdataset" (train/*.tar, val/*.tar with indexes: `residual data shard`)
+    # "imagefolder" (train/<class>/*.JPEG, val/<class>/*) | "cifar" (python batches) | "idx" (MNIST's four files,
+    # gzipped or not: MNIST, Fashion-MNIST, KMNIST, EMNIST) | "webdataset" (train/*.tar, val/*.tar with indexes:
+    # `residual data shard`)
+    format: Literal["imagefolder", "cifar", "idx", "webdataset"] = "imagefolder"
     backend: Literal["torch", "dali"] = "torch"  # "torch": torchvision transforms + DataLoader | "dali": DALI
     device: Literal["auto", "cpu", "gpu"] = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only)
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
@@ -80,6 +81,7 @@ class DataConfig:
     val_resize: int = 256  # val: shorter side to this, then the center val_crop
     val_crop: int | None = None  # val: the center crop (test-time resolution, Touvron et al. 2019); None: crop_size
     lighting_std: float = 0.1  # AlexNet PCA lighting noise; 0 turns it off
+    flip: bool = True  # random horizontal flips in training (false for digits and letters, which must not mirror)
     # after the crop and flip: "none" | "trivial_augment_wide" (Mueller & Hutter 2021) | "rand_augment" (Cubuk et al.
     # 2020). torch path: torchvision's transforms.v2, each image's ops drawn from its own seed; DALI: its
     # nvidia.dali.auto_aug, whose draws come from DALI's own generator (seeded from train.seed and where a start
@@ -89,7 +91,8 @@ class DataConfig:
     rand_augment_magnitude: int = 9  # rand_augment: their magnitude (M, of 31 bins)
     random_erase: float = 0.0  # Zhong et al. 2020: the probability of erasing a box of the normalized image to 0
     ra_reps: int = 1  # repeated augmentation (Hoffer et al. 2020, torchvision's RASampler): copies of each image
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))  # per-channel, on [0, 1] pixels
+    # per-channel, on [0, 1] pixels: one value per channel of the images (model.in_channels)
+    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel, on [0, 1] pixels
     skip_corrupt: bool = False  # an undecodable image: training takes the next, evaluation leaves it out (warned)
     synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist
@@ -110,10 +113,18 @@ class DataConfig:
                 "must be in [0, 30]")  # fmt: skip
         require(self.rand_augment_ops >= 1, "data.rand_augment_ops", self.rand_augment_ops, "must be >= 1")
         if self.progressive is not None:
-            require(self.format != "cifar", "data.progressive", "set", "CIFAR trains on its 32 x 32 images as they are")
+            why = f"{self.format} data trains on its images as they are"
+            require(not self.in_memory, "data.progressive", "set", why)
         require(self.lighting_std >= 0, "data.lighting_std", self.lighting_std, "must be >= 0")
-        require(len(self.mean) == 3 and len(self.std) == 3, "data.mean/std", (self.mean, self.std), "need 3 values")
+        require(len(self.mean) == len(self.std) and len(self.mean) in (1, 3), "data.mean/std", (self.mean, self.std),
+                "need one value per channel, 3 (RGB) or 1 (grey), as many of each")  # fmt: skip
         require(all(s > 0 for s in self.std), "data.std", self.std, "must be > 0")
+
+    @property
+    def in_memory(self) -> bool:
+        """CIFAR's batches and IDX files: small images held whole as one tensor, trained on at their own size
+        (pad 4, crop, flip: Sec. 4.2) and tested as they are."""
+        return self.format in ("cifar", "idx")
 
     @property
     def eval_crop(self) -> int:

@@ -27,6 +27,7 @@ from PIL import Image
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
+from data_pipeline.idx import IdxDataset
 from data_pipeline.sampling import (
     ShardedEpochSampler,
     SkipCorrupt,
@@ -67,28 +68,27 @@ def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None
 def batch_parameters(
     config: DataConfig, seeds: np.ndarray, sizes: np.ndarray | None, crop: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Each sample's augmentation, a function of its own seed alone, for a whole batch at once (numpy, no Python
-    loop per sample: the feeder's work per image). CIFAR: the crop's offset in the 4-padded image and the flip, as
-    the tensor path draws them (``cifar_crop_flip``). ImageNet (images of ``sizes`` = N x (width, height)): the
-    shorter side S in [scale_min, scale_max] and the crop's place, as the window of the original image that the
-    crop covers (``anchor``, ``shape``: the crop of side c of the image resized to shorter side S is the window of
-    side c * short / S resized to c, so only the window is decoded and resized; with
-    data.train_augment=random_resized_crop, RandomResizedCrop's window); the flip; the normalization mean shifted
-    by the PCA lighting noise (adding the shift before normalizing is subtracting it from the mean); the output
-    ``size`` (``crop``, default data.crop_size: progressive resizing asks for the epoch's). With data.random_erase,
-    the erased box of the output (``erase_anchor``, ``erase_shape``: (y, x), (height, width); empty: none)."""
+    """Each sample's augmentation, a function of its own seed alone, for a whole batch at once (numpy, no Python loop
+    per sample: the feeder's work per image). CIFAR and IDX (``crop``: the images' side): the crop's offset in the
+    4-padded image and the flip, as the tensor path draws them (``cifar_crop_flip``). ImageNet (images of ``sizes`` = N
+    x (width, height)): the shorter side S in [scale_min, scale_max] and the crop's place, as the window of the original
+    image that the crop covers (``anchor``, ``shape``: the crop of side c of the image resized to shorter side S is the
+    window of side c * short / S resized to c, so only the window is decoded and resized; with
+    data.train_augment=random_resized_crop, RandomResizedCrop's window); the flip; the normalization mean shifted by the
+    PCA lighting noise (adding the shift before normalizing is subtracting it from the mean); the output ``size``
+    (``crop``, default data.crop_size: progressive resizing asks for the epoch's). With data.random_erase, the erased
+    box of the output (``erase_anchor``, ``erase_shape``: (y, x), (height, width); empty: none)."""
     u = sample_uniforms(seeds, ERASE_COLUMNS.stop if config.random_erase > 0 else ERASE_COLUMNS.start)
     crop = crop or config.crop_size
     erase = {}
     if config.random_erase > 0:
-        side = 32 if config.format == "cifar" else crop
-        anchor, shape = erase_windows(u[:, ERASE_COLUMNS], side, config.random_erase)
+        anchor, shape = erase_windows(u[:, ERASE_COLUMNS], crop, config.random_erase)
         erase = {"erase_anchor": anchor, "erase_shape": shape}
-    if config.format == "cifar":
+    if config.in_memory:
         left, top, flip = cifar_crop_flip(seeds)
         offset = np.stack([left, top], axis=1).astype(np.int32) - CIFAR_PADDING  # (x, y) in the padded image
-        return {"offset": offset, "flip": flip.astype(np.int32), **erase}
-    flip = (u[:, 0] < 0.5).astype(np.int32)
+        return {"offset": offset, "flip": (flip * config.flip).astype(np.int32), **erase}
+    flip = (u[:, 0] < 0.5).astype(np.int32) * config.flip
     normals = np.sqrt(-2 * np.log1p(-u[:, 4:7])) * np.cos(2 * np.pi * u[:, 7:10])  # Box-Muller
     alpha = normals * config.lighting_std
     shift = (alpha * np.asarray(PCA_EIGENVALUES)) @ np.asarray(PCA_EIGENVECTORS).T
@@ -166,11 +166,13 @@ class SampleReader:
     def __init__(self, dataset: ImageFolderDataset | CifarDataset | WebDatasetDataset) -> None:
         self.dataset = dataset if isinstance(dataset, WebDatasetDataset) else None  # reads at the indexed offsets
         self.paths = [path for path, _ in dataset.samples] if isinstance(dataset, ImageFolderDataset) else None
-        if isinstance(dataset, CifarDataset):
+        if isinstance(dataset, CifarDataset | IdxDataset):
             self.labels = dataset.labels.numpy()
             self.images = np.ascontiguousarray(dataset.images.permute(0, 2, 3, 1).numpy())
+            self.side, self.channels = self.images.shape[2], self.images.shape[3]
         else:
             self.labels = np.asarray([sample[-1] for sample in dataset.samples])
+            self.side, self.channels = None, 3  # decoded to RGB
 
     def encoded(self, index: int) -> np.ndarray:
         if self.dataset is not None:
@@ -188,7 +190,7 @@ class SampleReader:
         if self.dataset is not None:
             path, offset, *_ = self.dataset.samples[index]
             return f"{path} (image at byte {offset})"
-        return f"CIFAR image {index}"
+        return f"image {index}"
 
     def inspect(self, encoded: np.ndarray) -> tuple[tuple[int, int] | None, str | None]:
         """An encoded file's (width, height) from its header alone, and why it cannot be an image if the cheap
@@ -265,8 +267,8 @@ class TrainSource:
             indices[position] = index
             data.append(encoded)
             sizes.append(size)
-        sizes = None if self.config.format == "cifar" else np.array(sizes)
-        parameters = batch_parameters(self.config, seeds, sizes, self.config.train_crop(epoch))
+        sizes = None if self.config.in_memory else np.array(sizes)
+        parameters = batch_parameters(self.config, seeds, sizes, self.reader.side or self.config.train_crop(epoch))
         labels = self.reader.labels[indices].astype(np.int64)
         return (data, labels, *(parameters[key] for key in sorted(parameters)))
 
@@ -291,7 +293,7 @@ class TrainSource:
         return self.reader.undecodable(self.batch_samples(epoch, batch)[0].tolist())
 
     def parameter_names(self) -> list[str]:
-        return sorted(train_parameters(self.config, 0, None if self.config.format == "cifar" else (1, 1)))
+        return sorted(train_parameters(self.config, 0, None if self.config.in_memory else (1, 1)))
 
 
 def _normalization(config: DataConfig) -> dict:
@@ -334,7 +336,7 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
 
     @pipeline_def(**options)
     def pipeline():
-        layouts = ["HWC" if config.format == "cifar" else "", *[""] * (len(names) - 1)]
+        layouts = ["HWC" if config.in_memory else "", *[""] * (len(names) - 1)]
         outputs = fn.external_source(
             source=source,
             num_outputs=len(names),
@@ -345,10 +347,11 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
         )
         given = {name: outputs[position] for position, name in enumerate(names)}  # (autograph has no zip(strict))
         labels = given["labels"]
-        if config.format == "cifar":
+        if config.in_memory:
             images = given["data"].gpu() if device == "gpu" else given["data"]
-            padded = fn.slice(  # a 32 x 32 window at (x, y) in -4..4 of the zero-padded image
-                images, start=given["offset"], shape=[32, 32], axis_names="WH", out_of_bounds_policy="pad",
+            side = source.reader.side
+            padded = fn.slice(  # a side x side window at (x, y) in -4..4 of the zero-padded image
+                images, start=given["offset"], shape=[side, side], axis_names="WH", out_of_bounds_policy="pad",
                 fill_values=0,
             )  # fmt: skip
             images = fn.crop_mirror_normalize(
@@ -398,6 +401,7 @@ class DaliTrainLoader:
     sampler: ShardedEpochSampler
     classes: list[str]
     device: str
+    channels: int
     _pipeline: object = None
     _next_epoch: tuple[int, int] | None = None
 
@@ -464,7 +468,7 @@ def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, s
     device = dali_device(config.device)
     log.info("data: DALI %s pipeline (%s), %d reader workers", device, config.format, config.workers)
     source = TrainSource(SampleReader(dataset), sampler, config)
-    return DaliTrainLoader(source, sampler, dataset.classes, device)
+    return DaliTrainLoader(source, sampler, dataset.classes, device, source.reader.channels)
 
 
 class EvalSource:
@@ -510,11 +514,11 @@ def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, 
 
     @pipeline_def(**_pipeline_options(source.batch, device, config))
     def pipeline():
-        layout = "HWC" if config.format == "cifar" else ""
+        layout = "HWC" if config.in_memory else ""
         data, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
                                           layout=[layout, ""], **_external_source_options(config))  # fmt: skip
         normalize = dict(dtype=types.FLOAT, output_layout="CHW", **_normalization(config))
-        if config.format == "cifar":  # the 32 x 32 test image as is
+        if config.in_memory:  # the test image as is
             images = fn.crop_mirror_normalize(data.gpu() if device == "gpu" else data, **normalize)
         else:
             images = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,

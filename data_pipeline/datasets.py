@@ -1,5 +1,6 @@
-"""The data sets on disk, read into (image, label) samples: an ImageFolder tree of JPEGs and CIFAR-10's python
-batches. Images come out as uint8 C x H x W tensors; augmentation is data_pipeline.transforms' business."""
+"""The data sets on disk, read into (image, label) samples: an ImageFolder tree of JPEGs, CIFAR-10's python
+batches, MNIST's IDX files (data_pipeline.idx) and WebDataset shards (data_pipeline.webdataset). Images come out
+as uint8 C x H x W tensors; augmentation is data_pipeline.transforms' business."""
 
 from __future__ import annotations
 
@@ -142,11 +143,15 @@ def val_classes(root: str | Path, data_format: str) -> list[str] | None:
 
 
 def open_dataset(root: str | Path, data_format: str, *, train: bool) -> Dataset:
-    """``data.format``: "imagefolder" (root/train, root/val), "cifar" (the python batches in root), "webdataset"
-    (shards in root/train, root/val, written by `residual data shard`)."""
+    """``data.format``: "imagefolder" (root/train, root/val), "cifar" (the python batches in root), "idx" (MNIST's
+    four files in root), "webdataset" (shards in root/train, root/val, written by `residual data shard`)."""
     root = Path(root)
     if data_format == "cifar":
         return CifarDataset(root, train=train)
+    if data_format == "idx":
+        from data_pipeline.idx import IdxDataset
+
+        return IdxDataset(root, train=train)
     if data_format == "webdataset":
         from data_pipeline.webdataset import WebDatasetDataset
 

@@ -20,6 +20,7 @@ class TrainBatches(Protocol):
     """What every backend's training loader offers the loop."""
 
     classes: list[str]
+    channels: int  # of the images: 3 (RGB) or 1 (grey)
 
     @property
     def batches_per_epoch(self) -> int: ...
@@ -28,8 +29,8 @@ class TrainBatches(Protocol):
 
 
 def uses_tensor_path(config: DataConfig) -> bool:
-    """CIFAR-format data on the torch backend is held as tensors: no loader worker processes."""
-    return config.backend == "torch" and config.format == "cifar"
+    """CIFAR-format and IDX data on the torch backend is held as tensors: no loader worker processes."""
+    return config.backend == "torch" and config.in_memory
 
 
 def build_train_loader(

@@ -67,6 +67,7 @@ class TrainLoader:
     loader: DataLoader
     sampler: ShardedEpochSampler
     classes: list[str]
+    channels: int = 3  # image files are decoded to RGB
 
     @property
     def batches_per_epoch(self) -> int:
@@ -109,7 +110,7 @@ def _loader_options(config: DataConfig) -> dict:
 
 def build_torch_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
     """Image files (ImageFolder, WebDataset shards) read and augmented one at a time in DataLoader workers."""
-    assert config.format != "cifar", "CIFAR-format data goes through data_pipeline.cifar_tensors"
+    assert not config.in_memory, "CIFAR and IDX data go through data_pipeline.cifar_tensors"
     dataset = open_dataset(config.root, config.format, train=True)
     if config.skip_corrupt:
         dataset = SkippingCorrupt(dataset)

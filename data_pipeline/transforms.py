@@ -52,22 +52,24 @@ class PCALighting(nn.Module):
 CIFAR_PADDING = 4
 
 
-def cifar_crop_flip(seeds: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each image's crop corner (left, top in 0..8 of the 40 x 40 zero-padded image) and flip (0/1), a function of
-    its 32-bit seed alone: splitmix64's finalizer, three fields of its bits (the modulo bias is 7 in 65,536)."""
+def cifar_crop_flip(seeds: np.ndarray, *, flip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's crop corner (left, top in 0..8 of the image zero-padded by 4) and flip (0/1; always 0 without
+    ``flip``), a function of its 32-bit seed alone: splitmix64's finalizer, three fields of its bits (the modulo
+    bias is 7 in 65,536)."""
     with np.errstate(over="ignore"):
         mixed = splitmix64(seeds.astype(np.uint64) + np.uint64(GOLDEN))
     positions = 2 * CIFAR_PADDING + 1
     left = (mixed & np.uint64(0xFFFF)) % np.uint64(positions)
     top = ((mixed >> np.uint64(16)) & np.uint64(0xFFFF)) % np.uint64(positions)
-    flip = (mixed >> np.uint64(32)) & np.uint64(1)
-    return left.astype(np.int64), top.astype(np.int64), flip.astype(np.int64)
+    flips = (mixed >> np.uint64(32)) & np.uint64(1) if flip else np.zeros_like(mixed)
+    return left.astype(np.int64), top.astype(np.int64), flips.astype(np.int64)
 
 
-def augment_cifar_batch(images: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
-    """The paper's CIFAR-10 augmentation (Sec. 4.2) of a uint8 B x 3 x 32 x 32 batch, on its device: zero-pad 4
-    pixels, take each image's 32 x 32 crop at its corner, mirror the images whose flip is 1. One gather."""
-    left, top, flip = (torch.from_numpy(values).to(images.device) for values in cifar_crop_flip(seeds))
+def augment_cifar_batch(images: torch.Tensor, seeds: np.ndarray, *, flip: bool = True) -> torch.Tensor:
+    """The paper's CIFAR-10 augmentation (Sec. 4.2) of a uint8 B x C x S x S batch (CIFAR's 32 x 32, MNIST's
+    28 x 28), on its device: zero-pad 4 pixels, take each image's S x S crop at its corner, mirror the images whose
+    flip is 1 (none where ``flip`` is false: data.flip). One gather."""
+    left, top, flip = (torch.from_numpy(values).to(images.device) for values in cifar_crop_flip(seeds, flip=flip))
     size = images.shape[-1]
     padded = torch.nn.functional.pad(images, [CIFAR_PADDING] * 4)
     steps = torch.arange(size, device=images.device)
@@ -132,7 +134,8 @@ def build_train_transform(config: DataConfig, crop: int | None = None) -> v2.Com
         ]
     else:
         resize_crop = [v2.RandomResizedCrop(crop, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)]
-    return v2.Compose([*resize_crop, v2.RandomHorizontalFlip(), *after_crop(config)])
+    flip = [v2.RandomHorizontalFlip()] if config.flip else []
+    return v2.Compose([*resize_crop, *flip, *after_crop(config)])
 
 
 def after_crop(config: DataConfig, *, lighting: bool = True, erase: bool = True) -> list[nn.Module]:
@@ -161,7 +164,7 @@ def augment_each(images: torch.Tensor, seeds: np.ndarray, transform: nn.Module) 
 
 
 def build_val_transform(config: DataConfig) -> v2.Compose:
-    if config.format == "cifar":
+    if config.in_memory:
         return v2.Compose(_to_normalized(config))
     resize_crop = [v2.Resize(config.val_resize, antialias=True), v2.CenterCrop(config.eval_crop)]
     return v2.Compose([*resize_crop, *_to_normalized(config)])

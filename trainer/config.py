@@ -33,6 +33,7 @@ PAPER_SCALES = (224, 256, 384, 480, 640)  # the shorter sides of multi-scale tes
 class ModelConfig:
     name: str = "resnet50"  # a network of `residual models` (trainer/models/table.py)
     num_classes: int = 1000  # outputs of the last layer: the data's classes
+    in_channels: int = 3  # channels of the input images: 3 (RGB) or 1 (grey: MNIST, Fashion-MNIST)
     shortcut: str | None = None  # "A" | "B" | "C" (Sec. 3.3); None keeps the model's default
     stride_in_1x1: bool = False  # True: the paper's v1 bottleneck; False: torchvision's v1.5
     zero_init_residual: bool = False  # each block's last BN weight starts at 0 (Goyal et al. 2017; not in the paper)
@@ -42,14 +43,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         require_one_of("model.name", self.name, MODEL_NAMES)
         require(self.num_classes >= 2, "model.num_classes", self.num_classes, "must be at least 2")
+        require(self.in_channels >= 1, "model.in_channels", self.in_channels, "must be at least 1")
         if self.shortcut is not None:
             require_one_of("model.shortcut", self.shortcut, ("A", "B", "C"))
 
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments of ``create_model`` that this section sets."""
         overrides: dict[str, Any] = dict(
-            num_classes=self.num_classes, stride_in_1x1=self.stride_in_1x1, zero_init_residual=self.zero_init_residual
-        )
+            num_classes=self.num_classes, in_channels=self.in_channels, stride_in_1x1=self.stride_in_1x1,
+            zero_init_residual=self.zero_init_residual,
+        )  # fmt: skip
         if self.shortcut is not None:
             overrides["shortcut"] = self.shortcut
         if self.depth is not None:
@@ -351,6 +354,12 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         config.eval.weights,
         "evaluates the EMA of the weights: set ema.decay",
     )
+    require(
+        len(config.data.mean) == config.model.in_channels,
+        "data.mean/std",
+        (config.data.mean, config.data.std),
+        f"need one value per input channel: model.in_channels={config.model.in_channels}",
+    )
     protocols = {"eval.protocol": config.eval.protocol, "eval.final_protocol": config.eval.final_protocol}
     check_evaluation(config.data, protocols, ("eval.scales", config.eval.scales),
                      ("eval.batch_size", config.eval.batch_size), world_size=world_size)  # fmt: skip
@@ -367,9 +376,9 @@ def check_evaluation(data: DataConfig, protocols: dict[str, str], scales: tuple[
     """What an evaluation needs, for a training run's eval section and `residual eval`'s flags alike: each argument
     comes with the key or flag the user set it with, which the message names."""
     for key, protocol in protocols.items():
-        if data.format == "cifar" and protocol != "center":
-            raise UserError(f"{key} {protocol}: CIFAR-10 is tested on the single original 32x32 image (Sec. 4.2); "
-                            f"use center")  # fmt: skip
+        if data.in_memory and protocol != "center":
+            raise UserError(f"{key} {protocol}: {data.format} data is tested on the single original image, as CIFAR-10 "
+                            f"is (Sec. 4.2); use center")  # fmt: skip
     if small := [scale for scale in scales[1] if scale < data.crop_size]:
         raise UserError(f"{scales[0]}: {small} smaller than the {data.crop_size} crop (every scale must be at least "
                         f"the {data.crop_size} crop the model sees in training, data.crop_size)")  # fmt: skip

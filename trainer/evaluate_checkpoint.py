@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.utils.data import Dataset
 
 from data_pipeline.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig
-from data_pipeline.datasets import CifarDataset, ImageFolderDataset, check_same_classes
+from data_pipeline.datasets import ImageFolderDataset, check_same_classes, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.checkpoint import Weights, load_model_state, read_weights
@@ -78,9 +79,9 @@ def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -
         config = DataConfig(format="cifar", mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD))
     else:
         config = DataConfig()
-    data_format = "cifar" if (request.data / "test_batch").is_file() else "imagefolder"
-    if data_format == "cifar" and (request.resize or request.crop):
-        raise UserError("--resize/--crop: CIFAR-10 is tested on the 32x32 image as it is (Sec. 4.2)")
+    data_format = folder_format(request.data)
+    if data_format != "imagefolder" and (request.resize or request.crop):
+        raise UserError(f"--resize/--crop: {data_format} data is tested on the image as it is (Sec. 4.2)")
     given = {"mean": request.mean, "std": request.std, "val_resize": request.resize, "val_crop": request.crop}
     given = {key: value for key, value in given.items() if value is not None}
     try:
@@ -90,10 +91,17 @@ def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -
         raise UserError(f"{error} (from the checkpoint or --mean/--std/--resize/--crop)") from None
 
 
-def open_eval_dataset(config: DataConfig) -> CifarDataset | ImageFolderDataset:
+def folder_format(root: Path) -> str:
+    """What --data holds: CIFAR's test_batch, MNIST's t10k IDX files, else an ImageFolder."""
+    if (root / "test_batch").is_file():
+        return "cifar"
+    return "idx" if any(root.glob("*t10k-images-idx3-ubyte*")) else "imagefolder"
+
+
+def open_eval_dataset(config: DataConfig) -> Dataset:
     root = Path(config.root)
-    if config.format == "cifar":
-        return CifarDataset(root, train=False)
+    if config.in_memory:
+        return open_dataset(root, config.format, train=False)
     return ImageFolderDataset(root / "val" if (root / "val").is_dir() else root)
 
 

@@ -146,6 +146,11 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
             f"model.num_classes={config.model.num_classes}: the data at {config.data.root} has "
             f"{len(loader.classes)} classes"
         )
+    if loader.channels != config.model.in_channels:
+        raise UserError(
+            f"model.in_channels={config.model.in_channels}: the images at {config.data.root} have "
+            f"{loader.channels} channel{'s' if loader.channels > 1 else ''}"
+        )
     val_batches = build_eval_batches(config, launch, config.eval.protocol, device)
     if (classes := val_classes(config.data.root, config.data.format)) is not None:
         check_same_classes(loader.classes, classes, where=f"{config.data.root}/val", expected_are="of train/")

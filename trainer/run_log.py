@@ -118,7 +118,7 @@ class RunLog:
         from torchvision.utils import make_grid
 
         images = images[:32].detach().float().cpu()
-        images = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+        images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
         self.writer.add_image("data/first_augmented_batch", make_grid(images.clamp(0, 1), nrow=8), iteration)
 
     def hparams(self, iteration: int, config: dict[str, Any], metrics: dict[str, float]) -> None:

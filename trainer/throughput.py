@@ -38,6 +38,6 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 def training_flops_per_image(config: Config) -> float:
-    size = 32 if config.data.format == "cifar" else config.data.crop_size  # CIFAR trains on the 32x32 images
+    size = {"cifar": 32, "idx": 28}.get(config.data.format, config.data.crop_size)  # CIFAR's, MNIST's images
     _, macs = count_params_and_macs(config.model.name, image_size=size, **config.model.overrides())
     return 3 * 2 * macs

@@ -63,7 +63,10 @@ def test_overrides_and_run_name(tmp_path):
         (["lr 0.1"], "is not key=value"),
         (["eval.final_protocol=fivecrop"], "eval.final_protocol='fivecrop'"),
         (["eval.scales=[128,256]"], "every scale must be at least the 224 crop"),
-        (["data.format=cifar", "eval.final_protocol=tencrop"], "single original 32x32 image"),
+        (["data.format=cifar", "eval.final_protocol=tencrop"], "tested on the single original image"),
+        (["data.format=idx", "eval.protocol=flip"], "eval.protocol flip: idx data is tested on the single original"),
+        (["model.in_channels=1"], "need one value per input channel: model.in_channels=1"),
+        (["data.mean=[0.5]"], "need one value per channel"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, overrides, message):

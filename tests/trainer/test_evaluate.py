@@ -166,7 +166,7 @@ def test_weights_of_another_model(tmp_path, mixed_sizes):
 
 def test_cifar_is_tested_on_the_original_image(tmp_path, cifar_root):
     torch.save(create_model("resnet20").state_dict(), tmp_path / "r20.pt")
-    with pytest.raises(UserError, match="single original 32x32 image"):
+    with pytest.raises(UserError, match="tested on the single original image"):
         evaluate_checkpoint(
             EvalRequest(tmp_path / "r20.pt", cifar_root, model="resnet20", protocol="tencrop"), LaunchEnv()
         )

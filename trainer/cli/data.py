@@ -1,4 +1,5 @@
-"""`residual data synth|prepare-imagenet|shard|verify`: data sets to train on, generated, sorted, sharded, checked."""
+"""`residual data synth|get|prepare-imagenet|shard|verify`: data sets to train on, generated, fetched, sorted, sharded,
+checked."""
 
 from __future__ import annotations
 
@@ -68,6 +69,14 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_data_get(args: argparse.Namespace) -> None:
+    from data_pipeline.get import PUBLISHED, get_dataset
+
+    out = Path(args.out)
+    origin = get_dataset(args.name, out, mirror=args.mirror, system=Path(args.system))
+    print(f"{args.name} in {out}, from {origin}; train with data.format={PUBLISHED[args.name].format} data.root={out}")
+
+
 def add_data(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write a learnable synthetic data set")
@@ -79,6 +88,12 @@ def add_data(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--size", type=parse_size, default=(64, 64), help="WxH of ImageFolder images (CIFAR: 32x32)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data_synth)
+    get = data.add_parser("get", help="a published data set: Debian's copy where installed, else its official source")
+    get.add_argument("name", choices=("fashion-mnist", "mnist", "cifar10"))
+    get.add_argument("out", help="the folder to write (absent or empty)")
+    get.add_argument("--mirror", help="a base address to download from instead of the official one (md5 still checked)")
+    get.add_argument("--system", default="/usr/share/datasets", help="where Debian's dataset packages put their files")
+    get.set_defaults(run=cmd_data_get)
     imagenet = data.add_parser("prepare-imagenet", help="sort ILSVRC2012's val images into val/<wnid>/ folders")
     imagenet.add_argument("images", help="the folder of ILSVRC2012_val_*.JPEG")
     imagenet.add_argument("out", help="the val/ folder to write (next to train/)")

@@ -17,7 +17,7 @@ def count_params_and_macs(name: str, image_size: int | None = None, **overrides:
     size = image_size or get_model_spec(name).image_size
     with torch.device("meta"):
         model = create_model(name, **overrides)
-        image = torch.empty(1, 3, size, size)
+        image = torch.empty(1, model.conv1.in_channels, size, size)
     with FlopCounterMode(display=False) as counter:
         model(image)
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2

@@ -129,6 +129,7 @@ class ResNet(nn.Module):
         widths: tuple[int, ...],
         cifar_stem: bool = False,
         num_classes: int = 1000,
+        in_channels: int = 3,
         shortcut: Shortcut = "B",
         residual: bool = True,
         stride_in_1x1: bool = False,
@@ -141,14 +142,14 @@ class ResNet(nn.Module):
             raise ValueError(f"shortcut must be 'A', 'B' or 'C', got {shortcut!r}")
         stem_width = widths[0]
         if cifar_stem:
-            self.conv1 = conv3x3(3, stem_width)
+            self.conv1 = conv3x3(in_channels, stem_width)
             self.maxpool: nn.Module = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(3, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, stem_width, kernel_size=7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(stem_width)
         self.relu = nn.ReLU(inplace=True)
-        in_channels = stem_width
+        in_channels = stem_width  # from here on, each block's input
         for index, (width, count) in enumerate(zip(widths, blocks_per_stage, strict=True)):
             stage = []
             for block_index in range(count):

@@ -1,0 +1,203 @@
+"""``residual data get NAME DIR``: a published data set, from Debian's package where it is installed, else from the
+data set's official source, verified against the checksum that source publishes before anything is written under
+DIR. The files are gathered in a hidden folder beside DIR, opened as the trainer opens them, then renamed to DIR
+in one step: an interrupted download, a wrong checksum or a damaged file leave DIR as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_pipeline.errors import UserError
+
+SYSTEM_DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages put their files
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Download:
+    name: str  # the file's name at the source
+    md5: str  # as the source (or torchvision's copy of its table) publishes it
+
+
+@dataclass(frozen=True)
+class PublishedDataSet:
+    name: str
+    format: str  # the data.format that reads it
+    mirrors: tuple[str, ...]  # base addresses, tried in order; a file's address is base + its name
+    files: tuple[Download, ...]
+    classes: tuple[str, ...] = ()  # written to classes.txt for IDX data (CIFAR's batches.meta names its own)
+    archive_folder: str | None = None  # a tar.gz's folder whose files are the data set (CIFAR)
+    debian_package: str | None = None  # Debian's package with the same files, installed under SYSTEM_DATASETS
+
+    def addresses(self, download: Download) -> list[str]:
+        return [f"{mirror}{download.name}" for mirror in self.mirrors]
+
+
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+PUBLISHED = {
+    "fashion-mnist": PublishedDataSet(
+        "fashion-mnist",
+        "idx",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),  # Zalando's README, "Get the Data"
+        tuple(
+            Download(name, md5)
+            for name, md5 in zip(
+                IDX_FILES,
+                (
+                    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                    "25c81989df183df01b3e8a0aad5dffbe",
+                    "bef4ecab320f06d8554ea6380940ec79",
+                    "bb300cfdad3c16e7a12a480ee83cd310",
+                ),
+                strict=True,
+            )
+        ),  # fmt: skip
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),  # fmt: skip
+        debian_package="dataset-fashion-mnist",
+    ),
+    "mnist": PublishedDataSet(
+        "mnist",
+        "idx",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),  # torchvision's
+        tuple(
+            Download(name, md5)
+            for name, md5 in zip(
+                IDX_FILES,
+                (
+                    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                    "d53e105ee54ea40749a09fcbcd1e9432",
+                    "9fb629c4189551a2d022fa330f9573f3",
+                    "ec29112dd5afa0611ce80d1b7f02629c",
+                ),
+                strict=True,
+            )
+        ),  # fmt: skip
+        classes=tuple(str(digit) for digit in range(10)),
+    ),
+    "cifar10": PublishedDataSet(
+        "cifar10",
+        "cifar",
+        ("https://www.cs.toronto.edu/~kriz/",),  # Krizhevsky's page
+        (Download("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+        archive_folder="cifar-10-batches-py",
+    ),
+}
+
+
+def get_dataset(name: str, out: Path, *, mirror: str | None = None, system: Path = SYSTEM_DATASETS) -> str:
+    """Put data set ``name`` in ``out``; returns where it came from. ``mirror`` replaces the official addresses;
+    ``system`` is where installed packages put their copies."""
+    if name not in PUBLISHED:
+        raise UserError(f"{name}: not a data set `residual data get` knows ({', '.join(PUBLISHED)})")
+    published = PUBLISHED[name]
+    if out.exists() and (out.is_file() or any(out.iterdir())):
+        raise UserError(f"{out}: exists and is not an empty folder; give another DIR or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        origin = gather(published, staging, mirror=mirror, system=system, out=out)
+        if published.classes:
+            (staging / "classes.txt").write_text("\n".join(published.classes) + "\n")
+        check_readable(published, staging)
+        if out.exists():
+            out.rmdir()
+        staging.chmod(0o755)  # mkdtemp's folder is private
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return origin
+
+
+def gather(published: PublishedDataSet, staging: Path, *, mirror: str | None, system: Path, out: Path) -> str:
+    local = system / published.name
+    if mirror is None and all((local / download.name).is_file() for download in published.files):
+        for download in published.files:  # Debian's files are compressed again: their md5 is not the source's
+            shutil.copyfile(local / download.name, staging / download.name)
+        return f"{local} (Debian's package {published.debian_package})"
+    used = []
+    for download in published.files:
+        addresses = [f"{mirror.rstrip('/')}/{download.name}"] if mirror else published.addresses(download)
+        used.append(fetch_verified(addresses, download, staging / download.name, published, system, out))
+        if published.archive_folder is not None:
+            extract_folder(staging / download.name, published.archive_folder, staging)
+            (staging / download.name).unlink()
+    return ", ".join(used) + " (md5 verified)"
+
+
+def fetch_verified(addresses: list[str], download: Download, target: Path, published: PublishedDataSet,
+                   system: Path, out: Path) -> str:  # fmt: skip
+    """The first address that answers, streamed to ``target`` and checked against its md5; that address."""
+    failures = []
+    for address in addresses:
+        try:
+            md5 = stream(address, target)
+        except (urllib.error.URLError, OSError, ValueError) as error:  # ValueError: a malformed address
+            target.unlink(missing_ok=True)
+            failures.append(f"{address}: {getattr(error, 'reason', error)}")
+            continue
+        if md5 != download.md5:
+            raise UserError(f"{address}: md5 {md5}, the source publishes {download.md5}; nothing was written")
+        return address
+    raise UserError(f"{published.name}: cannot download ({'; '.join(failures)}) and no local copy in "
+                    f"{system / published.name}: {ways_to_get(published, out)}")  # fmt: skip
+
+
+def ways_to_get(published: PublishedDataSet, out: Path) -> str:
+    by_hand = f"put the files {', '.join(d.name for d in published.files)} from {published.mirrors[0]} in {out}"
+    if published.debian_package:
+        return f"install Debian's package (apt-get install {published.debian_package}) or {by_hand}"
+    return f"run this where {published.mirrors[0]} can be reached, or {by_hand}"
+
+
+def stream(address: str, target: Path) -> str:
+    """Download ``address`` to ``target``; its md5. A connection that ends before Content-Length raises."""
+    digest = hashlib.md5()
+    with urllib.request.urlopen(address, timeout=60) as response, open(target, "wb") as file:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False) as bar:
+            while chunk := response.read(CHUNK):
+                file.write(chunk)
+                digest.update(chunk)
+                bar.update(len(chunk))
+        if total is not None and file.tell() != total:
+            raise OSError(f"the connection ended after {file.tell()} of {total} bytes")
+    return digest.hexdigest()
+
+
+def extract_folder(archive: Path, folder: str, out: Path) -> None:
+    """The regular files directly in ``folder`` of a tar.gz, into ``out`` (no other path is written)."""
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar.getmembers():
+            parent, _, name = member.name.rpartition("/")
+            if member.isfile() and parent == folder and name:
+                with tar.extractfile(member) as source, open(out / name, "wb") as file:
+                    shutil.copyfileobj(source, file)
+
+
+def check_readable(published: PublishedDataSet, staging: Path) -> None:
+    from data_pipeline.datasets import open_dataset
+
+    for train in (True, False):
+        open_dataset(staging, published.format, train=train)
