@@ -7,6 +7,7 @@ in one step: an interrupted download, a wrong checksum or a damaged file leave D
 from __future__ import annotations
 
 import hashlib
+import http.client
 import shutil
 import tarfile
 import tempfile
@@ -176,11 +177,14 @@ def stream(address: str, target: Path) -> str:
     digest = hashlib.md5()
     with urllib.request.urlopen(address, timeout=60) as response, open(target, "wb") as file:
         total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False) as bar:
-            while chunk := response.read(CHUNK):
-                file.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
+        with tqdm(total=total, unit="B", unit_scale=True, desc=target.name, leave=False, disable=None) as bar:
+            try:
+                while chunk := response.read(CHUNK):
+                    file.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            except http.client.IncompleteRead as error:
+                file.write(error.partial)
         if total is not None and file.tell() != total:
             raise OSError(f"the connection ended after {file.tell()} of {total} bytes")
     return digest.hexdigest()
