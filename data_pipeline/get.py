@@ -13,98 +13,15 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError
+from data_pipeline.published import PUBLISHED, Download, PublishedDataSet
 
 SYSTEM_DATASETS = Path("/usr/share/datasets")  # where Debian's dataset-* packages put their files
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Download:
-    name: str  # the file's name at the source
-    md5: str  # as the source (or torchvision's copy of its table) publishes it
-
-
-@dataclass(frozen=True)
-class PublishedDataSet:
-    name: str
-    format: str  # the data.format that reads it
-    mirrors: tuple[str, ...]  # base addresses, tried in order; a file's address is base + its name
-    files: tuple[Download, ...]
-    classes: tuple[str, ...] = ()  # written to classes.txt for IDX data (CIFAR's batches.meta names its own)
-    archive_folder: str | None = None  # a tar.gz's folder whose files are the data set (CIFAR)
-    debian_package: str | None = None  # Debian's package with the same files, installed under SYSTEM_DATASETS
-
-    def addresses(self, download: Download) -> list[str]:
-        return [f"{mirror}{download.name}" for mirror in self.mirrors]
-
-
-IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz")  # fmt: skip
-PUBLISHED = {
-    "fashion-mnist": PublishedDataSet(
-        "fashion-mnist",
-        "idx",
-        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),  # Zalando's README, "Get the Data"
-        tuple(
-            Download(name, md5)
-            for name, md5 in zip(
-                IDX_FILES,
-                (
-                    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                    "25c81989df183df01b3e8a0aad5dffbe",
-                    "bef4ecab320f06d8554ea6380940ec79",
-                    "bb300cfdad3c16e7a12a480ee83cd310",
-                ),
-                strict=True,
-            )
-        ),  # fmt: skip
-        classes=(
-            "T-shirt/top",
-            "Trouser",
-            "Pullover",
-            "Dress",
-            "Coat",
-            "Sandal",
-            "Shirt",
-            "Sneaker",
-            "Bag",
-            "Ankle boot",
-        ),  # fmt: skip
-        debian_package="dataset-fashion-mnist",
-    ),
-    "mnist": PublishedDataSet(
-        "mnist",
-        "idx",
-        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),  # torchvision's
-        tuple(
-            Download(name, md5)
-            for name, md5 in zip(
-                IDX_FILES,
-                (
-                    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                    "d53e105ee54ea40749a09fcbcd1e9432",
-                    "9fb629c4189551a2d022fa330f9573f3",
-                    "ec29112dd5afa0611ce80d1b7f02629c",
-                ),
-                strict=True,
-            )
-        ),  # fmt: skip
-        classes=tuple(str(digit) for digit in range(10)),
-    ),
-    "cifar10": PublishedDataSet(
-        "cifar10",
-        "cifar",
-        ("https://www.cs.toronto.edu/~kriz/",),  # Krizhevsky's page
-        (Download("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
-        archive_folder="cifar-10-batches-py",
-    ),
-}
 
 
 def get_dataset(name: str, out: Path, *, mirror: str | None = None, system: Path = SYSTEM_DATASETS) -> str:

@@ -21,6 +21,7 @@ import torch
 from data_pipeline import UserError, build_train_loader, build_val_loader
 from data_pipeline.datasets import check_same_classes, val_classes
 from data_pipeline.loaders import TrainBatches
+from data_pipeline.published import identify, title
 from data_pipeline.synthetic import ensure_synthetic
 from trainer.checkpoint import CheckpointManager, latest_checkpoint
 from trainer.config import Config, to_dict, to_yaml
@@ -58,7 +59,9 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     )  # fmt: skip
     saved_window = checkpoints.resume(state)
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
-    run_log.record_run(to_yaml(config), facts, choices)
+    dataset = identify(config.data, run.loader.classes)
+    log.info("data set: %s (%s)", title(dataset), config.data.root)
+    run_log.record_run(to_yaml(config), facts, choices, dataset)
     metrics = MetricsProcessor(
         run_log, launch=launch, device=device, log_every=config.log.every, progress=config.log.progress,
         images_per_step=config.global_batch(), iterations=(state.iteration, run.total_iterations),

@@ -10,6 +10,7 @@ the best top-1 that every run reached), counting the EMA's evaluations as well a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from data_pipeline.errors import UserError
+from data_pipeline.published import published_results
+from data_pipeline.published import title as dataset_title
 from trainer.models import get_model_spec, paper_error
 from trainer.run_log import read_metrics
 
@@ -44,10 +47,11 @@ def read_run(run_dir: Path) -> RunHistory:
         raise UserError(f"{run_dir}: not a run directory (needs config.yaml and metrics.jsonl)")
     config = yaml.safe_load(config_path.read_text())
     model = config["model"]["name"]
+    recorded = run_dir / "dataset.json"  # runs before it was recorded: "unrecorded", compared with nothing
+    dataset = json.loads(recorded.read_text())["dataset"] if recorded.is_file() else "unrecorded"
     history = RunHistory(
-        config["train"]["run_name"], model, config["model"].get("shortcut"), get_model_spec(model).dataset,
-        config["eval"]["protocol"],
-    )  # fmt: skip
+        config["train"]["run_name"], model, config["model"].get("shortcut"), dataset, config["eval"]["protocol"]
+    )
     for record in read_metrics(metrics_path):
         iteration = record["iteration"]
         if record["kind"] == "train" and "top1_error" in record:
@@ -92,7 +96,7 @@ def plot(runs: list[RunHistory], out: Path) -> list[Path]:
                     axis.plot(*zip(*run.train_error, strict=True), color=colour, linewidth=0.8, alpha=0.8)
                 if run.val_error:
                     axis.plot(*zip(*run.val_error, strict=True), color=colour, linewidth=2.4, label=label(run, runs))
-            axis.set_title(f"{title} ({'CIFAR-10' if dataset == 'cifar10' else 'ImageNet'})")
+            axis.set_title(f"{title} ({dataset_title(dataset)})")
             axis.set_xlabel("iterations")
             axis.ticklabel_format(axis="x", style="sci", scilimits=(0, 4))
             axis.grid(alpha=0.3)
@@ -148,16 +152,39 @@ def time_table(runs: list[RunHistory], target: float | None) -> str:
     return "\n".join(lines)
 
 
+def paper_figure(dataset: str, model: str, protocol: str, shortcut: str | None) -> tuple[float, float | None] | None:
+    """The paper's (top-1, top-5) error % for ``model``, only where the run trained on the paper's data set for it."""
+    return paper_error(model, protocol, shortcut) if get_model_spec(model).dataset == dataset else None
+
+
+def published_line(dataset: str, model: str, shortcut: str | None, protocol: str) -> str:
+    """What a run's top-1 compares with: the paper's figure (CIFAR-10, ImageNet), the data set's published table
+    (Fashion-MNIST), or nothing, said."""
+    if (paper := paper_figure(dataset, model, protocol, shortcut)) is not None:
+        name = dataset_title(dataset)
+        return f"the paper's {model} on {name} ({protocol}): top-1 {100 - paper[0]:.2f}% ({paper[0]:.2f}% error)"
+    return published_note(dataset)
+
+
+def published_note(dataset: str) -> str:
+    if results := published_results(dataset):
+        shown = ", ".join(f"{who} {accuracy:.1f}%" for who, accuracy in results)
+        return f"published top-1 on {dataset_title(dataset)} (the data set's benchmark table, other recipes): {shown}"
+    return f"{dataset_title(dataset)}: no published figure to compare with"
+
+
 def label(run: RunHistory, runs: list[RunHistory]) -> str:
     """The model's name, as in the paper's legends; with the run's name where two runs train the same model."""
     return run.model if sum(other.model == run.model for other in runs) == 1 else f"{run.model} ({run.name})"
 
 
 def table(runs: list[RunHistory]) -> str:
-    """Markdown: each run's final errors per protocol beside the paper's."""
+    """Markdown: each run's data set and final errors per protocol beside the paper's, where the run trained on
+    the paper's data set for its model; below, what each other data set's runs compare with."""
     lines = [
-        "| run | model | protocol | iterations | top-1 err % | top-5 err % | paper top-1 err % | paper top-5 err % |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| run | data set | model | protocol | iterations | top-1 err % | top-5 err % | paper top-1 err % | "
+        "paper top-5 err % |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
 
     def number(value: float | None) -> str:
@@ -165,12 +192,15 @@ def table(runs: list[RunHistory]) -> str:
 
     for run in runs:
         for protocol, (iteration, top1, top5) in run.finals.items():
-            paper = paper_error(run.model, protocol, run.shortcut) or (None, None)
+            paper = paper_figure(run.dataset, run.model, protocol, run.shortcut) or (None, None)
             lines.append(
-                f"| {run.name} | {run.model} | {protocol} | {iteration} | {top1:.2f} | {top5:.2f} | "
-                f"{number(paper[0])} | {number(paper[1])} |"
+                f"| {run.name} | {dataset_title(run.dataset)} | {run.model} | {protocol} | {iteration} | {top1:.2f} | "
+                f"{top5:.2f} | {number(paper[0])} | {number(paper[1])} |"
             )
-    return "\n".join(lines)
+    notes = [published_note(dataset) for dataset in sorted({run.dataset for run in runs})
+             if not any(paper_figure(run.dataset, run.model, p, run.shortcut) for run in runs for p in run.finals
+                        if run.dataset == dataset)]  # fmt: skip
+    return "\n".join([*lines, "", *(f"- {note}" for note in notes)]) if notes else "\n".join(lines)
 
 
 def write_report(run_dirs: list[Path], out: Path, target: float | None = None) -> list[Path]:

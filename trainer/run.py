@@ -16,6 +16,7 @@ from trainer.config import load_config
 from trainer.distributed import LaunchEnv, destroy_process_group, report_user_error
 from trainer.faults import TrainingStopped
 from trainer.loop import train
+from trainer.report import published_line
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
             f"{config.model.name}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
             f"({protocol}, {result.count} validation images; chance {100 / config.model.num_classes:.1f}%)"
         )
+        print(published_line(run_log.dataset, config.model.name, config.model.shortcut, protocol))
         print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
     return 0
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from data_pipeline.errors import UserError
+from data_pipeline.published import title
 
 if TYPE_CHECKING:
     import torch
@@ -96,14 +97,17 @@ class RunLog:
     def has_eval(self, iteration: int, protocol: str) -> bool:
         return (iteration, protocol) in self.evaluated
 
-    def record_run(self, config_yaml: str, facts: dict[str, Any], choices: list[str]) -> None:
-        """The run directory's record of this start: config.yaml (resolved), env.json (the machine), and the config
-        with the automatic choices as TensorBoard text."""
+    def record_run(self, config_yaml: str, facts: dict[str, Any], choices: list[str], dataset: str) -> None:
+        """The run directory's record of this start: config.yaml (resolved), env.json (the machine), dataset.json
+        (which data set it trains on: data_pipeline.published.identify), and the config with the automatic choices
+        as TensorBoard text."""
+        self.dataset = dataset
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(config_yaml)
         (self.run_dir / "env.json").write_text(json.dumps(facts, indent=2) + "\n")
+        (self.run_dir / "dataset.json").write_text(json.dumps({"dataset": dataset, "title": title(dataset)}) + "\n")
         self.text("config", "```\n" + config_yaml + "```\n\n" + "\n\n".join(choices))
 
     def text(self, tag: str, text: str) -> None:
