@@ -44,7 +44,7 @@ def short_run(runs: Path, cifar_root: Path, name: str, *overrides: str) -> Path:
     return runs / name
 
 
-def test_report_writes_the_figure_and_the_table_with_the_paper_column(tmp_path, cifar_root):
+def test_report_writes_the_figure_and_the_table_with_the_paper_column_for_the_papers_data_alone(tmp_path, cifar_root):
     runs = [short_run(tmp_path, cifar_root, name, f"model.name={name}") for name in ("plain20", "resnet20")]
     home = tmp_path / "home"  # nothing written outside the runs and the report (matplotlib's caches and config)
     home.mkdir()
@@ -58,11 +58,18 @@ def test_report_writes_the_figure_and_the_table_with_the_paper_column(tmp_path, 
     )
     assert result.returncode == 0, result.stderr
     assert list(home.iterdir()) == []
-    figure = tmp_path / "report/errors-cifar10.png"
+    figure = tmp_path / "report/errors-synthetic.png"
     assert Image.open(figure).size[0] > 800  # plain and residual side by side
     table = (tmp_path / "report/report.md").read_text()
-    assert "| resnet20 | resnet20 | center | 12 |" in table and table.split("| resnet20 | resnet20 |")[1].count("8.75")
-    assert "| plain20 | plain20 | center | 12 |" in table  # the paper gives no number: "-"
+    assert "| resnet20 | synthetic data | resnet20 | center | 12 |" in table and "8.75" not in table
+    assert "- synthetic data: no published figure to compare with" in table
+    for run in runs:  # as a run on CIFAR-10's own files records it (their test_batch's md5)
+        assert json.loads((run / "dataset.json").read_text())["dataset"] == "synthetic"
+        (run / "dataset.json").write_text(json.dumps({"dataset": "cifar10", "title": "CIFAR-10"}))
+    subprocess.run([RESIDUAL, "report", *map(str, runs), "--out", str(tmp_path / "report")], check=True, timeout=120)
+    table = (tmp_path / "report/report.md").read_text()
+    assert table.split("| resnet20 | CIFAR-10 | resnet20 | center | 12 |")[1].count("8.75") == 1
+    assert "| plain20 | CIFAR-10 | plain20 | center | 12 |" in table  # the paper gives no number: "-"
     assert "![errors-cifar10](errors-cifar10.png)" in table
 
 

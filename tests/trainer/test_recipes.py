@@ -252,6 +252,6 @@ def test_the_report_gives_time_to_accuracy(tmp_path, cifar_root):
     write_report([tmp_path / "a/run", tmp_path / "b/run"], tmp_path / "report")
     text = (tmp_path / "report/report.md").read_text()
     assert f"Time to {target:.2f}% top-1" in text and "not reached" not in text
-    assert (tmp_path / "report/time-cifar10.png").stat().st_size > 10_000
+    assert (tmp_path / "report/time-synthetic.png").stat().st_size > 10_000
     write_report([tmp_path / "a/run"], tmp_path / "report", target=100.5)
     assert "| run | resnet20 | not reached | - | - |" in (tmp_path / "report/report.md").read_text()
