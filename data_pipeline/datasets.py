@@ -19,6 +19,9 @@ from data_pipeline.sampling import SkipCorrupt
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
+# CIFAR-100's python layout: one training file and one test file, the 100 classes' labels under b"fine_labels"
+# (b"coarse_labels" holds the 20 superclasses), their names in meta's b"fine_label_names"
+CIFAR100_FILES, CIFAR100_META = {True: "train", False: "test"}, "meta"
 
 
 def decode_rgb(path: str) -> torch.Tensor:
@@ -70,7 +73,8 @@ class SkippingCorrupt(Dataset):
 
 def _read_cifar_batch(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"{path}: CIFAR-10 batch file missing (expected data_batch_1..5 and test_batch)")
+        raise UserError(f"{path}: CIFAR batch file missing (expected CIFAR-10's data_batch_1..5 and test_batch, or "
+                        f"CIFAR-100's train and test)")  # fmt: skip
     try:
         with open(path, "rb") as file:
             return pickle.load(file, encoding="bytes")
@@ -81,36 +85,40 @@ def _read_cifar_batch(path: Path) -> dict:
 CIFAR_ROW_BYTES = 3 * 32 * 32  # one image: the red, green and blue 32 x 32 planes
 
 
-def _check_cifar_batch(path: Path, batch: dict) -> None:
+def _check_cifar_batch(path: Path, batch: dict, labels: bytes) -> None:
     """A batch of other images (64 x 64, say) would reshape into scrambled 32 x 32 ones with misaligned labels."""
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise UserError(f"{path}: not a CIFAR-10 python batch (no b'data' and b'labels')")
+    if not isinstance(batch, dict) or b"data" not in batch or labels not in batch:
+        raise UserError(f"{path}: not a CIFAR python batch (no b'data' and {labels!r})")
     data = np.asarray(batch[b"data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != CIFAR_ROW_BYTES:
         raise UserError(
             f"{path}: data of shape {data.shape} and type {data.dtype}; CIFAR-10 batches hold one uint8 row of "
             f"{CIFAR_ROW_BYTES} bytes (3 x 32 x 32) per image"
         )
-    if len(batch[b"labels"]) != len(data):
-        raise UserError(f"{path}: {len(data)} images but {len(batch[b'labels'])} labels")
+    if len(batch[labels]) != len(data):
+        raise UserError(f"{path}: {len(data)} images but {len(batch[labels])} labels")
 
 
 class CifarDataset(Dataset):
-    """CIFAR-10's python batches, held in memory as one uint8 N x 3 x 32 x 32 tensor."""
+    """CIFAR-10's or CIFAR-100's python batches (by the files in ``root``), held in memory as one uint8
+    N x 3 x 32 x 32 tensor; CIFAR-100 with its 100 fine labels."""
 
     def __init__(self, root: Path, *, train: bool) -> None:
         if not root.is_dir():
             raise UserError(f"{root}: folder does not exist")
-        names = CIFAR_TRAIN_BATCHES if train else (CIFAR_TEST_BATCH,)
+        hundred = (root / CIFAR100_FILES[train]).is_file() and not (root / CIFAR_TEST_BATCH).is_file()
+        names = (CIFAR100_FILES[train],) if hundred else CIFAR_TRAIN_BATCHES if train else (CIFAR_TEST_BATCH,)
+        key = b"fine_labels" if hundred else b"labels"
         batches = [_read_cifar_batch(root / name) for name in names]
         for name, batch in zip(names, batches, strict=True):
-            _check_cifar_batch(root / name, batch)
+            _check_cifar_batch(root / name, batch, key)
         data = np.concatenate([batch[b"data"] for batch in batches])
         self.images = torch.from_numpy(data.reshape(-1, 3, 32, 32))
-        self.labels = torch.tensor([label for batch in batches for label in batch[b"labels"]], dtype=torch.int64)
-        meta = root / "batches.meta"
+        self.labels = torch.tensor([label for batch in batches for label in batch[key]], dtype=torch.int64)
+        meta, names_key = (root / CIFAR100_META, b"fine_label_names") if hundred else (root / "batches.meta",
+                                                                                       b"label_names")  # fmt: skip
         if meta.is_file():
-            self.classes = [name.decode() for name in _read_cifar_batch(meta)[b"label_names"]]
+            self.classes = [name.decode() for name in _read_cifar_batch(meta)[names_key]]
         else:
             self.classes = [str(i) for i in range(int(self.labels.max()) + 1)]
 

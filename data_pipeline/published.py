@@ -114,6 +114,15 @@ PUBLISHED = {
         title="CIFAR-10",
         test_labels_md5="40351d587109b95175f43aff81a1287e",  # of test_batch (torchvision's table)
     ),
+    "cifar100": PublishedDataSet(
+        "cifar100",
+        "cifar",
+        ("https://www.cs.toronto.edu/~kriz/",),
+        (Download("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),),
+        archive_folder="cifar-100-python",
+        title="CIFAR-100",
+        test_labels_md5="f0ef6b0ae62326f3e7ffdfab6717acfc",  # of test (torchvision's table)
+    ),
 }
 TITLES = {"imagenet": "ImageNet", "synthetic": "synthetic data", "unrecorded": "a data set not recorded (a run from "
           "before dataset.json)", **{k: v.title for k, v in PUBLISHED.items()}}  # fmt: skip
@@ -135,8 +144,11 @@ def identify(config: DataConfig, classes: list[str]) -> str:
     if len(classes) == 1000 and all(IMAGENET_CLASS.fullmatch(name) for name in classes):
         return "imagenet"
     root = Path(config.root)
-    labels = sorted(root.glob("*t10k-labels-idx1-ubyte*")) if config.format == "idx" else [root / "test_batch"]
-    if config.in_memory and len(labels) == 1 and labels[0].is_file():
+    if config.format == "idx":
+        labels = sorted(root.glob("*t10k-labels-idx1-ubyte*"))
+    else:
+        labels = [path for path in (root / "test_batch", root / "test") if path.is_file()]
+    if config.in_memory and len(labels) == 1:
         found = {file_md5(labels[0]), file_md5(labels[0], decompress=True)}
         for name, published in PUBLISHED.items():
             if found & {published.test_labels_md5, *(d.md5 for d in published.files if "t10k-labels" in d.name)}:

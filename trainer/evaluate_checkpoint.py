@@ -92,8 +92,8 @@ def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -
 
 
 def folder_format(root: Path) -> str:
-    """What --data holds: CIFAR's test_batch, MNIST's t10k IDX files, else an ImageFolder."""
-    if (root / "test_batch").is_file():
+    """What --data holds: CIFAR-10's test_batch or CIFAR-100's test, MNIST's t10k IDX files, else an ImageFolder."""
+    if (root / "test_batch").is_file() or (root / "test").is_file():
         return "cifar"
     return "idx" if any(root.glob("*t10k-images-idx3-ubyte*")) else "imagefolder"
 

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import http.server
 import io
+import pickle
 import tarfile
 import threading
 from pathlib import Path
@@ -162,3 +163,32 @@ def test_a_folder_with_files_is_refused(tmp_path):
     with pytest.raises(UserError, match="exists and is not an empty folder"):
         get_dataset("fashion-mnist", tmp_path / "out")
     assert np.array_equal(sorted(p.name for p in (tmp_path / "out").iterdir()), ["keep.txt"])
+
+
+def test_cifar100s_layout_is_read_with_its_fine_labels(tmp_path, monkeypatch):
+    """CIFAR-100's archive: one `train` and one `test` file, the labels under b"fine_labels", names in `meta`."""
+    rng = np.random.default_rng(0)
+    members = {}
+    for name, count in (("train", 300), ("test", 100)):
+        labels = {b"fine_labels": [i % 100 for i in range(count)], b"coarse_labels": [i % 20 for i in range(count)]}
+        members[name] = pickle.dumps({b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), **labels})
+    members["meta"] = pickle.dumps({b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)]})
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    body = archive.getvalue()
+    server = Server({"cifar-100-python.tar.gz": body})
+    made = PublishedDataSet("c100", "cifar", (server.address,),
+                            (Download("cifar-100-python.tar.gz", hashlib.md5(body).hexdigest()),),
+                            archive_folder="cifar-100-python")  # fmt: skip
+    monkeypatch.setitem(PUBLISHED, "c100", made)
+    try:
+        get_dataset("c100", tmp_path / "out", system=tmp_path)
+    finally:
+        server.close()
+    train, test = (open_dataset(tmp_path / "out", "cifar", train=split) for split in (True, False))
+    assert len(train) == 300 and len(test) == 100 and train.classes[99] == "class99" and len(test.classes) == 100
+    assert test.labels[:3].tolist() == [0, 1, 2] and int(train.labels.max()) == 99

@@ -89,7 +89,7 @@ def add_data(commands: argparse._SubParsersAction) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data_synth)
     get = data.add_parser("get", help="a published data set: Debian's copy where installed, else its official source")
-    get.add_argument("name", choices=("fashion-mnist", "mnist", "cifar10"))
+    get.add_argument("name", choices=("fashion-mnist", "mnist", "cifar10", "cifar100"))
     get.add_argument("out", help="the folder to write (absent or empty)")
     get.add_argument("--mirror", help="a base address to download from instead of the official one (md5 still checked)")
     get.add_argument("--system", default="/usr/share/datasets", help="where Debian's dataset packages put their files")
