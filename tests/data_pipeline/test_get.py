@@ -63,50 +63,54 @@ def leftovers(parent: Path) -> list[str]:
     return [path.name for path in parent.iterdir() if ".partial-" in path.name]
 
 
+def get_served(monkeypatch, out: Path, files: dict[str, bytes], data_format: str, **published) -> tuple[str, str]:
+    """`get_dataset` of a data set published (with these files' md5s) by a loopback server: where it said the files
+    came from, and the server's address."""
+    server = Server(files)
+    downloads = tuple(Download(name, hashlib.md5(body).hexdigest()) for name, body in files.items())
+    made = PublishedDataSet("made", data_format, (server.address,), downloads, **published)
+    monkeypatch.setitem(PUBLISHED, "made", made)
+    try:
+        return get_dataset("made", out, system=out.parent / "no-copies"), server.address
+    finally:
+        server.close()
+
+
+def archive_of(members: dict[str, bytes]) -> bytes:
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive.getvalue()
+
+
 @pytest.mark.skipif(not DEBIAN_COPY.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (tools/test.sh "
                     "installs it: apt-get install dataset-fashion-mnist)")  # fmt: skip
 def test_debians_copy_is_taken_when_installed(tmp_path, capsys):
     assert main(["data", "get", "fashion-mnist", str(tmp_path / "fm")]) == 0
     assert "Debian's package dataset-fashion-mnist" in capsys.readouterr().out
     for name in IDX_FILES:
-        assert gzip.decompress((tmp_path / "fm" / name).read_bytes()) == gzip.decompress(
-            (DEBIAN_COPY / name).read_bytes()
-        )
+        copied, installed = (gzip.decompress((folder / name).read_bytes()) for folder in (tmp_path / "fm", DEBIAN_COPY))
+        assert copied == installed
     test = open_dataset(tmp_path / "fm", "idx", train=False)
     assert len(test) == 10_000 and test.classes[0] == "T-shirt/top" and test.classes[9] == "Ankle boot"
 
 
 def test_a_download_is_verified_then_placed(tmp_path, idx_files, monkeypatch):
-    server = Server(idx_files)
-    files = tuple(Download(name, hashlib.md5(idx_files[name]).hexdigest()) for name in IDX_FILES)
-    monkeypatch.setitem(
-        PUBLISHED, "made", PublishedDataSet("made", "idx", (server.address,), files, classes=("a",) * 10)
-    )
-    try:
-        origin = get_dataset("made", tmp_path / "out", system=tmp_path / "no-copies")
-    finally:
-        server.close()
-    assert origin.startswith(server.address) and origin.endswith("(md5 verified)")
+    origin, address = get_served(monkeypatch, tmp_path / "out", idx_files, "idx", classes=("a",) * 10)
+    assert origin.startswith(address) and origin.endswith("(md5 verified)")
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").glob("*.gz")} == idx_files
     assert len(open_dataset(tmp_path / "out", "idx", train=True)) == 64
     assert leftovers(tmp_path) == []
 
 
 def test_cifar_archives_are_unpacked_to_the_batches(tmp_path, cifar_root, monkeypatch):
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        for path in sorted(cifar_root.iterdir()):
-            tar.add(path, arcname=f"cifar-10-batches-py/{path.name}")
-        tar.add(cifar_root / "test_batch", arcname="elsewhere/test_batch")  # a member outside the folder
-    body = archive.getvalue()
-    server = Server({"c.tar.gz": body})
-    made = PublishedDataSet("c", "cifar", (server.address,), (Download("c.tar.gz", hashlib.md5(body).hexdigest()),),
-                            archive_folder="cifar-10-batches-py")  # fmt: skip
-    monkeypatch.setitem(PUBLISHED, "c", made)
-    try:
-        get_dataset("c", tmp_path / "out", system=tmp_path)
-    finally:
-        server.close()
+    members = {f"cifar-10-batches-py/{path.name}": path.read_bytes() for path in sorted(cifar_root.iterdir())}
+    members["elsewhere/test_batch"] = b"a member outside the folder"
+    get_served(monkeypatch, tmp_path / "out", {"c.tar.gz": archive_of(members)}, "cifar",
+               archive_folder="cifar-10-batches-py")  # fmt: skip
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(p.name for p in cifar_root.iterdir())
     assert len(open_dataset(tmp_path / "out", "cifar", train=False)) == 100
 
@@ -162,7 +166,7 @@ def test_a_folder_with_files_is_refused(tmp_path):
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="exists and is not an empty folder"):
         get_dataset("fashion-mnist", tmp_path / "out")
-    assert np.array_equal(sorted(p.name for p in (tmp_path / "out").iterdir()), ["keep.txt"])
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
 
 def test_cifar100s_layout_is_read_with_its_fine_labels(tmp_path, monkeypatch):
@@ -171,24 +175,13 @@ def test_cifar100s_layout_is_read_with_its_fine_labels(tmp_path, monkeypatch):
     members = {}
     for name, count in (("train", 300), ("test", 100)):
         labels = {b"fine_labels": [i % 100 for i in range(count)], b"coarse_labels": [i % 20 for i in range(count)]}
-        members[name] = pickle.dumps({b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), **labels})
-    members["meta"] = pickle.dumps({b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)]})
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    body = archive.getvalue()
-    server = Server({"cifar-100-python.tar.gz": body})
-    made = PublishedDataSet("c100", "cifar", (server.address,),
-                            (Download("cifar-100-python.tar.gz", hashlib.md5(body).hexdigest()),),
-                            archive_folder="cifar-100-python")  # fmt: skip
-    monkeypatch.setitem(PUBLISHED, "c100", made)
-    try:
-        get_dataset("c100", tmp_path / "out", system=tmp_path)
-    finally:
-        server.close()
+        batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8), **labels}
+        members[f"cifar-100-python/{name}"] = pickle.dumps(batch)
+    members["cifar-100-python/meta"] = pickle.dumps(
+        {b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)]}
+    )
+    get_served(monkeypatch, tmp_path / "out", {"cifar-100-python.tar.gz": archive_of(members)}, "cifar",
+               archive_folder="cifar-100-python")  # fmt: skip
     train, test = (open_dataset(tmp_path / "out", "cifar", train=split) for split in (True, False))
     assert len(train) == 300 and len(test) == 100 and train.classes[99] == "class99" and len(test.classes) == 100
     assert test.labels[:3].tolist() == [0, 1, 2] and int(train.labels.max()) == 99
