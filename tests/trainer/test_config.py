@@ -157,3 +157,24 @@ def test_the_migration_script_moves_keys_and_keeps_comments(tmp_path):
     config = load_config(old)
     assert (config.eval.every, config.log.every, config.eval.batch_size) == (5, 2, 10)
     assert "  every: 5   # often\n" in old.read_text() and old.read_text().startswith("# a run\n")
+
+
+FASHION_MNIST = sorted(CONFIGS.glob("fashion-mnist/*.yaml"))
+
+
+@pytest.mark.parametrize("path", FASHION_MNIST, ids=lambda p: p.stem)
+def test_fashion_mnist_configs_carry_the_papers_cifar_recipe_over(path):
+    """Grey 28 x 28 images, one channel; the paper's SGD; its 64k iterations of CIFAR-10 as 164 epochs with the
+    decays at 82 and 123 where the config is the paper's (the quickstart and the fast recipe say what they change)."""
+    config = load_config(path, [f"data.root={path.parent}"])
+    assert (config.model.in_channels, config.data.format, len(config.data.mean), config.data.flip) == (
+        1,
+        "idx",
+        1,
+        True,
+    )
+    assert (config.optim.momentum, config.optim.weight_decay, config.optim.lr, config.data.batch_size) == (
+        0.9, 1e-4, 0.1, 128)  # fmt: skip
+    if path.stem in ("resnet20", "resnet56", "plain20", "plain56"):
+        assert (config.train.epochs, config.schedule.unit, config.schedule.milestones) == (164, "epoch", [82, 123])
+        assert config.model.name == path.stem and not config.optim.nesterov and config.loss.label_smoothing == 0

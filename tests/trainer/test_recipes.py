@@ -219,6 +219,24 @@ def test_each_recipe_config_runs_three_steps(tmp_path, cifar_root, imagefolder_r
     assert all(math.isfinite(record["loss"]) for record in records)
 
 
+@pytest.mark.parametrize("name", ["quickstart", "resnet20-fast"])
+def test_the_fashion_mnist_recipes_run_three_steps(tmp_path, name):
+    """The real-data quickstart and the fast recipe as written, on a small IDX set of 28 x 28 grey images."""
+    from tests.data_pipeline.test_idx import write_idx_set
+    from trainer.config import load_config
+
+    write_idx_set(tmp_path / "data", train=64, test=24)
+    overrides = [f"data.root={tmp_path / 'data'}", "data.batch_size=8", "train.epochs=null", "train.iterations=3",
+                 "schedule.unit=iteration", "schedule.warmup_length=1", "eval.batch_size=12", "log.progress=false",
+                 "log.every=1", f"train.output_dir={tmp_path}"]  # fmt: skip
+    config = load_config(ROOT / "configs/fashion-mnist" / f"{name}.yaml", overrides)
+    result, _ = train(config, LaunchEnv())
+    assert result.count == 24
+    records = metrics(tmp_path / config.train.run_name, "train")
+    assert [record["iteration"] for record in records] == [1, 2, 3]
+    assert all(math.isfinite(record["loss"]) for record in records)
+
+
 @pytest.mark.slow
 def test_a_recipe_runs_on_dali(tmp_path, imagefolder_root):
     """torchvision's V2 recipe on the DALI path: TrivialAugmentWide from nvidia.dali.auto_aug, the feeder's erasing
