@@ -68,16 +68,17 @@ def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None
 def batch_parameters(
     config: DataConfig, seeds: np.ndarray, sizes: np.ndarray | None, crop: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Each sample's augmentation, a function of its own seed alone, for a whole batch at once (numpy, no Python loop
-    per sample: the feeder's work per image). CIFAR and IDX (``crop``: the images' side): the crop's offset in the
-    4-padded image and the flip, as the tensor path draws them (``cifar_crop_flip``). ImageNet (images of ``sizes`` = N
-    x (width, height)): the shorter side S in [scale_min, scale_max] and the crop's place, as the window of the original
-    image that the crop covers (``anchor``, ``shape``: the crop of side c of the image resized to shorter side S is the
-    window of side c * short / S resized to c, so only the window is decoded and resized; with
-    data.train_augment=random_resized_crop, RandomResizedCrop's window); the flip; the normalization mean shifted by the
-    PCA lighting noise (adding the shift before normalizing is subtracting it from the mean); the output ``size``
-    (``crop``, default data.crop_size: progressive resizing asks for the epoch's). With data.random_erase, the erased
-    box of the output (``erase_anchor``, ``erase_shape``: (y, x), (height, width); empty: none)."""
+    """Each sample's augmentation, a function of its own seed alone, for a whole batch at once (numpy, no Python
+    loop per sample: the feeder's work per image). CIFAR and IDX (``crop``: the images' side): the crop's offset in
+    the 4-padded image and the flip, as the tensor path draws them (``cifar_crop_flip``). ImageNet (images of
+    ``sizes`` = N x (width, height)): the shorter side S in [scale_min, scale_max] and the crop's place, as the
+    window of the original image that the crop covers (``anchor``, ``shape``: the crop of side c of the image
+    resized to shorter side S is the window of side c * short / S resized to c, so only the window is decoded and
+    resized; with data.train_augment=random_resized_crop, RandomResizedCrop's window); the flip (none without
+    data.flip); the normalization mean shifted by the PCA lighting noise (adding the shift before normalizing is
+    subtracting it from the mean); the output ``size`` (``crop``, default data.crop_size: progressive resizing asks
+    for the epoch's). With data.random_erase, the erased box of the output (``erase_anchor``, ``erase_shape``:
+    (y, x), (height, width); empty: none)."""
     u = sample_uniforms(seeds, ERASE_COLUMNS.stop if config.random_erase > 0 else ERASE_COLUMNS.start)
     crop = crop or config.crop_size
     erase = {}
