@@ -138,18 +138,29 @@ def plot_time(runs: list[RunHistory], out: Path) -> list[Path]:
     return written
 
 
-def time_table(runs: list[RunHistory], target: float | None) -> str:
-    """Markdown: each run's time to ``target`` top-1 % (default: the best top-1 that every run reached)."""
-    target = target if target is not None else common_target(runs)
-    if target is None:
+def time_table(runs: list[RunHistory], targets: list[float] | None) -> str:
+    """Markdown: each run's time to each of ``targets`` top-1 % (default: the best top-1 that every run reached),
+    as wall-clock minutes and iteration, and the best top-1 it reached, with when."""
+    targets = targets or ([common] if (common := common_target(runs)) is not None else None)
+    if targets is None:
         return "No time-to-accuracy: some run's evaluations carry no time (runs before this version log none)."
-    lines = [f"Time to {target:.2f}% top-1:", "",
-             "| run | model | reached at iteration | hours | device-hours |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    heads = " | ".join(f"to {target:.2f}%" for target in targets)
+    lines = ["Time to top-1 (wall-clock minutes, iteration; device-hours where several devices trained):", "",
+             f"| run | model | {heads} | best top-1 |", f"|---|---|{'---:|' * len(targets)}---:|"]  # fmt: skip
     for run in runs:
-        reached = time_to_accuracy(run, target)
-        cells = "not reached | - | -" if reached is None else f"{reached[0]} | {reached[1]:.4f} | {reached[2]:.4f}"
-        lines.append(f"| {run.name} | {run.model} | {cells} |")
+        cells = [reached_cell(run, time_to_accuracy(run, target)) for target in targets]
+        best = max(run.timed, key=lambda point: point[3], default=None)
+        best_cell = "-" if best is None else f"{best[3]:.2f}% at {60 * best[1]:.1f} min (it. {best[0]})"
+        lines.append(f"| {run.name} | {run.model} | {' | '.join(cells)} | {best_cell} |")
     return "\n".join(lines)
+
+
+def reached_cell(run: RunHistory, reached: tuple[int, float, float] | None) -> str:
+    if reached is None:
+        return "not reached"
+    iteration, hours, device_hours = reached
+    devices = f", {device_hours:.3f} device-h" if device_hours > hours * 1.001 else ""
+    return f"{60 * hours:.1f} min (it. {iteration}{devices})"
 
 
 PAPERS = ("cifar10", "imagenet")  # the data sets of the paper's tables (trainer.models.paper_error)
@@ -204,13 +215,13 @@ def table(runs: list[RunHistory]) -> str:
     return "\n".join([*lines, "", *(f"- {note}" for note in notes)]) if notes else "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out: Path, target: float | None = None) -> list[Path]:
-    """``target``: the top-1 % whose time to reach the time table gives (default: the best all runs reached)."""
+def write_report(run_dirs: list[Path], out: Path, targets: list[float] | None = None) -> list[Path]:
+    """``targets``: the top-1 %s whose time to reach the time table gives (default: the best all runs reached)."""
     runs = [read_run(run_dir) for run_dir in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     figures = [*plot(runs, out), *plot_time(runs, out)]
     images = "\n".join(f"![{path.stem}]({path.name})" for path in figures)
     markdown = out / "report.md"
-    markdown.write_text(f"# Report\n\n{images}\n\n{table(runs)}\n\n{time_table(runs, target)}\n\n"
+    markdown.write_text(f"# Report\n\n{images}\n\n{table(runs)}\n\n{time_table(runs, targets)}\n\n"
                         f"Runs: {', '.join(map(str, run_dirs))}\n")  # fmt: skip
     return [*figures, markdown]

@@ -1,6 +1,7 @@
 """The pieces of the modern recipes in the trainer: LARS, Mixup/CutMix, label smoothing, the EMA of the weights."""
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -269,7 +270,10 @@ def test_the_report_gives_time_to_accuracy(tmp_path, cifar_root):
     assert all(time_to_accuracy(run, target) is not None for run in runs)
     write_report([tmp_path / "a/run", tmp_path / "b/run"], tmp_path / "report")
     text = (tmp_path / "report/report.md").read_text()
-    assert f"Time to {target:.2f}% top-1" in text and "not reached" not in text
+    assert f"| to {target:.2f}% | best top-1 |" in text and "not reached" not in text
     assert (tmp_path / "report/time-synthetic.png").stat().st_size > 10_000
-    write_report([tmp_path / "a/run"], tmp_path / "report", target=100.5)
-    assert "| run | resnet20 | not reached | - | - |" in (tmp_path / "report/report.md").read_text()
+    write_report([tmp_path / "a/run"], tmp_path / "report", targets=[0.0, 100.5])
+    row = (
+        r"^\| run \| resnet20 \| \d+\.\d min \(it\. 5\) \| not reached \| \d+\.\d\d% at \d+\.\d min \(it\. (5|10)\) \|$"
+    )
+    assert re.search(row, (tmp_path / "report/report.md").read_text(), re.M)  # 0% at the first evaluation

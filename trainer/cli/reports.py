@@ -51,8 +51,8 @@ def add_report(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser("report", help="the paper's figures and table for some runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", default="report", help="folder for the PNG figures and report.md")
-    target = "top-1 %% whose time to reach the time table gives (default: the best every run reached)"
-    report.add_argument("--target", type=float, metavar="TOP1", help=target)
+    target = "top-1 %%s whose time to reach the time table gives (default: the best every run reached)"
+    report.add_argument("--target", type=float, nargs="+", metavar="TOP1", help=target)
     report.set_defaults(run=cmd_report)
 
 
