@@ -83,7 +83,11 @@ def fetch_verified(addresses: list[str], download: Download, target: Path, publi
 
 
 def ways_to_get(published: PublishedDataSet, out: Path) -> str:
-    by_hand = f"put the files {', '.join(d.name for d in published.files)} from {published.mirrors[0]} in {out}"
+    files = ", ".join(download.name for download in published.files)
+    if published.archive_folder is None:
+        by_hand = f"put the files {files} from {published.mirrors[0]} in {out}"
+    else:
+        by_hand = f"unpack {published.archive_folder}/ of {published.mirrors[0]}{files} as {out}"
     if published.debian_package:
         return f"install Debian's package (apt-get install {published.debian_package}) or {by_hand}"
     return f"run this where {published.mirrors[0]} can be reached, or {by_hand}"
