@@ -111,7 +111,7 @@ def test_quickstart_learns(tmp_path):
                     "Debian's dataset-fashion-mnist is not installed (tools/test.sh installs it)")  # fmt: skip
 def test_resnet20_learns_real_fashion_mnist(tmp_path):
     """The README's "done when", shortened: `residual data get fashion-mnist DIR`, then the real-data quickstart
-    for 50 of its 400 iterations (6,400 images, a ninth of an epoch), tested on all 10,000 test images. It reached
+    for 50 of its 360 iterations (6,400 images, a ninth of an epoch), tested on all 10,000 test images. It reached
     70.78% in bf16 and 71.36% in fp32 (AMD EPYC Zen 4, 2026-12-04); chance is 10%."""
     got = run(RESIDUAL, "data", "get", "fashion-mnist", str(tmp_path / "fashion-mnist"))
     assert got.returncode == 0, got.stderr

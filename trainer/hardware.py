@@ -175,7 +175,7 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
     torch.set_num_threads(plan.threads)
     lines = [f"train.precision={config.train.precision} -> {precision}: {precision_reason}", plan.reason]
     if tensor_path:
-        lines.append("data: CIFAR-format images held as one tensor on the device, augmented in batches")
+        lines.append(f"data: {config.data.format} images held as one tensor on the device, augmented in batches")
     resolved = replace(
         config,
         train=replace(config.train, precision=precision, threads=plan.threads),
