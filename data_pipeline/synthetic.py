@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -156,21 +157,30 @@ def synthesize_cifar(out: Path, *, classes: int, train_per_class: int, val_per_c
 
 def ensure_synthetic(config: DataConfig) -> bool:
     """Write ``config.synthesize``'s set at ``config.root`` unless the folder exists; returns whether it wrote.
-    Written beside and renamed into place, so an interrupted run never leaves half a data set."""
+    Written in a folder of this process's own beside it and renamed into place, so an interrupted run never leaves
+    half a data set, and runs that start together (a sweep's trials) each write whole and the first rename wins."""
     root, synth = Path(config.root), config.synthesize
     if synth is None or root.exists():
         return False
-    partial = root.with_name(root.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     counts = {
         "classes": synth.classes,
         "train_per_class": synth.train_per_class,
         "val_per_class": synth.val_per_class,
         "seed": synth.seed,
     }
-    if config.format == "cifar":
-        synthesize_cifar(partial, **counts)
-    else:
-        synthesize_imagefolder(partial, size=(synth.size, synth.size), **counts)
-    partial.rename(root)
+    try:
+        if config.format == "cifar":
+            synthesize_cifar(partial, **counts)
+        else:
+            synthesize_imagefolder(partial, size=(synth.size, synth.size), **counts)
+        partial.chmod(0o755)  # mkdtemp's folder is private
+        partial.rename(root)
+    except OSError:
+        if not root.is_dir():  # not another process's set, renamed into place first: a real failure
+            raise
+        return False
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return True

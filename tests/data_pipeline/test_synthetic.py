@@ -1,3 +1,5 @@
+import concurrent.futures
+import multiprocessing
 import pickle
 
 import numpy as np
@@ -5,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data_pipeline.config import DataConfig, SynthConfig
-from data_pipeline.datasets import CifarDataset, ImageFolderDataset
+from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
 from data_pipeline.synthetic import ensure_synthetic, render_sample
 
 
@@ -56,4 +58,15 @@ def test_ensure_synthetic_writes_once(tmp_path, data_format):
     config = DataConfig(root=str(tmp_path / "set"), format=data_format, synthesize=synth)
     assert ensure_synthetic(config) is True
     assert ensure_synthetic(config) is False
-    assert not (tmp_path / "set.partial").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["set"]  # no partial folder left
+
+
+def test_runs_that_start_together_each_get_the_whole_set(tmp_path):
+    """A sweep's trials start at once on a missing data.root: each writes its own folder, the first rename wins,
+    none fails (they once shared one partial folder, and one trial died writing into a folder another removed)."""
+    synth = SynthConfig(classes=4, train_per_class=60, val_per_class=10)
+    config = DataConfig(root=str(tmp_path / "set"), format="cifar", synthesize=synth)
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        wrote = list(pool.map(ensure_synthetic, [config] * 4))
+    assert 1 <= sum(wrote) <= 4 and [path.name for path in tmp_path.iterdir()] == ["set"]
+    assert len(open_dataset(tmp_path / "set", "cifar", train=True)) == 240
