@@ -43,24 +43,24 @@ class PublishedDataSet:
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
              "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+
+
+def idx_downloads(*md5s: str) -> tuple[Download, ...]:
+    """MNIST's four files as its copies publish them, with their md5s in IDX_FILES' order."""
+    return tuple(Download(name, md5) for name, md5 in zip(IDX_FILES, md5s, strict=True))
+
+
 PUBLISHED = {
     "fashion-mnist": PublishedDataSet(
         "fashion-mnist",
         "idx",
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),  # Zalando's README, "Get the Data"
-        tuple(
-            Download(name, md5)
-            for name, md5 in zip(
-                IDX_FILES,
-                (
-                    "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-                    "25c81989df183df01b3e8a0aad5dffbe",
-                    "bef4ecab320f06d8554ea6380940ec79",
-                    "bb300cfdad3c16e7a12a480ee83cd310",
-                ),
-                strict=True,
-            )
-        ),  # fmt: skip
+        idx_downloads(
+            "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "25c81989df183df01b3e8a0aad5dffbe",
+            "bef4ecab320f06d8554ea6380940ec79",
+            "bb300cfdad3c16e7a12a480ee83cd310",
+        ),
         classes=(
             "T-shirt/top",
             "Trouser",
@@ -89,19 +89,12 @@ PUBLISHED = {
         "mnist",
         "idx",
         ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),  # torchvision's
-        tuple(
-            Download(name, md5)
-            for name, md5 in zip(
-                IDX_FILES,
-                (
-                    "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-                    "d53e105ee54ea40749a09fcbcd1e9432",
-                    "9fb629c4189551a2d022fa330f9573f3",
-                    "ec29112dd5afa0611ce80d1b7f02629c",
-                ),
-                strict=True,
-            )
-        ),  # fmt: skip
+        idx_downloads(
+            "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "d53e105ee54ea40749a09fcbcd1e9432",
+            "9fb629c4189551a2d022fa330f9573f3",
+            "ec29112dd5afa0611ce80d1b7f02629c",
+        ),
         classes=tuple(str(digit) for digit in range(10)),
         title="MNIST",
     ),
@@ -130,9 +123,11 @@ SYNTHETIC_CLASS = re.compile(r"c\d{3}_[a-z]+_[a-z]+")  # data_pipeline.synthetic
 IMAGENET_CLASS = re.compile(r"n\d{8}")  # a WordNet id
 
 
-def file_md5(path: Path, *, decompress: bool = False) -> str:
+def file_md5s(path: Path) -> set[str]:
+    """The md5 of a file as it lies and, gzipped, of its contents."""
     data = path.read_bytes()
-    return hashlib.md5(gzip.decompress(data) if decompress and data[:2] == b"\x1f\x8b" else data).hexdigest()
+    contents = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    return {hashlib.md5(data).hexdigest(), hashlib.md5(contents).hexdigest()}
 
 
 def identify(config: DataConfig, classes: list[str]) -> str:
@@ -143,17 +138,26 @@ def identify(config: DataConfig, classes: list[str]) -> str:
         return "synthetic"
     if len(classes) == 1000 and all(IMAGENET_CLASS.fullmatch(name) for name in classes):
         return "imagenet"
-    root = Path(config.root)
-    if config.format == "idx":
-        labels = sorted(root.glob("*t10k-labels-idx1-ubyte*"))
-    else:
-        labels = [path for path in (root / "test_batch", root / "test") if path.is_file()]
-    if config.in_memory and len(labels) == 1:
-        found = {file_md5(labels[0]), file_md5(labels[0], decompress=True)}
+    if (labels := test_labels_file(config)) is not None:
+        found = file_md5s(labels)
         for name, published in PUBLISHED.items():
             if found & {published.test_labels_md5, *(d.md5 for d in published.files if "t10k-labels" in d.name)}:
                 return name
     return config.format
+
+
+def test_labels_file(config: DataConfig) -> Path | None:
+    """The file that holds the test labels, where the readers (data_pipeline.idx, data_pipeline.datasets) find it:
+    IDX's t10k labels, CIFAR-10's test_batch or CIFAR-100's test; None for other formats."""
+    from data_pipeline.datasets import CIFAR100_FILES, CIFAR_TEST_BATCH
+    from data_pipeline.idx import find_idx_file
+
+    root = Path(config.root)
+    if config.format == "idx":
+        return find_idx_file(root, "t10k", "labels")
+    if config.format == "cifar":
+        return next((path for path in (root / CIFAR_TEST_BATCH, root / CIFAR100_FILES[False]) if path.is_file()), None)
+    return None
 
 
 def title(dataset: str) -> str:

@@ -19,9 +19,8 @@ import yaml
 from matplotlib.figure import Figure
 
 from data_pipeline.errors import UserError
-from data_pipeline.published import published_results
 from data_pipeline.published import title as dataset_title
-from trainer.models import get_model_spec, paper_error
+from trainer.comparison import PAPERS, paper_figure, published_note
 from trainer.run_log import read_metrics
 
 
@@ -161,30 +160,6 @@ def reached_cell(run: RunHistory, reached: tuple[int, float, float] | None) -> s
     iteration, hours, device_hours = reached
     devices = f", {device_hours:.3f} device-h" if device_hours > hours * 1.001 else ""
     return f"{60 * hours:.1f} min (it. {iteration}{devices})"
-
-
-PAPERS = ("cifar10", "imagenet")  # the data sets of the paper's tables (trainer.models.paper_error)
-
-
-def paper_figure(dataset: str, model: str, protocol: str, shortcut: str | None) -> tuple[float, float | None] | None:
-    """The paper's (top-1, top-5) error % for ``model``, only where the run trained on the paper's data set for it."""
-    return paper_error(model, protocol, shortcut) if get_model_spec(model).dataset == dataset else None
-
-
-def published_line(dataset: str, model: str, shortcut: str | None, protocol: str) -> str:
-    """What a run's top-1 compares with: the paper's figure (CIFAR-10, ImageNet), the data set's published table
-    (Fashion-MNIST), or nothing, said."""
-    if (paper := paper_figure(dataset, model, protocol, shortcut)) is not None:
-        name = dataset_title(dataset)
-        return f"the paper's {model} on {name} ({protocol}): top-1 {100 - paper[0]:.2f}% ({paper[0]:.2f}% error)"
-    return published_note(dataset)
-
-
-def published_note(dataset: str) -> str:
-    if results := published_results(dataset):
-        shown = ", ".join(f"{who} {accuracy:.1f}%" for who, accuracy in results)
-        return f"published top-1 on {dataset_title(dataset)} (the data set's benchmark table, other recipes): {shown}"
-    return f"{dataset_title(dataset)}: no published figure to compare with"
 
 
 def label(run: RunHistory, runs: list[RunHistory]) -> str:

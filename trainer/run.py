@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_pipeline.errors import UserError
+from trainer.comparison import published_line
 from trainer.config import load_config
 from trainer.distributed import LaunchEnv, destroy_process_group, report_user_error
 from trainer.faults import TrainingStopped
 from trainer.loop import train
-from trainer.report import published_line
 
 log = logging.getLogger(__name__)
 
