@@ -125,38 +125,84 @@ def plan_threads(
     *, cores: int, cores_source: str, threads: int | None, workers: int | None, loader_processes: bool, on_gpu: bool,
     dali: bool = False, dali_threads: int | None = None,
 ) -> ThreadPlan:  # fmt: skip
-    """Split the ``cores`` one rank may use between torch's threads and the loader's worker processes (and DALI's
-    threads), without oversubscription. ``threads``/``workers``/``dali_threads`` are the config's (None: auto).
-    ``loader_processes``: whether the data path uses worker processes at all (the in-memory CIFAR path does not: no
-    workers, whatever is asked). On a GPU the rank's own thread only launches kernels: every other core decodes. On
-    a CPU, decoding and training share the cores evenly. With DALI the worker processes only read files and draw
-    the crops (a quarter of the cores) and DALI's threads decode."""
+    """How the ``cores`` one rank may use are given to torch's threads, the loader's worker processes and DALI's
+    threads. ``threads``/``workers``/``dali_threads`` are the config's (None: auto). ``loader_processes``: whether
+    the data path uses worker processes at all (the in-memory CIFAR and IDX path does not: no workers, whatever is
+    asked).
+
+    On a GPU the rank's own thread only launches kernels: every other core decodes (with DALI, a quarter of them
+    read files and draw the crops, DALI's threads decode the rest). On a CPU the compute comes first: torch gets
+    every core of the rank, and the loader processes run beside it on half of them, sharing the cores through the
+    OS. A loader process mostly waits (decoding a small JPEG costs far less than a ResNet step); measured on a
+    2-core CPU, ResNet-18 trained 1.6x as fast with 2 torch threads beside 2 loader processes as with 1 thread
+    (docs/benchmarks.md). Where the loader still cannot keep up, ``more_workers`` adds processes as the run goes."""
     if not dali:
         if not loader_processes:
             workers = 0
         elif workers is None:
             workers = max(1, cores - 1) if on_gpu else max(1, cores // 2)
         if threads is None:
-            threads = max(1, cores - workers) if loader_processes else cores
+            threads = max(1, cores - workers) if on_gpu and loader_processes else cores
         reason = f"cores: {cores} for this rank ({cores_source}) -> {threads} torch threads, {workers} loader workers"
-        return ThreadPlan(threads, workers, reason)
+        return ThreadPlan(threads, workers, reason + _shared(cores, threads + workers))
     if workers is None:
         workers = max(1, cores // 4)
-    left = max(1, cores - workers)
-    if dali_threads is None:
-        dali_threads = left if on_gpu else max(1, left // 2)
-    if threads is None:
-        threads = max(1, left - dali_threads)
+    if on_gpu:
+        dali_threads = dali_threads or max(1, cores - workers)
+        threads = threads or max(1, cores - workers - dali_threads)
+    else:
+        dali_threads = dali_threads or max(1, cores // 2)
+        threads = threads or cores
     reason = (
         f"cores: {cores} for this rank ({cores_source}) -> {threads} torch threads, {workers} DALI reader "
         f"processes, {dali_threads} DALI threads"
     )
-    return ThreadPlan(threads, workers, reason, dali_threads)
+    return ThreadPlan(threads, workers, reason + _shared(cores, threads + workers + dali_threads), dali_threads)
 
 
-def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tuple[Config, list[str]]:
+def _shared(cores: int, wanted: int) -> str:
+    return f" (sharing the {cores} cores)" if wanted > cores else ""
+
+
+# A loader that keeps the step waiting for more than this share of a log window gets one more worker process.
+DATA_WAIT_LIMIT = 0.10
+
+
+def more_workers(workers: int, *, data_wait: float, cores: int) -> int | None:
+    """The loader processes the next windows should have, or None to keep ``workers``: one more while the step
+    waited for data more than ``DATA_WAIT_LIMIT`` of the last window (a rank whose wait is near zero needs no more),
+    up to one per core of the rank (beyond, they would only take turns on the cores, as DataLoader warns)."""
+    if data_wait <= DATA_WAIT_LIMIT or workers >= cores:
+        return None
+    return workers + 1
+
+
+@dataclass
+class LoaderTuner:
+    """``data.workers: auto`` as the run goes (DALI: ``data.threads: auto``, the threads that decode): after each
+    log window, ``more_workers`` of the window's wait for data. The window after a start or a change is not judged
+    (the processes were starting). ``key`` None: the config fixed the count, or the data path has no processes."""
+
+    key: str | None  # "workers" | "threads" | None
+    count: int
+    cores: int
+    settling: bool = True
+
+    def grow(self, data_wait: float) -> int | None:
+        """The new count where the last window says the loader needs one more, else None."""
+        if self.key is None or self.settling:
+            self.settling = False
+            return None
+        grown = more_workers(self.count, data_wait=data_wait, cores=self.cores)
+        if grown is not None:
+            self.count, self.settling = grown, True
+        return grown
+
+
+def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tuple[Config, list[str], LoaderTuner]:
     """The config with ``train.precision``, ``train.threads`` and ``data.workers`` decided for this machine and
-    rank (what the run directory's config.yaml records), torch's thread count set, and one log line per choice."""
+    rank (what the run directory's config.yaml records), torch's thread count set, one log line per choice, and
+    the tuner of the loader's automatic count."""
     precision, precision_reason = resolve_precision(config.train.precision, device)
     cores, cores_source = launch.rank_cores(usable_cores())
     workers = None if config.data.workers == "auto" else int(config.data.workers)
@@ -181,7 +227,12 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
         train=replace(config.train, precision=precision, threads=plan.threads),
         data=replace(config.data, workers=plan.workers, **({"threads": plan.dali_threads} if dali else {})),
     )
-    return resolved, lines
+    if dali:
+        tuner = LoaderTuner("threads" if config.data.threads == "auto" else None, plan.dali_threads, cores)
+    else:
+        tuned = config.data.workers == "auto" and not tensor_path
+        tuner = LoaderTuner("workers" if tuned else None, plan.workers, cores)
+    return resolved, lines, tuner
 
 
 def package_version(name: str) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from trainer.distributed import LaunchEnv, average_bn_buffers, barrier, init_pro
 from trainer.ema import WeightAverage, build_weight_average
 from trainer.evaluate import EvalResult, evaluate
 from trainer.faults import NonFiniteLoss, Preempted, StopSignals
-from trainer.hardware import environment, format_environment, resolve_auto
+from trainer.hardware import LoaderTuner, environment, format_environment, resolve_auto
 from trainer.metrics import MetricsProcessor
 from trainer.mixing import BatchMixer
 from trainer.run_log import RunLog
@@ -47,10 +47,11 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     if launch.is_main:
         log.info("this machine:\n%s", format_environment(facts))
     device = pick_device(config.train.device, launch)
-    config, choices = resolve_auto(config, launch, device)
+    config, choices, tuner = resolve_auto(config, launch, device)
     for line in choices:
         log.info("%s", line)
     run = build_run(config, launch, device)
+    run.tuner = tuner
     state = TrainState()
     checkpoints = CheckpointManager(
         run.run_dir, config, model=run.stepper.model, optimizer=run.stepper.optimizer, scaler=run.stepper.scaler,
@@ -69,6 +70,7 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     )  # fmt: skip
     if saved_window is not None:
         metrics.load_state_dict(saved_window)
+    metrics.loader_workers = tuner.count
     describe(run)
     try:
         with StopSignals() as signals:
@@ -115,6 +117,7 @@ class Run:
     total_iterations: int
     mixer: BatchMixer  # Mixup/CutMix of each batch (loss section), or nothing
     ema: WeightAverage | None = None  # the EMA of the weights (ema section)
+    tuner: LoaderTuner | None = None  # data.workers (DALI: data.threads) auto: grown while the step waits for data
     peak_flops: float | None = None  # the GPUs' dense peak, for the model FLOP utilization
     flops_per_image: float = 0.0  # training FLOPs: 3 x forward
 
@@ -128,6 +131,20 @@ class Run:
         for group in self.stepper.optimizer.param_groups:
             group["lr"] = lr
         return lr
+
+    def grow_loader(self, data_wait: float, iteration: int) -> bool:
+        """One more loader process (DALI: thread) where the last window waited for data (``LoaderTuner``): the
+        loader is built again with it, and the caller restarts the epoch at the next batch (the batches are
+        functions of the position alone: the same images and crops, whatever the count)."""
+        if self.tuner is None or (count := self.tuner.grow(data_wait)) is None:
+            return False
+        key = self.tuner.key
+        log.info("data.%s %d -> %d at iteration %d: the step waited for data %.0f%% of the last window", key,
+                 getattr(self.config.data, key), count, iteration, 100 * data_wait)  # fmt: skip
+        self.config = replace(self.config, data=replace(self.config.data, **{key: count}))
+        self.loader = build_train_loader(self.config.data, rank=self.launch.rank, world_size=self.launch.world_size,
+                                         seed=self.config.train.seed, device=self.device)  # fmt: skip
+        return True
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         memory_format = torch.channels_last if self.config.train.channels_last else torch.contiguous_format
@@ -219,8 +236,9 @@ def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager
             stop = check_flags(run, state, flags.read(state.iteration, step, now=logging or saving or evaluating))
             if logging:
                 counts = {"skipped_steps": state.skipped_steps, "scaler_skipped_steps": state.scaler_skipped_steps}
-                metrics.flush(state.iteration, lr=lr, last_step=step, counts=counts, history=state.history,
-                              scaler=run.stepper.scaler)  # fmt: skip
+                data_wait = metrics.flush(state.iteration, lr=lr, last_step=step, counts=counts,
+                                          history=state.history, scaler=run.stepper.scaler)  # fmt: skip
+                restart = run.grow_loader(data_wait, state.iteration)
             if saving or stop:
                 checkpoints.save(state, metrics)
             if stop:
@@ -229,6 +247,9 @@ def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager
             if evaluating:
                 result = evaluate_and_log(run, state, metrics)
             if state.iteration == run.total_iterations:
+                break
+            if logging and restart:
+                metrics.loader_workers = run.tuner.count
                 break
         if epoch == first_epoch:
             metrics.log_memory()

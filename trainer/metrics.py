@@ -101,6 +101,7 @@ class MetricsProcessor:
             dynamic_ncols=True,
         )
         self.shown_batch, self.arrived = False, 0.0
+        self.loader_workers = 0  # the loader's processes (or DALI's threads) now: logged with each window's speed
 
     def should_log(self, iteration: int) -> bool:
         return iteration % self.log_every == 0
@@ -130,18 +131,21 @@ class MetricsProcessor:
         self.times.steps += 1
 
     def flush(self, iteration: int, *, lr: float, last_step: StepOutcome, counts: dict[str, int],
-              history: MetricHistory, scaler: torch.amp.GradScaler) -> None:  # fmt: skip
+              history: MetricHistory, scaler: torch.amp.GradScaler) -> float:  # fmt: skip
         """Log the window's training metrics (its top-1 error into the ``history`` the schedule reads) and each
         rank's times and peak memory, gathered on every rank (one collective each for sums and per-rank rows);
-        images/s is over rank 0's time. ``counts``: the skipped steps so far."""
+        images/s is over rank 0's time. ``counts``: the skipped steps so far. Returns the share of the window the
+        slowest-fed rank waited for data (the same on every rank)."""
         sums = self.window.summed(self.device)
         times, self.window, self.times = self.times, TrainWindow(), StepTimes()
         row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(self.device)]
         per_rank = all_gather_rows(torch.tensor(row, dtype=torch.float64), self.device)
+        compute, data = per_rank[:, 0], per_rank[:, 1]
+        data_wait = float((data / (compute + data)).max())
         if sums["count"] == 0:  # every step of the window was skipped (train.skip_nonfinite)
             self.run_log.log("train", iteration, {"lr": lr, "skipped_steps": counts["skipped_steps"]})
             self.progress.set_postfix(loss=math.nan, lr=f"{lr:.4g}")
-            return
+            return data_wait
         summary = window_summary(sums)
         history.train_errors.append((iteration, summary["top1_error"]))
         values = {**summary, "lr": lr, "skipped_steps": counts["skipped_steps"]}
@@ -151,7 +155,8 @@ class MetricsProcessor:
             values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": counts["scaler_skipped_steps"]}
         self.run_log.log("train", iteration, values)
         self.run_log.log("speed", iteration, self.speed_metrics(sums["count"] / times.seconds, per_rank))
-        self.progress.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.4g}")
+        self.progress.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.4g}", data=f"{data_wait:.0%}")
+        return data_wait
 
     def speed_metrics(self, images_per_second: float, per_rank: torch.Tensor) -> dict[str, float]:
         """Global images/s; the per-rank step time (compute, without the wait for data) as min/median/max and the
@@ -165,6 +170,7 @@ class MetricsProcessor:
             "step_seconds_max": max(compute),
             "slowest_rank": max(range(len(compute)), key=compute.__getitem__),
             "data_wait_fraction": max(d / t for d, t in zip(data, totals, strict=True)),
+            "loader_workers": self.loader_workers,
             **{f"peak_memory_gb/rank{rank}": value / 2**30 for rank, value in enumerate(memory)},
         }
         if self.peak_flops is not None:

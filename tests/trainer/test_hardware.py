@@ -7,7 +7,16 @@ import torch
 
 from trainer.config import Config
 from trainer.distributed import LaunchEnv
-from trainer.hardware import CpuFacts, GpuFacts, choose_precision, detect_cpu, plan_threads, resolve_auto
+from trainer.hardware import (
+    CpuFacts,
+    GpuFacts,
+    LoaderTuner,
+    choose_precision,
+    detect_cpu,
+    more_workers,
+    plan_threads,
+    resolve_auto,
+)
 
 ZEN3 = CpuFacts("AMD EPYC 7B13", "AVX2", bf16_native=False, cores=2)
 ZEN4 = CpuFacts("AMD EPYC 9B14", "AVX512", bf16_native=True, cores=2)
@@ -84,20 +93,35 @@ def test_each_rank_uses_its_share_of_the_cores(environ, available, cores):
     assert launch_from(environ).rank_cores(available)[0] == cores
 
 
-def test_loader_workers_and_threads_never_oversubscribe():
+def test_on_a_cpu_torch_gets_every_core_and_the_loader_runs_beside_it():
     def plan(**kwargs):
         found = plan_threads(cores=8, cores_source="test", threads=None, workers=None, **kwargs)
         return found.threads, found.workers
 
     assert plan(loader_processes=False, on_gpu=False) == (8, 0)  # CIFAR tensors: all cores train
     assert plan(loader_processes=True, on_gpu=True) == (1, 7)  # a GPU rank: the others decode
-    assert plan(loader_processes=True, on_gpu=False) == (4, 4)
+    assert plan(loader_processes=True, on_gpu=False) == (8, 4)  # compute first, the loader shares the cores
     explicit = plan_threads(cores=8, cores_source="test", threads=None, workers=6, loader_processes=True, on_gpu=False)
-    assert (explicit.threads, explicit.workers) == (2, 6)
+    assert (explicit.threads, explicit.workers) == (8, 6) and "sharing the 8 cores" in explicit.reason
     tensors = plan_threads(cores=8, cores_source="test", threads=None, workers=6, loader_processes=False, on_gpu=False)
     assert (tensors.threads, tensors.workers) == (8, 0)  # no loader processes: data.workers has nothing to start
-    one = plan_threads(cores=1, cores_source="test", threads=None, workers=None, loader_processes=True, on_gpu=False)
-    assert (one.threads, one.workers) == (1, 1)
+    assert "sharing" not in tensors.reason
+    two = plan_threads(cores=2, cores_source="test", threads=None, workers=None, loader_processes=True, on_gpu=False)
+    assert (two.threads, two.workers) == (2, 1)
+    given = plan_threads(cores=2, cores_source="test", threads=1, workers=None, loader_processes=True, on_gpu=False)
+    assert (given.threads, given.workers) == (1, 1)  # train.threads given: kept
+
+
+def test_the_loader_grows_while_the_step_waits_for_data():
+    assert more_workers(2, data_wait=0.5, cores=4) == 3
+    assert more_workers(2, data_wait=0.05, cores=4) is None  # near zero: no more processes
+    assert more_workers(4, data_wait=0.9, cores=4) is None  # one per core at most
+    tuner = LoaderTuner("workers", 1, cores=4)
+    waits = [0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.0]  # the first window and each after a change are not judged
+    assert [tuner.grow(wait) for wait in waits] == [None, 2, None, 3, None, 4, None]
+    assert tuner.grow(0.9) is None and tuner.count == 4
+    fixed = LoaderTuner(None, 3, cores=4)
+    assert [fixed.grow(0.9) for _ in range(3)] == [None, None, None]
 
 
 def test_resolve_auto_writes_the_choices_into_the_config(cifar_root):
@@ -105,13 +129,14 @@ def test_resolve_auto_writes_the_choices_into_the_config(cifar_root):
     config.data.root, config.data.format = str(cifar_root), "cifar"
     threads = torch.get_num_threads()
     try:
-        resolved, lines = resolve_auto(config, LaunchEnv(), torch.device("cpu"))
+        resolved, lines, tuner = resolve_auto(config, LaunchEnv(), torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     expected = "bf16" if detect_cpu().bf16_native else "fp32"
     assert resolved.train.precision == expected and config.train.precision == "auto"
     assert resolved.data.workers == 0 and resolved.train.threads == LaunchEnv().rank_cores(detect_cpu().cores)[0]
     assert lines[0].startswith(f"train.precision=auto -> {expected}: ")
+    assert tuner.key is None  # CIFAR tensors: no loader processes to add
 
 
 def test_residual_env_says_what_auto_picks_here():
@@ -126,15 +151,15 @@ def test_residual_env_says_what_auto_picks_here():
     assert facts["dali"]["cpu_mode"] is True  # DALI's CPU-only mode runs on every machine of this project
 
 
-def test_with_dali_the_readers_take_a_quarter_and_dalis_threads_decode():
+def test_with_dali_the_readers_take_a_quarter_and_dalis_threads_decode_beside_torch():
     def plan(cores: int, on_gpu: bool, **config):
         found = plan_threads(cores=cores, cores_source="test", threads=None, workers=None, loader_processes=True,
                              on_gpu=on_gpu, dali=True, **config)  # fmt: skip
         return found.threads, found.workers, found.dali_threads
 
     assert plan(16, on_gpu=True) == (1, 4, 12)  # the GPU rank's thread launches kernels; DALI's threads decode
-    assert plan(8, on_gpu=False) == (3, 2, 3)  # DALI's CPU mode: decoding and training share the cores
-    assert plan(2, on_gpu=False) == (1, 1, 1)
+    assert plan(8, on_gpu=False) == (8, 2, 4)  # DALI's CPU mode: torch computes on every core, DALI decodes beside
+    assert plan(2, on_gpu=False) == (2, 1, 1)
     assert plan(16, on_gpu=True, dali_threads=6) == (6, 4, 6)  # data.threads given: the rest to torch
 
 

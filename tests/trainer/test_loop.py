@@ -1,3 +1,4 @@
+import logging
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from data_pipeline.errors import UserError
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from trainer.distributed import LaunchEnv
 from trainer.faults import NonFiniteLoss
+from trainer.hardware import usable_cores
 from trainer.loop import train
 
 
@@ -231,3 +233,25 @@ def test_dali_on_the_gpu_trains_through_its_evaluations(tmp_path, imagefolder_ro
     assert result.count == 20 and [r["iteration"] for r in metrics(tmp_path / "quickstart", "eval")] == [2, 4]
     torch_path = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=4", "train.run_name=torch")
     assert train(torch_path, LaunchEnv())[0].count == result.count  # the torch path counts the same images
+
+
+def test_a_loader_that_keeps_the_step_waiting_gets_more_workers_and_the_same_batches(tmp_path, imagefolder_root,
+                                                                                    monkeypatch, caplog):  # fmt: skip
+    """data.workers=auto grows while the step waits for data (here every window is taken to wait): the loader is
+    built again with one more process and the epoch goes on at the next batch, so the run sees the batches a run
+    with a fixed count sees."""
+    fixed = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=1",
+                            "train.run_name=fixed")  # fmt: skip
+    train(fixed, LaunchEnv())
+    monkeypatch.setattr("trainer.hardware.DATA_WAIT_LIMIT", -1.0)
+    grown = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=auto",
+                            "train.run_name=grown")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+        train(grown, LaunchEnv())
+    cores = LaunchEnv().rank_cores(usable_cores())[0]
+    first = max(1, cores // 2)
+    assert f"data.workers {first} -> {first + 1} at iteration 4: the step waited for data" in caplog.text
+    counts = [record["loader_workers"] for record in metrics(tmp_path / "grown", "speed")]
+    expected = [first, first, first + 1, first + 1, first + 2, first + 2]  # judged at 4 and 8, logged after
+    assert counts == [min(count, cores) for count in expected]  # one process per core at most
+    assert metrics(tmp_path / "grown", "train") == metrics(tmp_path / "fixed", "train")  # the same batches
