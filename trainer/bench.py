@@ -212,8 +212,10 @@ def bench_end_to_end(*, config_path: str, precision: str, iterations: int, round
         f"{precision}, {per_class * 10} synthetic CIFAR-format images, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, medians of {rounds} rounds: cli {cli:.1f} s, bare {bare:.1f} s]"
     )
-    print(f"top-1: cli {100 * statistics.median(top1s['cli']):.2f}%, bare {100 * statistics.median(top1s['bare']):.2f}% "
-          f"(the same images, crops and initialization: equal up to float rounding)")
+    print(
+        f"top-1: cli {100 * statistics.median(top1s['cli']):.2f}%, bare {100 * statistics.median(top1s['bare']):.2f}% "
+        f"(the same images, crops and initialization: equal up to float rounding)"
+    )
 
 
 # What each piece of the modern recipes adds to the paper's recipe (the config's own), as overrides.
