@@ -68,10 +68,11 @@ class DataConfig:
     device: Literal["auto", "cpu", "gpu"] = "auto"  # DALI: "gpu" (decode and augment on the GPU) | "cpu" (CPU-only)
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
     # loader processes per rank, or "auto": none for CIFAR-format data on the torch backend (held as tensors); else
-    # on a GPU all the rank's cores but one, on a CPU half of them; with DALI (whose threads decode) a quarter
-    # (trainer.hardware.plan_threads)
+    # on a GPU all the rank's cores but one, on a CPU half of them, beside torch's threads on every core; with DALI
+    # (whose threads decode) a quarter. auto grows by one while the step waits for data (trainer.hardware)
     workers: Any = "auto"
-    threads: Any = "auto"  # DALI's CPU threads (decoding; on a GPU the decoder's CPU stage); auto: from the cores
+    # DALI's CPU threads (decoding; on a GPU the decoder's CPU stage); auto: from the cores, grown as data.workers
+    threads: Any = "auto"
     # "scale" (Sec. 3.4: shorter side in [scale_min, scale_max]) | "random_resized_crop"
     train_augment: Literal["scale", "random_resized_crop"] = "scale"
     scale_min: int = 256  # scale augmentation: the shorter side's smallest value (Sec. 3.4)
@@ -94,6 +95,10 @@ class DataConfig:
     # per-channel, on [0, 1] pixels: one value per channel of the images (model.in_channels)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel, on [0, 1] pixels
+    # where an image folder's sample index is kept (data_pipeline.folder_index): listed by one process, read by the
+    # others and by later starts while the tree is unchanged; training puts it in its run directory (index/); null:
+    # each opening lists the tree
+    index_dir: str | None = None
     skip_corrupt: bool = False  # an undecodable image: training takes the next, evaluation leaves it out (warned)
     synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist
 

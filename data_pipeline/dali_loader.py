@@ -166,31 +166,31 @@ class SampleReader:
 
     def __init__(self, dataset: ImageFolderDataset | CifarDataset | WebDatasetDataset) -> None:
         self.dataset = dataset if isinstance(dataset, WebDatasetDataset) else None  # reads at the indexed offsets
-        self.paths = [path for path, _ in dataset.samples] if isinstance(dataset, ImageFolderDataset) else None
+        # an image folder's FolderIndex: arrays, pickled to each reader process as a few buffers
+        self.files = dataset.samples if isinstance(dataset, ImageFolderDataset) else None
         if isinstance(dataset, CifarDataset | IdxDataset):
             self.labels = dataset.labels.numpy()
             self.images = np.ascontiguousarray(dataset.images.permute(0, 2, 3, 1).numpy())
             self.side, self.channels = self.images.shape[2], self.images.shape[3]
         else:
-            self.labels = np.asarray([sample[-1] for sample in dataset.samples])
+            self.labels = self.files.labels if self.files is not None else dataset.labels
             self.side, self.channels = None, 3  # decoded to RGB
 
     def encoded(self, index: int) -> np.ndarray:
         if self.dataset is not None:
             return self.dataset.encoded(index)
-        if self.paths is None:
+        if self.files is None:
             return self.images[index]
-        return np.fromfile(self.paths[index], dtype=np.uint8)
+        return np.fromfile(self.files.path(index), dtype=np.uint8)
 
     def label(self, index: int) -> np.ndarray:
         return np.array(self.labels[index], dtype=np.int64)
 
     def name(self, index: int) -> str:
-        if self.paths is not None:
-            return self.paths[index]
+        if self.files is not None:
+            return self.files.path(index)
         if self.dataset is not None:
-            path, offset, *_ = self.dataset.samples[index]
-            return f"{path} (image at byte {offset})"
+            return self.dataset.name(index)
         return f"image {index}"
 
     def inspect(self, encoded: np.ndarray) -> tuple[tuple[int, int] | None, str | None]:
@@ -464,7 +464,7 @@ def to_torch(tensors, dtype: torch.dtype) -> torch.Tensor:
 
 
 def build_dali_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> DaliTrainLoader:
-    dataset = open_dataset(config.root, config.format, train=True)
+    dataset = open_dataset(config.root, config.format, train=True, index_dir=config.index_dir)
     sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
     device = dali_device(config.device)
     log.info("data: DALI %s pipeline (%s), %d reader workers", device, config.format, config.workers)
@@ -559,7 +559,7 @@ def build_dali_val_loader(
 ) -> DaliEvalLoader:
     if protocol == "multiscale":
         raise UserError("multiscale evaluation runs on the torch path (data.backend=torch or `residual eval`)")
-    dataset = open_dataset(config.root, config.format, train=False)
+    dataset = open_dataset(config.root, config.format, train=False, index_dir=config.index_dir)
     share = val_share(len(dataset), rank=rank, world_size=world_size)
     source = EvalSource(SampleReader(dataset), share, batch_per_rank, skip_corrupt=config.skip_corrupt)
     return DaliEvalLoader(source, config, dali_device(config.device), protocol)

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data_pipeline.errors import CorruptImage, UserError
+from data_pipeline.folder_index import folder_index
 from data_pipeline.sampling import SkipCorrupt
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -34,27 +35,20 @@ def decode_rgb(path: str) -> torch.Tensor:
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>`` as in ImageNet's train/ and val/ folders; classes sorted by folder name."""
+    """``root/<class>/<image>`` as in ImageNet's train/ and val/ folders; classes sorted by folder name. The samples
+    are a ``FolderIndex`` (arrays, not Python objects), read from ``index`` where it is saved and current, else
+    listed (and saved there)."""
 
-    def __init__(self, root: Path) -> None:
-        if not root.is_dir():
-            raise UserError(f"{root}: folder does not exist")
-        try:
-            folder = torchvision.datasets.DatasetFolder(
-                str(root), loader=decode_rgb, extensions=torchvision.datasets.folder.IMG_EXTENSIONS
-            )
-        except FileNotFoundError as error:  # no class folder, or a class folder without images
-            raise UserError(f"{root}: {error}") from None
+    def __init__(self, root: Path, index: Path | None = None) -> None:
         self.root = root
-        self.classes: list[str] = folder.classes
-        self.samples: list[tuple[str, int]] = folder.samples
+        self.samples = folder_index(root, index)
+        self.classes: list[str] = self.samples.classes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[index]
-        return decode_rgb(path), label
+        return decode_rgb(self.samples.path(index)), int(self.samples.labels[index])
 
 
 class SkippingCorrupt(Dataset):
@@ -143,17 +137,25 @@ def check_same_classes(expected: list[str], found: list[str], *, where: str, exp
     )
 
 
-def val_classes(root: str | Path, data_format: str) -> list[str] | None:
-    """The classes of an ImageFolder's val/ (CIFAR's batches and WebDataset shards share one list with training)."""
-    if data_format != "imagefolder":
-        return None
-    return torchvision.datasets.folder.find_classes(str(Path(root) / "val"))[0]
+def check_folder_classes(root: str | Path, data_format: str) -> None:
+    """An image folder's val/ holds the classes of its train/ (CIFAR's batches and WebDataset shards share one list
+    with training): checked from the class folders alone, before anything is listed or written."""
+    train, val = Path(root) / "train", Path(root) / "val"
+    if data_format != "imagefolder" or not train.is_dir() or not val.is_dir():
+        return
+    try:
+        expected, found = (torchvision.datasets.folder.find_classes(str(split))[0] for split in (train, val))
+    except FileNotFoundError:  # no class folders: opening the split says so
+        return
+    check_same_classes(expected, found, where=f"{root}/val", expected_are="of train/")
 
 
-def open_dataset(root: str | Path, data_format: str, *, train: bool) -> Dataset:
+def open_dataset(root: str | Path, data_format: str, *, train: bool, index_dir: str | Path | None = None) -> Dataset:
     """``data.format``: "imagefolder" (root/train, root/val), "cifar" (the python batches in root), "idx" (MNIST's
-    four files in root), "webdataset" (shards in root/train, root/val, written by `residual data shard`)."""
+    four files in root), "webdataset" (shards in root/train, root/val, written by `residual data shard`).
+    ``index_dir``: where an image folder's sample index is kept (data.index_dir: data_pipeline.folder_index)."""
     root = Path(root)
+    split = "train" if train else "val"
     if data_format == "cifar":
         return CifarDataset(root, train=train)
     if data_format == "idx":
@@ -163,5 +165,6 @@ def open_dataset(root: str | Path, data_format: str, *, train: bool) -> Dataset:
     if data_format == "webdataset":
         from data_pipeline.webdataset import WebDatasetDataset
 
-        return WebDatasetDataset(root / ("train" if train else "val"))
-    return ImageFolderDataset(root / ("train" if train else "val"))
+        return WebDatasetDataset(root / split)
+    index = Path(index_dir) / f"{split}.npz" if index_dir is not None else None
+    return ImageFolderDataset(root / split, index)

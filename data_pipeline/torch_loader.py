@@ -111,7 +111,7 @@ def _loader_options(config: DataConfig) -> dict:
 def build_torch_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
     """Image files (ImageFolder, WebDataset shards) read and augmented one at a time in DataLoader workers."""
     assert not config.in_memory, "CIFAR and IDX data go through data_pipeline.cifar_tensors"
-    dataset = open_dataset(config.root, config.format, train=True)
+    dataset = open_dataset(config.root, config.format, train=True, index_dir=config.index_dir)
     if config.skip_corrupt:
         dataset = SkippingCorrupt(dataset)
     sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
@@ -163,7 +163,7 @@ def build_torch_val_loader(
 ) -> EvalBatches:
     """Rank r reads the r-th contiguous share of the val set: every image exactly once over all ranks, no padding
     duplicates and no dropped tail, so summed counts are exact."""
-    dataset = open_dataset(config.root, config.format, train=False)
+    dataset = open_dataset(config.root, config.format, train=False, index_dir=config.index_dir)
     return build_eval_loader(
         dataset,
         config,

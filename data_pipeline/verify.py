@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
 
 from data_pipeline.errors import UserError
 
 
-def image_files(root: Path) -> Iterator[Path]:
-    """Every file below ``root`` with an image extension (ImageFolder's list), in sorted order."""
-    return (path for path in sorted(root.rglob("*")) if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS)
+def image_files(root: Path) -> list[str]:
+    """Every file below ``root`` with an image extension (ImageFolder's list), in sorted order; listed without a
+    stat per file, so that ImageNet's 1.33 million take seconds."""
+    found = []
+    for folder, _, files in os.walk(root, followlinks=True):
+        found += [os.path.join(folder, file) for file in files if file.lower().endswith(IMG_EXTENSIONS)]
+    return sorted(found)
 
 
 def decode_error(path: Path) -> str | None:
@@ -27,11 +32,14 @@ def decode_error(path: Path) -> str | None:
     return None
 
 
-def verify_images(root: Path, *, workers: int) -> tuple[int, list[tuple[Path, str]]]:
-    """(files checked, [(file, reason)] for each one that does not decode)."""
+def verify_images(root: Path, *, workers: int, progress: bool = False) -> tuple[int, list[tuple[Path, str]]]:
+    """(files checked, [(file, reason)] for each one that does not decode); ``progress``: a bar with the rate."""
     if not root.is_dir():
         raise UserError(f"{root}: folder does not exist")
-    files = list(image_files(root))
+    files = image_files(root)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        errors = list(pool.map(decode_error, files, chunksize=64))
-    return len(files), [(path, error) for path, error in zip(files, errors, strict=True) if error is not None]
+        decoded = pool.map(decode_error, files, chunksize=256)
+        shown = tqdm(decoded, total=len(files), unit="image", unit_scale=True, desc="verify", disable=not progress,
+                     mininterval=2.0)  # fmt: skip
+        errors = list(shown)
+    return len(files), [(Path(path), error) for path, error in zip(files, errors, strict=True) if error is not None]

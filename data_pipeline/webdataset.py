@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
+from tqdm import tqdm
 
 from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.errors import CorruptImage, UserError
@@ -30,6 +31,7 @@ def write_shards(source: Path, out: Path, *, shard_size: int) -> list[Path]:
     dataset = ImageFolderDataset(source)
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    progress = tqdm(total=len(dataset), unit="image", unit_scale=True, desc=f"shard {source.name}", mininterval=2.0)
     for start in range(0, len(dataset), shard_size):
         path = out / f"shard-{start // shard_size:06d}.tar"
         entries, labels = [], []
@@ -49,6 +51,8 @@ def write_shards(source: Path, out: Path, *, shard_size: int) -> list[Path]:
         path.with_suffix(".idx").write_text(f"{INDEX_VERSION} {len(entries)}\n" + "\n".join(entries) + "\n")
         path.with_suffix(".labels").write_text("\n".join(labels) + "\n")
         written.append(path)
+        progress.update(len(entries))
+    progress.close()
     return written
 
 
@@ -66,36 +70,42 @@ def shard_imagefolder(source: Path, out: Path, *, shard_size: int) -> dict[str, 
 
 
 class WebDatasetDataset(Dataset):
-    """The samples of every ``*.tar`` in ``root`` (sorted), read through their ``.idx`` indexes."""
+    """The samples of every ``*.tar`` in ``root`` (sorted), read through their ``.idx`` indexes; held as arrays
+    (each sample's shard, image offset, size and label), as image folders' are (data_pipeline.folder_index)."""
 
     def __init__(self, root: Path) -> None:
         shards = sorted(root.glob("*.tar"))
         if not shards:
             raise UserError(f"{root}: no .tar shards (`residual data shard` writes them)")
-        self.samples: list[tuple[str, int, int, int]] = []  # (tar, offset of the image, its size, label)
-        for shard in shards:
-            self.samples += read_index(shard)
+        self.shards = [str(shard) for shard in shards]
+        tables = [np.array(read_index(shard), dtype=np.int64).reshape(-1, 3) for shard in shards]
+        self.shard_of = np.concatenate([np.full(len(table), number, np.int32) for number, table in enumerate(tables)])
+        self.offsets, self.sizes, labels = np.concatenate(tables).T
+        self.labels = labels.astype(np.int32)
         classes = root.parent / "classes.txt"
-        count = max(label for *_, label in self.samples) + 1
+        count = int(self.labels.max()) + 1
         self.classes = classes.read_text().split() if classes.is_file() else [str(i) for i in range(count)]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        return f"{self.shards[self.shard_of[index]]} (image at byte {self.offsets[index]})"
 
     def encoded(self, index: int) -> np.ndarray:
-        path, offset, size, _ = self.samples[index]
-        return np.fromfile(path, dtype=np.uint8, count=size, offset=offset)
+        shard = self.shards[self.shard_of[index]]
+        return np.fromfile(shard, dtype=np.uint8, count=int(self.sizes[index]), offset=int(self.offsets[index]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path, *_, label = self.samples[index]
         try:
             with Image.open(io.BytesIO(self.encoded(index).tobytes())) as image:
-                return pil_to_tensor(image.convert("RGB")), label
+                return pil_to_tensor(image.convert("RGB")), int(self.labels[index])
         except OSError as error:
-            raise CorruptImage(f"{path}: sample {index}", str(error)) from None
+            raise CorruptImage(f"{self.shards[self.shard_of[index]]}: sample {index}", str(error)) from None
 
 
-def read_index(shard: Path) -> list[tuple[str, int, int, int]]:
+def read_index(shard: Path) -> list[tuple[int, int, int]]:
+    """(offset of the image, its size, label) of each sample of ``shard``."""
     index = shard.with_suffix(".idx")
     if not index.is_file():
         raise UserError(f"{shard}: no index {index.name} (`residual data shard` writes one with each shard)")
@@ -116,5 +126,5 @@ def read_index(shard: Path) -> list[tuple[str, int, int, int]]:
             label = int(np.fromfile(shard, dtype=np.uint8, count=size, offset=offset).tobytes())
         else:
             raise UserError(f"{shard}: sample {image[2].rsplit('.', 1)[0]} has no .cls label")
-        samples.append((str(shard), image[0], image[1], label))
+        samples.append((image[0], image[1], label))
     return samples

@@ -261,3 +261,18 @@ def test_config_show_documents_every_key_of_the_resolved_config():
     assert len(entries) > 60 and [line for line in entries if " # " not in line] == []
     assert any(line.startswith("  lr: 0.2 ") for line in entries)
     assert any(line.startswith("  keep: 5 ") for line in entries)
+
+
+@pytest.mark.slow
+def test_bench_imagenet_size_prints_the_first_step_and_each_processs_memory(tmp_path):
+    command = [RESIDUAL, "bench", "imagenet-size", "--scratch", str(tmp_path), "--classes", "3", "--per-class", "40",
+               "--val-per-class", "4", "--seconds", "2", "--workers", "2", "--batch", "8"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "tree: 120 train + 12 val files in 3 class folders (132 hard links)" in out, out
+    assert re.search(r"start 1 \(120 train images, listed; 12 val images, listed in [\d.]+ s .*\): first step "
+                     r"[\d.]+ s after the command", out), out  # fmt: skip
+    assert re.search(r"start 2 \(120 train images, read; 12 val images, read in ", out), out
+    assert len(re.findall(r"^  trainer 0 +[\d.]+ -> +[\d.]+$", out, re.MULTILINE)) == 2, out
+    assert len(re.findall(r"^    loader worker [01] of trainer 0 +[\d.]+ -> ", out, re.MULTILINE)) == 4, out

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from data_pipeline import UserError, build_train_loader, build_val_loader
-from data_pipeline.datasets import check_same_classes, val_classes
+from data_pipeline.datasets import check_folder_classes
+from data_pipeline.folder_index import index_splits
 from data_pipeline.loaders import TrainBatches
 from data_pipeline.published import identify, title
 from data_pipeline.synthetic import ensure_synthetic
@@ -48,6 +49,9 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
         log.info("this machine:\n%s", format_environment(facts))
     device = pick_device(config.train.device, launch)
     config, choices, tuner = resolve_auto(config, launch, device)
+    if config.data.index_dir is None:  # an image folder is listed once, into the run directory
+        run_dir = Path(config.train.output_dir) / config.train.run_name
+        config = replace(config, data=replace(config.data, index_dir=str(run_dir / "index")))
     for line in choices:
         log.info("%s", line)
     run = build_run(config, launch, device)
@@ -157,7 +161,13 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
     init_process_group(launch, device)
     if launch.is_main and ensure_synthetic(config.data):
         log.info("wrote synthetic data to %s", config.data.root)
-    barrier()
+    check_folder_classes(config.data.root, config.data.format)
+    if launch.is_main and config.data.format == "imagefolder" and config.data.index_dir is not None:
+        started = time.perf_counter()
+        done = index_splits(config.data.root, config.data.index_dir)
+        log.info("data index: %s in %.1f s (%s)", "; ".join(done), time.perf_counter() - started,
+                 config.data.index_dir)  # fmt: skip
+    barrier()  # the other ranks read what rank 0 wrote
     loader = build_train_loader(
         config.data, rank=launch.rank, world_size=launch.world_size, seed=config.train.seed, device=device
     )
@@ -172,8 +182,6 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
             f"{loader.channels} channel{'s' if loader.channels > 1 else ''}"
         )
     val_batches = build_eval_batches(config, launch, config.eval.protocol, device)
-    if (classes := val_classes(config.data.root, config.data.format)) is not None:
-        check_same_classes(loader.classes, classes, where=f"{config.data.root}/val", expected_are="of train/")
     stepper = build_stepper(config, launch, device)
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch

@@ -86,6 +86,9 @@ def test_final_protocol_at_the_end_of_training(tmp_path, imagefolder_root):
     assert load_checkpoint(latest_checkpoint(tmp_path / "quickstart"))["classes"] == sorted(
         path.name for path in (imagefolder_root / "train").iterdir()
     )
+    index = tmp_path / "quickstart" / "index"  # listed once, by rank 0, for every rank and later start
+    assert sorted(path.name for path in index.iterdir()) == ["train.npz", "val.npz"]
+    assert f"index_dir: {index}" in (tmp_path / "quickstart" / "config.yaml").read_text()
 
 
 def poison_loss(monkeypatch, call: int, factor: float = float("nan")) -> None:

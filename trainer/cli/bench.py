@@ -53,6 +53,14 @@ def cmd_bench_recipes(args: argparse.Namespace) -> None:
                   per_class=args.per_class, pieces=args.pieces.split(",") if args.pieces else None)  # fmt: skip
 
 
+def cmd_bench_imagenet_size(args: argparse.Namespace) -> None:
+    from trainer.bench_imagenet import bench_imagenet_size
+
+    bench_imagenet_size(scratch=Path(args.scratch), classes=args.classes, per_class=args.per_class,
+                        val_per_class=args.val_per_class, backend=args.backend, ranks=args.ranks,
+                        workers=args.workers, batch=args.batch, seconds=args.seconds)  # fmt: skip
+
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from trainer.bench import bench_gpu
 
@@ -105,6 +113,20 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     recipes.add_argument("--per-class", type=int, default=600, help="synthetic CIFAR-format images per class")
     recipes.add_argument("--pieces", help="comma-separated pieces to measure (default: all of trainer.bench's list)")
     recipes.set_defaults(run=cmd_bench_recipes)
+
+    size = bench.add_parser("imagenet-size", help="time to the first step and memory per process on a tree of "
+                                                  "ImageNet's shape (hard links)")  # fmt: skip
+    size.add_argument("--scratch", default="bench-imagenet-size", help="folder for the tree, the index and the runs")
+    size.add_argument("--classes", type=int, default=1000)
+    size.add_argument("--per-class", type=int, default=1281, help="training files per class (ImageNet: 1,281,167 "
+                                                                  "in all)")  # fmt: skip
+    size.add_argument("--val-per-class", type=int, default=50)
+    size.add_argument("--backend", choices=("torch", "dali"), default="torch")
+    size.add_argument("--ranks", type=int, default=1, help="training processes (torchrun) on this node")
+    size.add_argument("--workers", type=int, default=2, help="loader processes per rank (DALI: reader processes)")
+    size.add_argument("--batch", type=int, default=32, help="images per rank and step")
+    size.add_argument("--seconds", type=float, default=60.0, help="training between the two memory readings")
+    size.set_defaults(run=cmd_bench_imagenet_size)
 
     bench_gpu = bench.add_parser("gpu", help="the first figures of a new GPU node, each with device and versions")
     bench_gpu.add_argument("--out", default="bench-gpu", help="folder for its synthetic data, runs and logs")

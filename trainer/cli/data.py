@@ -62,7 +62,7 @@ def cmd_data_shard(args: argparse.Namespace) -> None:
 def cmd_data_verify(args: argparse.Namespace) -> int:
     from data_pipeline.verify import verify_images
 
-    checked, failures = verify_images(Path(args.root), workers=args.workers)
+    checked, failures = verify_images(Path(args.root), workers=args.workers, progress=True)
     for path, reason in failures:
         print(f"{path}: {reason}")
     print(f"{checked} images checked, {len(failures)} not decodable", file=sys.stderr)

@@ -1,0 +1,154 @@
+"""An ImageFolder tree's samples as arrays, listed once per job.
+
+ImageNet's train/ holds 1,281,167 files in 1,000 folders. Held as torchvision's list of (path, label) tuples, the
+samples cost every DataLoader worker a private copy that grows as the epoch touches them (each tuple's reference
+count is written on reading, so the pages forked from the trainer get copied: pytorch/pytorch#13246), and every
+DALI reader process (started with spawn) unpickles all of them. ``FolderIndex`` holds them as three arrays instead:
+the paths below the root as one byte buffer with their offsets, and the labels. Reading a sample touches no Python
+object of the table, so forked workers share its pages, and a spawned process receives a few array buffers (about
+50 MB at ImageNet's size).
+
+Listing 1.28 million entries takes seconds on a warm page cache and much longer on a network file system, so the
+trainer's rank 0 writes the index into the run directory (``data.index_dir``) and every other rank and later start
+reads it. It is kept while the tree is unchanged: it records the modification time of every folder it listed, and
+any file or folder added, removed or renamed changes that of its parent.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from data_pipeline.errors import UserError
+
+INDEX_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FolderIndex:
+    """The samples of ``root/<class>/**/<image>`` in torchvision's DatasetFolder order (classes sorted by folder
+    name, then folders walked in sorted order, files sorted), with image extensions as DatasetFolder's."""
+
+    root: str
+    classes: list[str]
+    names: np.ndarray  # uint8: each sample's path below root (file system bytes), one after another
+    offsets: np.ndarray  # int64, one more than the samples: sample i's path is names[offsets[i] : offsets[i + 1]]
+    labels: np.ndarray  # int32: each sample's class
+    folders: list[str]  # every folder listed, below root ("" is root): what ``is_current`` checks
+    folder_times: np.ndarray  # int64: their modification times (ns) when listed
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, index: int) -> str:
+        name = self.names[self.offsets[index] : self.offsets[index + 1]].tobytes()
+        return os.path.join(self.root, os.fsdecode(name))
+
+    def __getitem__(self, index: int) -> tuple[str, int]:
+        """(path, label), as an item of DatasetFolder's ``samples``."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return self.path(index), int(self.labels[index])
+
+    def is_current(self) -> bool:
+        """Whether every folder listed still has the modification time it had (nothing added, removed, renamed)."""
+        for folder, listed in zip(self.folders, self.folder_times.tolist(), strict=True):
+            try:
+                if os.stat(os.path.join(self.root, folder)).st_mtime_ns != listed:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def save(self, path: Path) -> None:
+        """Written beside and renamed into place: a reader never sees half an index."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        with open(partial, "wb") as file:
+            np.savez(file, version=np.array(INDEX_VERSION), root=np.array(self.root), classes=np.array(self.classes),
+                     names=self.names, offsets=self.offsets, labels=self.labels, folders=np.array(self.folders),
+                     folder_times=self.folder_times)  # fmt: skip
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: Path) -> FolderIndex | None:
+        """The index at ``path``; None where there is none, or one of another version."""
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                if int(saved["version"]) != INDEX_VERSION:
+                    return None
+                return cls(str(saved["root"]), saved["classes"].tolist(), saved["names"], saved["offsets"],
+                           saved["labels"], saved["folders"].tolist(), saved["folder_times"])  # fmt: skip
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def list_folder(root: Path) -> FolderIndex:
+    """``root``'s samples, as torchvision's DatasetFolder lists them (its ``find_classes`` and ``make_dataset``):
+    a folder without class folders, or a class folder without images, is an error that names it."""
+    if not root.is_dir():
+        raise UserError(f"{root}: folder does not exist")
+    root_text = str(root)
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not classes:
+        raise UserError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    names, lengths, labels, folders, times = [], [], [], [""], [os.stat(root).st_mtime_ns]
+    for label, name in enumerate(classes):
+        found = 0
+        for folder, _, files in sorted(os.walk(os.path.join(root_text, name), followlinks=True)):
+            relative = os.path.relpath(folder, root_text)
+            folders.append(relative)
+            times.append(os.stat(folder).st_mtime_ns)
+            prefix = os.fsencode(relative) + b"/"
+            for file in sorted(files):
+                if file.lower().endswith(IMG_EXTENSIONS):
+                    encoded = prefix + os.fsencode(file)
+                    names.append(encoded)
+                    lengths.append(len(encoded))
+                    found += 1
+        labels.append(np.full(found, label, dtype=np.int32))
+        if not found:
+            raise UserError(f"{root / name}: no images (extensions: {', '.join(IMG_EXTENSIONS)})")
+    offsets = np.zeros(len(names) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    buffer = np.frombuffer(b"".join(names), dtype=np.uint8)
+    return FolderIndex(root_text, classes, buffer, offsets, np.concatenate(labels), folders,
+                       np.array(times, dtype=np.int64))  # fmt: skip
+
+
+def saved_index(root: Path, saved: Path) -> FolderIndex | None:
+    """The index saved at ``saved`` if it is of ``root`` and current."""
+    index = FolderIndex.load(saved)
+    return index if index is not None and index.root == str(root) and index.is_current() else None
+
+
+def folder_index(root: Path, saved: Path | None = None) -> FolderIndex:
+    """``root``'s index: the one saved at ``saved`` while it is of this root and current, else listed (and saved
+    there for the next reader)."""
+    if saved is not None and (index := saved_index(root, saved)) is not None:
+        return index
+    index = list_folder(root)
+    if saved is not None:
+        index.save(saved)
+    return index
+
+
+def index_splits(root: str | Path, index_dir: str | Path) -> list[str]:
+    """What the first process of a job does before the others open the data: train/'s and val/'s indexes, read
+    where current, else listed and saved in ``index_dir``; what was done, a line each ("1281167 train images,
+    listed")."""
+    done = []
+    for split in ("train", "val"):
+        folder, saved = Path(root) / split, Path(index_dir) / f"{split}.npz"
+        if folder.is_dir():
+            index = saved_index(folder, saved)
+            how = "read"
+            if index is None:
+                index, how = folder_index(folder, saved), "listed"
+            done.append(f"{len(index)} {split} images, {how}")
+    return done
