@@ -276,3 +276,5 @@ def test_bench_imagenet_size_prints_the_first_step_and_each_processs_memory(tmp_
     assert re.search(r"start 2 \(120 train images, read; 12 val images, read in ", out), out
     assert len(re.findall(r"^  trainer 0 +[\d.]+ -> +[\d.]+$", out, re.MULTILINE)) == 2, out
     assert len(re.findall(r"^    loader worker [01] of trainer 0 +[\d.]+ -> ", out, re.MULTILINE)) == 4, out
+    assert "the sample table read in full by 2 forked loader processes" in out, out
+    assert len(re.findall(r"^    loader worker [01]: [\d.]+( -> [\d.]+){4}$", out, re.MULTILINE)) == 2, out

@@ -6,6 +6,10 @@ a scratch folder from hard links to one small JPEG per class (ext4 allows 65,000
 to the first training step, and each process's private memory (the trainer ranks, their loader processes or DALI
 reader processes) at the first step and again after a while of training. Private memory is what a process does not
 share with any other: Private_Clean + Private_Dirty of /proc/PID/smaps_rollup.
+
+A minute of training reads about 1% of an epoch on a CPU. What a whole epoch does to the loader processes' memory is
+then shown on the sample table alone: DataLoader workers forked from a process holding the training set read every
+sample's path and label once, in a shuffled order, as the training loader's workers do before decoding.
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data_pipeline.datasets import open_dataset
 from data_pipeline.synthetic import class_name
 
 RESIDUAL = Path(__file__).parents[1]
@@ -155,7 +162,7 @@ def start_training(tree: Path, scratch: Path, *, backend: str, ranks: int, worke
         roles = process_roles(process.pid, backend, ranks)
         before = memory(roles)
         time.sleep(seconds)
-        after = memory(roles)
+        after = memory(process_roles(process.pid, backend, ranks))  # the loader may have been built again since
         iterations = last_iteration(metrics)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -167,6 +174,38 @@ def start_training(tree: Path, scratch: Path, *, backend: str, ranks: int, worke
                     if "data index: " in line), None)  # fmt: skip
     return {"first_step": first_step, "before": before, "after": after, "iterations": iterations,
             "samples_per_rank": iterations * batch, "index": listing, "record": record}  # fmt: skip
+
+
+class SampleTable(Dataset):
+    """A training set's samples, each read as the training loader reads it (its path and label), not decoded."""
+
+    def __init__(self, dataset) -> None:
+        self.samples = dataset.samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> int:
+        path, label = self.samples[index]
+        return len(path) + label
+
+
+def walk_sample_table(tree: Path, index_dir: Path, workers: int, readings: int = 4) -> list[tuple[float, list[float]]]:
+    """(share of the epoch, each loader process's private memory in MB) after the first batch and after each
+    ``1/readings`` of an epoch in which ``workers`` forked DataLoader workers read every training sample's path and
+    label once."""
+    dataset = open_dataset(tree, "imagefolder", train=True, index_dir=index_dir)
+    batch = 4096
+    loader = DataLoader(SampleTable(dataset), batch_size=batch, shuffle=True, num_workers=workers,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    iterator = iter(loader)
+    pids = [worker.pid for worker in iterator._workers]
+    marks = {1} | {round(len(loader) * (n + 1) / readings) for n in range(readings)}
+    seen = []
+    for number, _ in enumerate(tqdm(iterator, total=len(loader), unit="batch", desc="sample table", mininterval=2), 1):
+        if number in marks:
+            seen.append((number / len(loader), [private_mb(pid) or 0.0 for pid in pids]))
+    return seen
 
 
 def bench_imagenet_size(*, scratch: Path, classes: int, per_class: int, val_per_class: int, backend: str, ranks: int,
@@ -191,5 +230,12 @@ def bench_imagenet_size(*, scratch: Path, classes: int, per_class: int, val_per_
         for role, mb in result["before"].items():
             later = result["after"].get(role)
             print(f"  {role:<32} {mb:8.1f} -> " + (f"{later:8.1f}" if later is not None else "exited"))
+    if backend == "torch":
+        readings = walk_sample_table(tree, scratch / "index", workers)
+        print(f"the sample table read in full by {workers} forked loader processes (path and label of every "
+              f"training sample, shuffled, not decoded); private memory, MB, at "
+              f"{', '.join(f'{100 * share:.0f}%' for share, _ in readings)} of the epoch:")  # fmt: skip
+        for worker in range(workers):
+            print(f"    loader worker {worker}: " + " -> ".join(f"{mb[worker]:.1f}" for _, mb in readings))
     print(f"[{backend} path, {ranks} rank{'s' * (ranks > 1)}, {workers} loader processes per rank, batch {batch} per "
           f"rank, ResNet-18 at 32x32, {os.cpu_count()} CPUs]")  # fmt: skip

@@ -135,7 +135,9 @@ class TrainConfig:
     # | "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
     precision: Precision = "auto"
     channels_last: bool = True  # NHWC memory layout for the convolutions
-    threads: int | None = None  # torch's CPU threads per rank; None: the rank's share of the cores less its workers
+    # torch's CPU threads per rank; None: on a CPU every core of the rank, on a GPU the cores its workers leave
+    # (trainer.hardware.plan_threads)
+    threads: int | None = None
     compile: bool = False  # torch.compile the model
     accumulation: int = 1  # micro-batches per update: each rank forwards data.batch_size / (world x accumulation)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": cuda if present

@@ -161,7 +161,9 @@ def plan_threads(
 
 
 def _shared(cores: int, wanted: int) -> str:
-    return f" (sharing the {cores} cores)" if wanted > cores else ""
+    if wanted <= cores:
+        return ""
+    return " (sharing the core)" if cores == 1 else f" (sharing the {cores} cores)"
 
 
 # A loader that keeps the step waiting for more than this share of a log window gets one more worker process.
