@@ -11,9 +11,7 @@ from typing import Any, Protocol
 import torch
 
 from data_pipeline.config import DataConfig
-from data_pipeline.torch_loader import Batch, build_torch_train_loader, build_torch_val_loader
-
-CPU = torch.device("cpu")
+from data_pipeline.torch_loader import CPU, Batch, build_torch_train_loader, build_torch_val_loader
 
 
 class TrainBatches(Protocol):
@@ -44,7 +42,7 @@ def build_train_loader(
         from data_pipeline.cifar_tensors import build_cifar_train_loader
 
         return build_cifar_train_loader(config, rank=rank, world_size=world_size, seed=seed, device=device)
-    return build_torch_train_loader(config, rank=rank, world_size=world_size, seed=seed)
+    return build_torch_train_loader(config, rank=rank, world_size=world_size, seed=seed, device=device)
 
 
 def build_val_loader(

@@ -19,20 +19,22 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
 from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
-from data_pipeline.transforms import build_eval_transform, build_train_transform
+from data_pipeline.transforms import build_eval_transform, build_train_transform, normalize_batch, normalizes_in_batches
 
 log = logging.getLogger(__name__)
 
+CPU = torch.device("cpu")
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized float32), labels (N, int64)
 
 
 class AugmentedDataset(Dataset):
     """Applies the training transform to the epoch's crop size to sample ``index``, with the torch RNG seeded by the
-    sampler's seed (``CropSampler``'s keys)."""
+    sampler's seed (``CropSampler``'s keys); uint8 out where the batches are normalized whole (``TrainLoader``)."""
 
     def __init__(self, dataset: Dataset, config: DataConfig) -> None:
         self.dataset = dataset
         self.config = config
+        self.normalize = not normalizes_in_batches(config)
         self.transforms: dict[int, v2.Compose] = {}  # per crop size, built where first needed (each worker)
 
     def __len__(self) -> int:
@@ -42,7 +44,7 @@ class AugmentedDataset(Dataset):
         index, seed, crop = key
         image, label = self.dataset[index]
         if crop not in self.transforms:
-            self.transforms[crop] = build_train_transform(self.config, crop)
+            self.transforms[crop] = build_train_transform(self.config, crop, normalize=self.normalize)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched (num_workers=0)
             torch.manual_seed(seed)
             return self.transforms[crop](image), label
@@ -68,6 +70,8 @@ class TrainLoader:
     sampler: ShardedEpochSampler
     classes: list[str]
     channels: int = 3  # image files are decoded to RGB
+    normalize: DataConfig | None = None  # uint8 batches from the workers, normalized whole on ``device``
+    device: torch.device = CPU
 
     @property
     def batches_per_epoch(self) -> int:
@@ -76,7 +80,11 @@ class TrainLoader:
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The batches of ``epoch`` from ``start_batch`` on."""
         self.sampler.set_epoch(epoch, start_batch)
-        return from_workers(self.loader)
+        batches = from_workers(self.loader)
+        if self.normalize is None:
+            return batches
+        return ((normalize_batch(images.to(self.device, non_blocking=True), self.normalize), labels)
+                for images, labels in batches)  # fmt: skip
 
 
 def from_workers(loader: DataLoader) -> Iterator[Batch]:
@@ -108,7 +116,9 @@ def _loader_options(config: DataConfig) -> dict:
     }
 
 
-def build_torch_train_loader(config: DataConfig, *, rank: int, world_size: int, seed: int) -> TrainLoader:
+def build_torch_train_loader(
+    config: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device = CPU
+) -> TrainLoader:
     """Image files (ImageFolder, WebDataset shards) read and augmented one at a time in DataLoader workers."""
     assert not config.in_memory, "CIFAR and IDX data go through data_pipeline.cifar_tensors"
     dataset = open_dataset(config.root, config.format, train=True, index_dir=config.index_dir)
@@ -117,7 +127,8 @@ def build_torch_train_loader(config: DataConfig, *, rank: int, world_size: int, 
     sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
     loader = DataLoader(AugmentedDataset(dataset, config), batch_size=sampler.per_rank,
                         sampler=CropSampler(sampler, config), drop_last=True, **_loader_options(config))  # fmt: skip
-    return TrainLoader(loader, sampler, dataset.classes)
+    normalize = config if normalizes_in_batches(config) else None
+    return TrainLoader(loader, sampler, dataset.classes, normalize=normalize, device=device)
 
 
 class _Transformed(Dataset):

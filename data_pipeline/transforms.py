@@ -122,10 +122,20 @@ def _to_normalized(config: DataConfig) -> list[nn.Module]:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(config.mean, config.std)]
 
 
-def build_train_transform(config: DataConfig, crop: int | None = None) -> v2.Compose:
+def normalizes_in_batches(config: DataConfig) -> bool:
+    """Whether the torch path's training images leave the loader processes as uint8 and are normalized a batch at a
+    time on the training device (``normalize_batch``, the same arithmetic): where nothing between the crop and the
+    normalization needs floats (no lighting noise, no random erasing). A quarter of the bytes cross to the trainer,
+    and one vectorized op replaces one per image in the processes that share the CPU with the step; timm's loader
+    does the same."""
+    return config.lighting_std == 0 and config.random_erase == 0
+
+
+def build_train_transform(config: DataConfig, crop: int | None = None, *, normalize: bool = True) -> v2.Compose:
     """One image file's training augmentation to a ``crop`` x ``crop`` image (default data.crop_size; progressive
     resizing asks for the epoch's), then data.auto_augment, the lighting noise, normalization and data.random_erase
-    (CIFAR's is ``augment_cifar_batch``, on whole batches, with ``augment_each`` for these last)."""
+    (CIFAR's is ``augment_cifar_batch``, on whole batches, with ``augment_each`` for these last). ``normalize=False``
+    (only where ``normalizes_in_batches``): the uint8 image after the auto-augmentation."""
     crop = crop or config.crop_size
     if config.train_augment == "scale":
         resize_crop = [
@@ -135,10 +145,12 @@ def build_train_transform(config: DataConfig, crop: int | None = None) -> v2.Com
     else:
         resize_crop = [v2.RandomResizedCrop(crop, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True)]
     flip = [v2.RandomHorizontalFlip()] if config.flip else []
-    return v2.Compose([*resize_crop, *flip, *after_crop(config)])
+    return v2.Compose([*resize_crop, *flip, *after_crop(config, normalize=normalize)])
 
 
-def after_crop(config: DataConfig, *, lighting: bool = True, erase: bool = True) -> list[nn.Module]:
+def after_crop(
+    config: DataConfig, *, lighting: bool = True, erase: bool = True, normalize: bool = True
+) -> list[nn.Module]:
     """What follows the crop and flip, on a uint8 image: the auto-augmentation, then to float with the lighting
     noise (ImageNet's, not CIFAR's), normalization and random erasing (to 0, the mean, as torchvision's recipe
     erases; CIFAR tensors erase whole batches instead)."""
@@ -149,6 +161,9 @@ def after_crop(config: DataConfig, *, lighting: bool = True, erase: bool = True)
     }[config.auto_augment]
     lighting = [PCALighting(config.lighting_std)] if config.lighting_std > 0 and lighting else []
     erasing = [v2.RandomErasing(p=config.random_erase, value=0)] if config.random_erase > 0 and erase else []
+    if not normalize:
+        assert not lighting and not erasing, "lighting and erasing need floats: normalizes_in_batches is false"
+        return auto
     return [*auto, v2.ToDtype(torch.float32, scale=True), *lighting, v2.Normalize(config.mean, config.std), *erasing]
 
 

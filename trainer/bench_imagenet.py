@@ -195,7 +195,7 @@ def walk_sample_table(tree: Path, index_dir: Path, workers: int, readings: int =
     ``1/readings`` of an epoch in which ``workers`` forked DataLoader workers read every training sample's path and
     label once."""
     dataset = open_dataset(tree, "imagefolder", train=True, index_dir=index_dir)
-    batch = 4096
+    batch = max(1, min(4096, len(dataset) // (4 * readings)))  # a few batches per reading on a small tree
     loader = DataLoader(SampleTable(dataset), batch_size=batch, shuffle=True, num_workers=workers,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
     iterator = iter(loader)

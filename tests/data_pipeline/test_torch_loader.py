@@ -100,3 +100,20 @@ def test_batch_larger_than_the_data_set(cifar_root, imagefolder_root):
         build_loader(cifar_config(cifar_root, batch_size=1000), rank=0, world_size=1, seed=0)
     with pytest.raises(UserError, match="data.batch_size=1000"):
         build_loader(DataConfig(root=str(imagefolder_root), batch_size=1000), rank=0, world_size=1, seed=0)
+
+
+def test_workers_hand_over_uint8_and_the_whole_batch_is_normalized_as_each_image_was(imagefolder_root):
+    from data_pipeline.torch_loader import AugmentedDataset
+
+    config = DataConfig(root=str(imagefolder_root), batch_size=4, workers=0, scale_min=40, scale_max=56, crop_size=32,
+                        lighting_std=0.0)  # fmt: skip
+    loader = build_train_loader(config, rank=0, world_size=1, seed=7)
+    keys = list(loader.loader.sampler)[:4]
+    assert loader.loader.dataset[keys[0]][0].dtype == torch.uint8
+    per_image = AugmentedDataset(loader.loader.dataset.dataset, config)
+    per_image.normalize = True
+    images, _ = next(iter(loader.epoch(0)))
+    assert images.dtype == torch.float32
+    assert torch.equal(images, torch.stack([per_image[key][0] for key in keys]))
+    with_lighting = build_train_loader(replace(config, lighting_std=0.1), rank=0, world_size=1, seed=7)
+    assert with_lighting.normalize is None and with_lighting.loader.dataset[keys[0]][0].dtype == torch.float32
