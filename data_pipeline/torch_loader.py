@@ -19,7 +19,13 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import SkippingCorrupt, open_dataset
 from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
 from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
-from data_pipeline.transforms import build_eval_transform, build_train_transform, normalize_batch, normalizes_in_batches
+from data_pipeline.transforms import (
+    build_eval_transform,
+    build_train_transform,
+    normalize_batch,
+    normalizes_in_batches,
+    seed_cpu_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ class AugmentedDataset(Dataset):
         if crop not in self.transforms:
             self.transforms[crop] = build_train_transform(self.config, crop, normalize=self.normalize)
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG untouched (num_workers=0)
-            torch.manual_seed(seed)
+            seed_cpu_generator(seed)
             return self.transforms[crop](image), label
 
 

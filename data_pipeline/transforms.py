@@ -167,13 +167,20 @@ def after_crop(
     return [*auto, v2.ToDtype(torch.float32, scale=True), *lighting, v2.Normalize(config.mean, config.std), *erasing]
 
 
+def seed_cpu_generator(seed: int) -> None:
+    """Seeds the CPU generator that torchvision's transforms draw from. ``torch.manual_seed`` would seed every
+    CUDA generator too, and where CUDA is not initialized (a loader worker) it queues that call with a captured
+    traceback each time: 0.13 ms per image, a quarter of a 112-pixel crop's whole augmentation."""
+    torch.default_generator.manual_seed(seed)
+
+
 def augment_each(images: torch.Tensor, seeds: np.ndarray, transform: nn.Module) -> torch.Tensor:
     """``transform`` of each uint8 image of a batch with torch's generator seeded by the image's own seed (the ops of
     an auto-augmentation differ per image; torchvision draws them from torch's global generator)."""
     out = []
     with torch.random.fork_rng(devices=[]):
         for image, seed in zip(images, seeds.tolist(), strict=True):
-            torch.manual_seed(seed)
+            seed_cpu_generator(seed)
             out.append(transform(image))
     return torch.stack(out)
 
