@@ -35,12 +35,13 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images (N x 3 x H x W, normalized f
 
 class AugmentedDataset(Dataset):
     """Applies the training transform to the epoch's crop size to sample ``index``, with the torch RNG seeded by the
-    sampler's seed (``CropSampler``'s keys); uint8 out where the batches are normalized whole (``TrainLoader``)."""
+    sampler's seed (``CropSampler``'s keys); uint8 out unless ``normalize`` (else the batches are normalized whole:
+    ``TrainLoader``)."""
 
-    def __init__(self, dataset: Dataset, config: DataConfig) -> None:
+    def __init__(self, dataset: Dataset, config: DataConfig, *, normalize: bool) -> None:
         self.dataset = dataset
         self.config = config
-        self.normalize = not normalizes_in_batches(config)
+        self.normalize = normalize
         self.transforms: dict[int, v2.Compose] = {}  # per crop size, built where first needed (each worker)
 
     def __len__(self) -> int:
@@ -131,10 +132,10 @@ def build_torch_train_loader(
     if config.skip_corrupt:
         dataset = SkippingCorrupt(dataset)
     sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
-    loader = DataLoader(AugmentedDataset(dataset, config), batch_size=sampler.per_rank,
+    batched = normalizes_in_batches(config)
+    loader = DataLoader(AugmentedDataset(dataset, config, normalize=not batched), batch_size=sampler.per_rank,
                         sampler=CropSampler(sampler, config), drop_last=True, **_loader_options(config))  # fmt: skip
-    normalize = config if normalizes_in_batches(config) else None
-    return TrainLoader(loader, sampler, dataset.classes, normalize=normalize, device=device)
+    return TrainLoader(loader, sampler, dataset.classes, normalize=config if batched else None, device=device)
 
 
 class _Transformed(Dataset):

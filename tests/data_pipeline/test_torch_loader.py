@@ -110,8 +110,7 @@ def test_workers_hand_over_uint8_and_the_whole_batch_is_normalized_as_each_image
     loader = build_train_loader(config, rank=0, world_size=1, seed=7)
     keys = list(loader.loader.sampler)[:4]
     assert loader.loader.dataset[keys[0]][0].dtype == torch.uint8
-    per_image = AugmentedDataset(loader.loader.dataset.dataset, config)
-    per_image.normalize = True
+    per_image = AugmentedDataset(loader.loader.dataset.dataset, config, normalize=True)
     images, _ = next(iter(loader.epoch(0)))
     assert images.dtype == torch.float32
     assert torch.equal(images, torch.stack([per_image[key][0] for key in keys]))
