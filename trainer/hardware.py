@@ -30,8 +30,9 @@ from trainer.distributed import LaunchEnv
 class CpuFacts:
     model: str
     isa: str  # the widest vector ISA torch dispatches to: "AMX", "AVX512", "AVX2", ...
-    bf16_native: bool  # AVX512-BF16 or AMX-BF16: bf16 matrix products in hardware
+    bf16_native: bool  # bf16 matrix products in hardware, as torch will run them (see ``detect_cpu``)
     cores: int  # the cores this process may run on (its affinity mask)
+    bf16_flags: bool = False  # the CPU's own flags: AVX512-BF16 or AMX-BF16
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,15 @@ def usable_cores() -> int:
 
 
 def detect_cpu() -> CpuFacts:
+    """The CPU as torch will run it. bf16 is native only where the CPU has the instructions *and* oneDNN will use
+    them: a container, a VM or an administrator can cap the ISA (``ONEDNN_MAX_CPU_ISA=AVX2``,
+    ``ATEN_CPU_CAPABILITY=avx2``), and oneDNN then emulates bf16, the 12x-slower case."""
     flags = cpu_flags()
-    isa = "AMX" if flags["amx_bf16"] else torch.backends.cpu.get_cpu_capability()
-    return CpuFacts(cpu_model(), isa, flags["avx512_bf16"] or flags["amx_bf16"], usable_cores())
+    has_flags = flags["avx512_bf16"] or flags["amx_bf16"]
+    onednn_bf16 = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    aten = torch.backends.cpu.get_cpu_capability()
+    isa = "AMX" if flags["amx_bf16"] and onednn_bf16 and aten != "AVX2" else aten
+    return CpuFacts(cpu_model(), isa, has_flags and onednn_bf16, usable_cores(), bf16_flags=has_flags)
 
 
 def detect_gpus() -> list[GpuFacts]:
@@ -102,6 +109,10 @@ def choose_precision(requested: str, *, device_type: str, cpu: CpuFacts, gpu: Gp
         return "fp16", f"{gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]}) has no bf16"
     if cpu.bf16_native:
         return "bf16", f"{cpu.model} computes bf16 natively ({cpu.isa})"
+    if cpu.bf16_flags:
+        return "fp32", (f"{cpu.model} has bf16 instructions, but torch will not use them here ({cpu.isa}, oneDNN "
+                        f"without bf16: an ISA cap such as ONEDNN_MAX_CPU_ISA?): bf16 autocast would be emulated, "
+                        f"about 12x slower")  # fmt: skip
     return "fp32", f"{cpu.model} ({cpu.isa}) has no native bf16: bf16 autocast would be emulated, about 12x slower"
 
 
@@ -312,9 +323,11 @@ def environment(launch: LaunchEnv | None = None) -> dict[str, Any]:
 
 def format_environment(facts: dict[str, Any]) -> str:
     cpu, auto = facts["cpu"], facts["auto_precision"]
+    native = cpu["bf16_native"]
     lines = [
         f"host        {facts['host']}",
-        f"cpu         {cpu['model']}, {cpu['isa']}, bf16 {'native' if cpu['bf16_native'] else 'not native'}, "
+        f"cpu         {cpu['model']}, {cpu['isa']}, bf16 {'native' if native else 'not native'} "
+        f"(instructions {'yes' if cpu['bf16_flags'] else 'no'}, used by torch {'yes' if native else 'no'}), "
         f"{cpu['cores']} usable cores ({facts['rank_cores']['cores']} for this rank: {facts['rank_cores']['source']})",
     ]
     for index, gpu in enumerate(facts["gpus"]):

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -149,6 +150,27 @@ def test_residual_env_says_what_auto_picks_here():
     assert facts["auto_precision"]["precision"] == ("bf16" if cpu.bf16_native else "fp32")
     assert "gloo" in facts["distributed_backends"] and facts["versions"]["torch"] == torch.__version__
     assert facts["dali"]["cpu_mode"] is True  # DALI's CPU-only mode runs on every machine of this project
+
+
+def test_auto_decides_from_what_torch_will_run_not_from_the_cpus_flags():
+    """A container or an administrator capping the ISA: the CPU has AVX512-BF16, torch will not use it."""
+    capped = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result = subprocess.run([sys.executable, "-m", "trainer.cli", "env", "--json"], capture_output=True, text=True,
+                            check=True, env=capped)  # fmt: skip
+    facts = json.loads(result.stdout)
+    assert facts["cpu"]["isa"] == "AVX2" and facts["cpu"]["bf16_native"] is False
+    assert facts["cpu"]["bf16_flags"] == detect_cpu().bf16_flags  # the instructions are still there
+    assert facts["auto_precision"]["precision"] == "fp32"
+    text = subprocess.run([sys.executable, "-m", "trainer.cli", "env"], capture_output=True, text=True, check=True,
+                          env=capped).stdout  # fmt: skip
+    instructions = "yes" if detect_cpu().bf16_flags else "no"
+    assert f"bf16 not native (instructions {instructions}, used by torch no)" in text
+
+
+def test_auto_names_an_isa_cap_when_the_instructions_are_there_but_unused():
+    capped = CpuFacts("AMD EPYC 9B14", "AVX2", bf16_native=False, cores=2, bf16_flags=True)
+    precision, reason = choose_precision("auto", device_type="cpu", cpu=capped, gpu=None)
+    assert precision == "fp32" and "torch will not use them" in reason
 
 
 def test_with_dali_the_readers_take_a_quarter_and_dalis_threads_decode_beside_torch():
