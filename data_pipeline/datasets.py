@@ -25,13 +25,20 @@ CIFAR_TEST_BATCH = "test_batch"
 CIFAR100_FILES, CIFAR100_META = {True: "train", False: "test"}, "meta"
 
 
+# One rule for every decoder here, both backends and `residual data verify`: an image is damaged when it cannot be
+# decoded, never for its size. Pillow refuses more than 179 million pixels as a possible decompression bomb (a
+# traceback, in training); DALI decodes any size, and photo collections hold panoramas of 20,000 x 10,000 (200
+# million). JPEG itself stops at 65,535 pixels a side.
+Image.MAX_IMAGE_PIXELS = None
+
+
 def decode_rgb(path: str) -> torch.Tensor:
     """Pillow, as torchvision's ImageFolder (torchvision.io's decoders are deprecated since 0.29)."""
     try:
         with Image.open(path) as image:
             return pil_to_tensor(image.convert("RGB"))
-    except OSError as error:  # Pillow's UnidentifiedImageError and truncated-file errors are OSErrors
-        raise CorruptImage(path, str(error)) from None
+    except (OSError, ValueError) as error:  # Pillow's UnidentifiedImageError and truncated files are OSErrors
+        raise CorruptImage(path, f"{type(error).__name__}: {error}") from None
 
 
 class ImageFolderDataset(Dataset):
@@ -113,6 +120,12 @@ class CifarDataset(Dataset):
                                                                                        b"label_names")  # fmt: skip
         if meta.is_file():
             self.classes = [name.decode() for name in _read_cifar_batch(meta)[names_key]]
+            files = np.repeat(np.arange(len(names)), [len(batch[key]) for batch in batches])
+            index = first_outside(self.labels.numpy(), len(self.classes))
+            if index is not None:
+                number = index - int(np.searchsorted(files, files[index]))
+                raise UserError(f"{root / names[files[index]]}: label {int(self.labels[index])} of image {number} is "
+                                f"{outside_the_classes(len(self.classes), meta)}")  # fmt: skip
         else:
             self.classes = [str(i) for i in range(int(self.labels.max()) + 1)]
 
@@ -121,6 +134,17 @@ class CifarDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
+
+
+def first_outside(labels: np.ndarray, classes: int) -> int | None:
+    """The position of the first label that is not a class (0 to ``classes`` - 1), or None: a label past the model's
+    classes fails the first step with "Target 12 is out of bounds", so each data set checks at opening."""
+    outside = np.flatnonzero((labels < 0) | (labels >= classes))
+    return int(outside[0]) if len(outside) else None
+
+
+def outside_the_classes(classes: int, source: Path | str) -> str:
+    return f"outside the {classes} classes (0-{classes - 1}) of {source}"
 
 
 def check_same_classes(expected: list[str], found: list[str], *, where: str, expected_are: str) -> None:

@@ -6,11 +6,11 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from data_pipeline.errors import UserError
+from data_pipeline.datasets import decode_rgb
+from data_pipeline.errors import CorruptImage, UserError
 
 
 def image_files(root: Path) -> list[str]:
@@ -23,12 +23,12 @@ def image_files(root: Path) -> list[str]:
 
 
 def decode_error(path: Path) -> str | None:
-    """Why ``path`` is not a decodable image, or None. ``load`` decodes every pixel, so truncated files fail."""
+    """Why ``path`` is not an image training can read, or None: it is decoded as training decodes it, every pixel
+    (so truncated files fail), under the same rule (``decode_rgb``: damaged when undecodable, whatever the size)."""
     try:
-        with Image.open(path) as image:
-            image.load()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        return f"{type(error).__name__}: {error}"
+        decode_rgb(str(path))
+    except CorruptImage as error:
+        return error.reason
     return None
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from data_pipeline.datasets import ImageFolderDataset
+from data_pipeline.datasets import ImageFolderDataset, first_outside, outside_the_classes
 from data_pipeline.errors import CorruptImage, UserError
 
 INDEX_VERSION = "v1.2"
@@ -85,6 +85,12 @@ class WebDatasetDataset(Dataset):
         classes = root.parent / "classes.txt"
         count = int(self.labels.max()) + 1
         self.classes = classes.read_text().split() if classes.is_file() else [str(i) for i in range(count)]
+        index = first_outside(self.labels, len(self.classes))
+        if index is not None:
+            shard = self.shard_of[index]
+            number = index - int(np.searchsorted(self.shard_of, shard))
+            raise UserError(f"{self.shards[shard]}: sample {number} has label {self.labels[index]}, "
+                            f"{outside_the_classes(len(self.classes), classes)}")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -90,3 +90,59 @@ def test_cifar_batches_of_other_images_are_refused_with_the_file(cifar_root, tmp
     with pytest.raises(UserError, match="data_batch_2: 80 images but 79 labels"):
         open_dataset(root, "cifar", train=True)
     assert len(open_dataset(root, "cifar", train=False)) == 100  # the test batch is whole
+
+
+def test_a_cifar_label_outside_the_classes_is_refused_at_start_in_one_line(cifar_root, tmp_path):
+    """Label 12 where batches.meta names 10 classes: it failed the first step ("Target 12 is out of bounds")."""
+    import pickle
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "cifar"
+    shutil.copytree(cifar_root, root)
+    with open(root / "data_batch_3", "rb") as file:
+        batch = pickle.load(file, encoding="bytes")
+    batch[b"labels"][5] = 12
+    with open(root / "data_batch_3", "wb") as file:
+        pickle.dump(batch, file)
+    before = {path: path.read_bytes() for path in root.iterdir()}
+    command = [sys.executable, "-m", "trainer", "configs/quickstart.yaml", f"data.root={root}", "data.synthesize=null",
+               "log.progress=false", f"train.output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    result = subprocess.run(command, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1] == (f"residual: error: {root / 'data_batch_3'}: label 12 of image 5 is "
+                                              f"outside the 10 classes (0-9) of {root / 'batches.meta'}")  # fmt: skip
+    assert before == {path: path.read_bytes() for path in root.iterdir()}
+    assert not list((tmp_path / "runs").rglob("*.pt"))
+
+
+@pytest.fixture(scope="module")
+def with_a_panorama(imagefolder_root, tmp_path_factory):
+    """A 20,000 x 10,000 JPEG in train/: 200 million pixels, past Pillow's decompression-bomb limit (179 million)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("panorama") / "set"
+    shutil.copytree(imagefolder_root, root)
+    panorama = next((root / "train").iterdir()) / "panorama.JPEG"
+    Image.new("RGB", (20_000, 10_000), (200, 120, 40)).save(panorama, quality=50)
+    return root, panorama
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "workers"), [("torch", 0), ("torch", 1), ("dali", 1)])
+def test_a_huge_image_is_decoded_like_any_other_on_both_backends(with_a_panorama, backend, workers):
+    """The rule: an image is damaged when it cannot be decoded, never for its size (DALI has no limit)."""
+    root, _ = with_a_panorama
+    settings = config(root, backend, skip=False, workers=workers)
+    settings.batch_size = 7  # 49 images: every one read in 7 batches
+    loader = build_train_loader(settings, rank=0, world_size=1, seed=0)
+    assert sum(len(labels) for _, labels in loader.epoch(0)) == 49
+
+
+@pytest.mark.slow
+def test_verify_passes_a_huge_image(with_a_panorama):
+    from data_pipeline.verify import verify_images
+
+    root, _ = with_a_panorama
+    assert verify_images(root / "train", workers=1) == (49, [])

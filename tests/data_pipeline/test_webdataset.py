@@ -83,3 +83,18 @@ def test_a_sample_without_label_or_index_is_named(shards, tmp_path):
         open_dataset(tmp_path, "webdataset", train=False)
     with pytest.raises(UserError, match="no train/ or val/ folder"):
         shard_imagefolder(tmp_path / "nothing", tmp_path / "out", shard_size=5)
+
+
+def test_a_label_outside_the_classes_is_named_with_its_shard_and_sample(shards, tmp_path):
+    broken = tmp_path / "train"
+    broken.mkdir()
+    for path in (shards / "train").iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (tmp_path / "classes.txt").write_text((shards / "classes.txt").read_text())  # 4 classes
+    labels = (broken / "shard-000001.labels").read_text().split()
+    labels[7] = "9"
+    (broken / "shard-000001.labels").write_text("\n".join(labels) + "\n")
+    with pytest.raises(UserError) as raised:
+        open_dataset(tmp_path, "webdataset", train=True)
+    assert str(raised.value) == (f"{broken / 'shard-000001.tar'}: sample 7 has label 9, outside the 4 classes (0-3) "
+                                 f"of {tmp_path / 'classes.txt'}")  # fmt: skip
