@@ -36,7 +36,7 @@ from data_pipeline.sampling import (
     training_sampler,
     val_share,
 )
-from data_pipeline.torch_loader import Batch
+from data_pipeline.torch_loader import Batch, interrupts_ignored
 from data_pipeline.transforms import (
     CIFAR_PADDING,
     ERASE_COLUMNS,
@@ -418,7 +418,8 @@ class DaliTrainLoader:
             self._pipeline = build_train_pipeline(
                 self.source, self.source.config, self.device, batch=self.sampler.per_rank
             )
-            self._pipeline.build()
+            with interrupts_ignored():  # its reader processes: Ctrl-C is the trainer's
+                self._pipeline.build()
         self._next_epoch = None
 
         def finished() -> None:
@@ -549,7 +550,8 @@ class DaliEvalLoader:
     def __iter__(self) -> Iterator[Batch]:
         if not self.ready:
             self.pipeline = build_eval_pipeline(self.source, self.config, self.device, protocol=self.protocol)
-            self.pipeline.build()
+            with interrupts_ignored():
+                self.pipeline.build()
         self.ready = False
         return run_pipeline(self.pipeline, lambda: setattr(self, "ready", True), self.source.explain)
 

@@ -8,7 +8,10 @@ resumed run sees the same images with the same crops, whatever the number of loa
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -115,11 +118,33 @@ class EvalBatches:
         return from_workers(self.loader)
 
 
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """In a loader process: Ctrl-C is the trainer's to answer. The terminal sends SIGINT to the whole process
+    group, and the trainer finishes its step and writes a checkpoint; a worker that died of it would end the epoch
+    under it ("DataLoader worker exited unexpectedly")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def interrupts_ignored() -> Iterator[None]:
+    """For processes started in here (DALI's reader processes, spawned): they inherit SIGINT ignored, through fork
+    and exec alike, and Python leaves an ignored SIGINT so. A Ctrl-C in this short window is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _loader_options(config: DataConfig) -> dict:
     return {
         "num_workers": config.workers,
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": config.workers > 0,
+        "worker_init_fn": ignore_interrupts if config.workers > 0 else None,
     }
 
 

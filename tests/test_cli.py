@@ -207,7 +207,7 @@ RUN_TMPDIR = """
 import multiprocessing.util, os, sys, tempfile
 from pathlib import Path
 from trainer.distributed import LaunchEnv
-from trainer.run import use_run_tmpdir
+from trainer.run_dir import use_run_tmpdir
 use_run_tmpdir(Path(sys.argv[1]), LaunchEnv(rank=1, world_size=2))
 print(tempfile.gettempdir(), os.environ.get("TMPDIR"), multiprocessing.util.get_temp_dir(), sep="\\n")
 """

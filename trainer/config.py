@@ -215,7 +215,7 @@ class LogConfig:
     """Training metrics in TensorBoard and metrics.jsonl (trainer.metrics.MetricsProcessor)."""
 
     every: int = 20  # iterations between training metrics
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar when stderr is a terminal; else, and when false, a line per window
 
     def __post_init__(self) -> None:
         require(self.every >= 1, "log.every", self.every, "must be >= 1")

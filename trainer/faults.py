@@ -1,19 +1,27 @@
-"""Stopping cleanly: on a preemption or time-limit signal, and on a loss that is no longer finite.
+"""Stopping cleanly: on Ctrl-C, on a preemption or time-limit signal, and on a loss that is no longer finite.
 
 SLURM sends SIGUSR1 (or what ``--signal`` names) some time before it preempts a job or its time runs out, and
 SIGTERM at the end; submitit 1.5 uses SIGUSR2 for its own checkpointing. Each only sets a flag: the loop finishes
 the step it is in (all ranks agree on the flag), writes a checkpoint and exits with ``REQUEUE_EXIT_CODE``, which
 the cluster layer requeues on. (SIGUSR1 is known to clash with NCCL on some clusters: SLURM's ``--signal`` can
 name SIGUSR2 or SIGTERM instead.)
+
+Ctrl-C (SIGINT) stops the same way, and exits 130, as a shell reports an interrupted command: a person stopped the
+run, so nothing requeues it. A second Ctrl-C stops at once. torchrun forwards the terminal's Ctrl-C to its ranks,
+which had it already from the terminal: a second SIGINT within ``SAME_INTERRUPT_S`` of the first is the same one.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import time
 from types import FrameType
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+SAME_INTERRUPT_S = 1.0
 
 
 class TrainingStopped(Exception):
@@ -24,6 +32,10 @@ class TrainingStopped(Exception):
 
 class Preempted(TrainingStopped):
     exit_code = REQUEUE_EXIT_CODE
+
+
+class Interrupted(TrainingStopped):
+    exit_code = INTERRUPT_EXIT_CODE
 
 
 class NonFiniteLoss(TrainingStopped):
@@ -39,6 +51,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self._at = 0.0  # when it came (monotonic seconds)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -52,8 +65,17 @@ class StopSignals:
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         if self.received is None:
-            self.received = number
+            self.received, self._at = number, time.monotonic()
+        elif number == signal.SIGINT and time.monotonic() - self._at > SAME_INTERRUPT_S:
+            os.write(2, b"residual: stopped at once by a second Ctrl-C; the last checkpoint is kept\n")
+            os._exit(INTERRUPT_EXIT_CODE)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.received == signal.SIGINT
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
+        if self.received is None:
+            return "a signal on another rank"
+        return "Ctrl-C (SIGINT)" if self.interrupted else signal.Signals(self.received).name

@@ -29,10 +29,11 @@ from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import LaunchEnv, average_bn_buffers, barrier, init_process_group, pick_device
 from trainer.ema import WeightAverage, build_weight_average
 from trainer.evaluate import EvalResult, evaluate
-from trainer.faults import NonFiniteLoss, Preempted, StopSignals
+from trainer.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
 from trainer.hardware import LoaderTuner, environment, format_environment, resolve_auto
 from trainer.metrics import MetricsProcessor
 from trainer.mixing import BatchMixer
+from trainer.run_dir import claim_run_dir, use_run_tmpdir
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
 from trainer.step import LateFlags, Stepper, build_stepper
@@ -44,13 +45,16 @@ log = logging.getLogger(__name__)
 def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     """Train to the run's last iteration (resuming when a checkpoint is found) and end with the final evaluation
     (``eval.final_protocol``); a run that had finished is evaluated again."""
+    device = pick_device(config.train.device, launch)
+    init_process_group(launch, device)
+    run_dir = Path(config.train.output_dir) / config.train.run_name
+    claim_run_dir(run_dir, launch, device)  # before anything is written or logged: one line if another run holds it
+    use_run_tmpdir(run_dir, launch)
     facts = environment(launch) if launch.is_main else {}
     if launch.is_main:
         log.info("this machine:\n%s", format_environment(facts))
-    device = pick_device(config.train.device, launch)
     config, choices, tuner = resolve_auto(config, launch, device)
     if config.data.index_dir is None:  # an image folder is listed once, into the run directory
-        run_dir = Path(config.train.output_dir) / config.train.run_name
         config = replace(config, data=replace(config.data, index_dir=str(run_dir / "index")))
     for line in choices:
         log.info("%s", line)
@@ -63,6 +67,11 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
         classes=run.loader.classes, total_iterations=run.total_iterations,
     )  # fmt: skip
     saved_window = checkpoints.resume(state)
+    if state.iteration > run.total_iterations:
+        raise UserError(
+            f"train.iterations={run.total_iterations}: the run's checkpoint is at iteration {state.iteration}, past "
+            f"it; train on with more iterations, or evaluate it with `residual eval {latest_checkpoint(run.run_dir)}`"
+        )
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
     dataset = identify(config.data, run.loader.classes)
     log.info("data set: %s (%s)", title(dataset), config.data.root)
@@ -70,6 +79,7 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     metrics = MetricsProcessor(
         run_log, launch=launch, device=device, log_every=config.log.every, progress=config.log.progress,
         images_per_step=config.global_batch(), iterations=(state.iteration, run.total_iterations),
+        iterations_per_epoch=run.loader.batches_per_epoch,
         flops=(run.peak_flops, run.flops_per_image), data_stats=(config.data.mean, config.data.std),
     )  # fmt: skip
     if saved_window is not None:
@@ -157,8 +167,7 @@ class Run:
 
 
 def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
-    """``config`` with its ``auto`` settings resolved (``resolve_auto``)."""
-    init_process_group(launch, device)
+    """``config`` with its ``auto`` settings resolved (``resolve_auto``), in its process group."""
     if launch.is_main and ensure_synthetic(config.data):
         log.info("wrote synthetic data to %s", config.data.root)
     check_folder_classes(config.data.root, config.data.format)
@@ -250,8 +259,9 @@ def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager
             if saving or stop:
                 checkpoints.save(state, metrics)
             if stop:
-                raise Preempted(f"stopped by {signals.name} at iteration {state.iteration} of {run.total_iterations}; "
-                                f"checkpoint written; a new start resumes from it")  # fmt: skip
+                stopped = Interrupted if signals.interrupted else Preempted
+                raise stopped(f"stopped by {signals.name} at iteration {state.iteration} of {run.total_iterations}; "
+                              f"checkpoint written; the same command again resumes from it")  # fmt: skip
             if evaluating:
                 result = evaluate_and_log(run, state, metrics)
             if state.iteration == run.total_iterations:

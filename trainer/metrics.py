@@ -1,6 +1,7 @@
 """The training metrics and when they are logged: the running loss and top-1/top-5 of a log window (kept on the
 device), this rank's wait for data and step time, images/s, the model FLOP utilization, each rank's peak memory,
-the progress bar, and the evaluations' records. The loop calls ``record`` after each step and ``flush`` at a log
+the progress shown (a bar on a terminal; a plain line per window for a job's log file), and the evaluations'
+records. The loop calls ``record`` after each step and ``flush`` at a log
 point; ``state_dict`` is the open window, which a checkpoint keeps so that a resumed run logs the same figures."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,11 @@ class TrainWindow:
         return dict(zip(WINDOW_SUMS, all_reduce_sum(self.sums, device).tolist(), strict=True))
 
 
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
 def window_summary(sums: dict[str, float]) -> dict[str, float]:
     count = sums["count"]
     return {
@@ -83,6 +90,7 @@ class MetricsProcessor:
         progress: bool,
         images_per_step: int,
         iterations: tuple[int, int],  # (start, total)
+        iterations_per_epoch: int = 1,
         flops: tuple[float | None, float] = (None, 0.0),  # the GPUs' dense peak and the training FLOPs per image
         data_stats: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,)),  # mean and std, to show a batch
     ) -> None:
@@ -91,12 +99,17 @@ class MetricsProcessor:
         self.data_stats = data_stats
         self.window, self.times = TrainWindow(), StepTimes()
         self.images_per_step = images_per_step
+        self.total_iterations, self.iterations_per_epoch = iterations[1], iterations_per_epoch
+        # a bar where a person watches (rank 0's stderr is a terminal); elsewhere (a SLURM job's .out, nohup, CI, a
+        # sweep's trial log) tqdm's carriage returns make one unbounded line: a plain line per log window instead
+        bar = progress and launch.is_main and sys.stderr.isatty()
+        self.lines = launch.is_main and not bar
         self.progress = tqdm(
             total=iterations[1] * images_per_step,
             initial=iterations[0] * images_per_step,
             unit="img",
             unit_scale=True,
-            disable=not (progress and launch.is_main),
+            disable=not bar,
             mininterval=1.0,
             dynamic_ncols=True,
         )
@@ -154,9 +167,21 @@ class MetricsProcessor:
         if scaler.is_enabled():
             values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": counts["scaler_skipped_steps"]}
         self.run_log.log("train", iteration, values)
-        self.run_log.log("speed", iteration, self.speed_metrics(sums["count"] / times.seconds, per_rank))
+        images_per_second = sums["count"] / times.seconds
+        self.run_log.log("speed", iteration, self.speed_metrics(images_per_second, per_rank))
         self.progress.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.4g}", data=f"{data_wait:.0%}")
+        if self.lines:
+            left = format_seconds((self.total_iterations - iteration) * times.seconds / times.steps)
+            self.say(iteration, f"loss {summary['loss']:.4f}  top-1 {100 * summary['top1']:.2f}%  lr {lr:.4g}  "
+                                f"{images_per_second:,.0f} img/s  data {data_wait:.0%}  ETA {left}")  # fmt: skip
         return data_wait
+
+    def say(self, iteration: int, text: str) -> None:
+        """A line of the job's log, on stdout: ``[iteration/total] epoch E  text``."""
+        width = len(str(self.total_iterations))
+        epoch = (iteration - 1) // self.iterations_per_epoch if iteration else 0
+        tqdm.write(f"[{iteration:>{width}}/{self.total_iterations}] epoch {epoch}  {text}", file=sys.stdout)
+        sys.stdout.flush()
 
     def speed_metrics(self, images_per_second: float, per_rank: torch.Tensor) -> dict[str, float]:
         """Global images/s; the per-rank step time (compute, without the wait for data) as min/median/max and the
@@ -183,6 +208,9 @@ class MetricsProcessor:
         time so far (``seconds``, over all its starts) in hours and device-hours (times the ranks), the measure
         time-to-accuracy is given in. The EMA's evaluation is the protocol "PROTOCOL-ema"."""
         label = protocol if weights == "raw" else f"{protocol}-{weights}"
+        if self.launch.is_main:
+            self.say(iteration, f"evaluation ({label}, {result.count} images): top-1 {100 * result.top1:.2f}%  "
+                                f"top-5 {100 * result.top5:.2f}%")  # fmt: skip
         if not self.run_log.has_eval(iteration, label):
             hours = seconds / 3600
             timing = {"hours": hours, "device_hours": hours * self.launch.world_size}

@@ -1,7 +1,9 @@
-"""What operators and researchers look at: `residual tensorboard` in a real headless browser, `residual report`."""
+"""What operators and researchers look at: `residual tensorboard` in a real headless browser, `residual report`,
+a job's log (plain lines into a file, a bar on a terminal)."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -143,3 +145,58 @@ def test_tensorboard_on_a_port_in_use_says_so_in_one_line(tmp_path):
                                 capture_output=True, text=True, timeout=60)  # fmt: skip
     assert result.returncode == 2 and result.stdout == "", result.stdout  # no URL of a port it cannot serve
     assert result.stderr == f"residual: error: --port {port}: cannot listen on 127.0.0.1 (Address already in use)\n"
+
+
+WINDOW_LINE = r"^\[\d/8\] epoch 0  loss \d+\.\d{4}  top-1 \d+\.\d\d%  lr 0\.1  [\d,]+ img/s  data \d+%  ETA 0:00:\d\d$"
+EVAL_LINE = r"^\[8/8\] epoch 0  evaluation \(center, 100 images\): top-1 \d+\.\d\d%  top-5 \d+\.\d\d%$"
+
+
+def logged_training(tmp_path: Path, quickstart_on_cifar: list[str], *, terminal: bool) -> str:
+    """A short training's whole output (stdout and stderr), into a file or a terminal (a pty)."""
+    command = [sys.executable, "-m", "trainer", *quickstart_on_cifar, "log.progress=true", "data.batch_size=20",
+               "train.iterations=8", "log.every=2", "eval.every=8", f"train.output_dir={tmp_path}"]  # fmt: skip
+    if not terminal:
+        with open(tmp_path / "job.out", "w") as out:
+            subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=300, check=True)
+        return (tmp_path / "job.out").read_text()
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal_end = pty.openpty()
+    fcntl.ioctl(terminal_end, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # 40 rows, 120 columns
+    process = subprocess.Popen(command, cwd=ROOT, stdin=terminal_end, stdout=terminal_end, stderr=terminal_end)
+    os.close(terminal_end)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=300) == 0
+    os.close(controller)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.slow
+def test_a_job_log_file_reads_as_plain_lines(tmp_path, quickstart_on_cifar):
+    """A SLURM job's .out, nohup, CI: a line per log window and per evaluation, no carriage returns."""
+    text = logged_training(tmp_path, quickstart_on_cifar, terminal=False)
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len([line for line in lines if re.match(WINDOW_LINE, line)]) == 4, text
+    assert len([line for line in lines if re.match(EVAL_LINE, line)]) == 1, text
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_the_progress_bar(tmp_path, quickstart_on_cifar):
+    text = logged_training(tmp_path, quickstart_on_cifar, terminal=True)
+    lines = text.replace("\r\n", "\n").split("\n")  # the terminal ends lines with \r\n
+    assert any("\r" in line and "img/s" in line for line in lines), text  # tqdm's bar, redrawn in place
+    shown = [line.rsplit("\r", 1)[-1] for line in lines]  # what stays on the screen: tqdm.write clears the bar first
+    assert not [line for line in shown if re.match(WINDOW_LINE, line)]
+    assert len([line for line in shown if re.match(EVAL_LINE, line)]) == 1, text

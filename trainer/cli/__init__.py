@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from data_pipeline.errors import UserError
 from trainer.cli import bench, cluster, data, reports, train
@@ -61,3 +62,6 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.distributed import LaunchEnv, report_user_error
 
         return report_user_error(error, LaunchEnv.from_environ())
+    except KeyboardInterrupt:  # Ctrl-C in a command without its own answer to it (training has one)
+        print(f"residual: interrupted (Ctrl-C): {args.command} stopped", file=sys.stderr)
+        return 130

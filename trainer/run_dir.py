@@ -1,0 +1,96 @@
+"""The run directory, as one run's own: a path that can be a folder, one training at a time in it (rank 0 holds a
+lock for the run's lifetime), and the run's temporary files kept inside it."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+import torch
+
+from data_pipeline.errors import UserError
+from trainer.distributed import LaunchEnv, any_rank
+from trainer.faults import TrainingStopped
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+_held: list[IO[str]] = []  # this process's lock: held while the file stays open, released by the kernel at its end
+
+
+class RunDirInUse(TrainingStopped):
+    """On the other ranks of a run whose rank 0 found the directory held: rank 0 says why."""
+
+    exit_code = 2
+
+
+def check_run_dir(output_dir: str, run_name: str) -> None:
+    """Refuse, before anything starts, a run directory that cannot be one: it, or a folder above it, is a file."""
+    run_dir = Path(output_dir) / run_name
+    for path in [run_dir, *run_dir.parents]:
+        if path.exists() and not path.is_dir():
+            key = f"train.run_name={run_name}" if path == run_dir else f"train.output_dir={output_dir}"
+            raise UserError(f"{key}: {path} is a file, not a folder: the run directory would be {run_dir}")
+
+
+def claim_run_dir(run_dir: Path, launch: LaunchEnv, device: torch.device) -> None:
+    """Rank 0 takes an exclusive lock on RUN_DIR/run.lock, for the run's lifetime, and writes who holds it; a second
+    training on the same directory (a requeued job beside a manual restart, a command pasted twice) is refused on
+    every rank, and rank 0 names the holder. The kernel releases the lock when its process dies (kill -9, a node's
+    SLURM requeue), so a dead run never blocks a restart. A file system without locks is warned about, not refused."""
+    refusal = lock(run_dir) if launch.is_main else None
+    if any_rank([refusal is not None], device)[0]:
+        if refusal is not None:
+            raise UserError(refusal)
+        raise RunDirInUse("the run directory is in use by another training")
+
+
+def lock(run_dir: Path) -> str | None:
+    """Take the lock; None, or why not."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (open for the run's lifetime)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not yet said who it is"
+        handle.close()
+        return (f"{run_dir} is in use by another training ({holder}); stop that one first, or give this one "
+                f"another train.run_name")  # fmt: skip
+    except OSError as error:
+        log.warning("%s: cannot lock (%s): nothing stops a second training from using this directory at the same "
+                    "time", run_dir / LOCK_FILE, error.strerror)  # fmt: skip
+        handle.close()
+        return None
+    job = f", SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else ""
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"host {platform.node()}, pid {os.getpid()}{job}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    handle.flush()
+    _held.append(handle)
+    return None
+
+
+UNIX_SOCKET_ROOM = 75  # multiprocessing binds sockets at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX; Linux allows 107
+
+
+def use_run_tmpdir(run_dir: Path, launch: LaunchEnv) -> None:
+    """This rank's temporary files (multiprocessing's pymp-*, those of DALI's workers) in RUN_DIR/tmp/rankN, emptied
+    at each start: a run killed with -9 leaves them in its own folder, not in $TMPDIR. A run directory too deep for
+    a socket path keeps $TMPDIR. For the whole process, once the run directory is this run's (``claim_run_dir``)."""
+    folder = run_dir.absolute() / "tmp" / f"rank{launch.rank}"
+    if len(str(folder)) > UNIX_SOCKET_ROOM:
+        log.info("temporary files in %s (%s is too long a path for the sockets made there)", tempfile.gettempdir(),
+                 folder)  # fmt: skip
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    os.environ["TMPDIR"] = str(folder)  # for the processes this one starts
+    tempfile.tempdir = str(folder)
