@@ -19,7 +19,14 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, open_dataset
 from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
 from data_pipeline.torch_loader import Batch
-from data_pipeline.transforms import after_crop, augment_cifar_batch, augment_each, erase_batch, normalize_batch
+from data_pipeline.transforms import (
+    after_crop,
+    augment_cifar_batch,
+    augment_each,
+    erase_batch,
+    normalize_batch,
+    to_device,
+)
 
 
 class CifarTensorLoader:
@@ -41,7 +48,7 @@ class CifarTensorLoader:
         return self.sampler.batches_per_epoch
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        order = self.sampler.epoch_order(epoch).to(self.images.device)
+        order = to_device(self.sampler.epoch_order(epoch), self.images.device)
         for batch in range(start_batch, self.batches_per_epoch):
             indices, seeds = self.sampler.rank_share(order, epoch, batch)
             images = augment_cifar_batch(self.images[indices], seeds, flip=self.config.flip)

@@ -364,6 +364,7 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
                 given["data"], given["anchor"], given["shape"], axis_names="WH", output_type=types.RGB,
                 normalized_anchor=False, normalized_shape=False, device="mixed" if device == "gpu" else "cpu",
                 adjust_orientation=False,  # as torchvision (and Pillow's header size, the window's frame): no EXIF turn
+                jpeg_fancy_upsampling=True,  # the GPU's chroma upsampling as libjpeg-turbo's (Pillow, DALI's CPU)
             )  # fmt: skip
             images = fn.resize(images, size=given["size"], antialias=True)
             images = fn.crop_mirror_normalize(
@@ -524,7 +525,7 @@ def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, 
             images = fn.crop_mirror_normalize(data.gpu() if device == "gpu" else data, **normalize)
         else:
             images = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-                                       adjust_orientation=False)  # fmt: skip
+                                       adjust_orientation=False, jpeg_fancy_upsampling=True)  # fmt: skip
             images = fn.resize(images, resize_shorter=config.val_resize, antialias=True)
             crop = (config.eval_crop, config.eval_crop)
             if protocol == "center":

@@ -52,6 +52,16 @@ class PCALighting(nn.Module):
 CIFAR_PADDING = 4
 
 
+def to_device(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host array (or tensor) on ``device`` without waiting: on a GPU, copied from pinned memory asynchronously.
+    A copy from pageable memory synchronizes the stream, so building batch N+1 would wait for step N to finish
+    (the caching host allocator keeps the pinned block until the copy is done)."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.from_numpy(values)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def cifar_crop_flip(seeds: np.ndarray, *, flip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each image's crop corner (left, top in 0..8 of the image zero-padded by 4) and flip (0/1; always 0 without
     ``flip``), a function of its 32-bit seed alone: splitmix64's finalizer, three fields of its bits (the modulo
@@ -69,7 +79,7 @@ def augment_cifar_batch(images: torch.Tensor, seeds: np.ndarray, *, flip: bool =
     """The paper's CIFAR-10 augmentation (Sec. 4.2) of a uint8 B x C x S x S batch (CIFAR's 32 x 32, MNIST's
     28 x 28), on its device: zero-pad 4 pixels, take each image's S x S crop at its corner, mirror the images whose
     flip is 1 (none where ``flip`` is false: data.flip). One gather."""
-    left, top, flip = (torch.from_numpy(values).to(images.device) for values in cifar_crop_flip(seeds, flip=flip))
+    left, top, flip = (to_device(values, images.device) for values in cifar_crop_flip(seeds, flip=flip))
     size = images.shape[-1]
     padded = torch.nn.functional.pad(images, [CIFAR_PADDING] * 4)
     steps = torch.arange(size, device=images.device)
@@ -106,7 +116,7 @@ def erase_batch(images: torch.Tensor, seeds: np.ndarray, probability: float) -> 
     uniforms (those DALI's feeder draws it from), zeroed by one mask."""
     u = sample_uniforms(seeds, ERASE_COLUMNS.stop)[:, ERASE_COLUMNS]
     boxes = erase_windows(u, images.shape[-1], probability)
-    anchor, shape = (torch.from_numpy(values).to(images.device) for values in boxes)
+    anchor, shape = (to_device(values, images.device) for values in boxes)
     steps = torch.arange(images.shape[-1], device=images.device)
     rows = (steps >= anchor[:, :1]) & (steps < anchor[:, :1] + shape[:, :1])  # B x S
     columns = (steps >= anchor[:, 1:]) & (steps < anchor[:, 1:] + shape[:, 1:])

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from data_pipeline.errors import UserError
 from trainer.config import Config, to_dict
@@ -85,6 +86,8 @@ def save_checkpoint(
     partial = path.with_name(path.name + ".tmp")
     options = StateDictOptions(full_state_dict=not sharded, cpu_offload=not sharded)
     model_state, optimizer_state = get_state_dict(model, optimizer, options=options)  # a collective under FSDP2
+    if ema is not None:
+        ema.average_statistics_over_ranks()
     averages = {} if ema is None else {"ema": ema.state_dict() if sharded else ema.full_state_dict()}
     failure = None
     try:
@@ -192,6 +195,21 @@ def load_model_and_optimizer(
         ema.reset()
     for group in optimizer.param_groups:  # the update's kernel is this run's choice (fused where torch has it)
         group.update({key: optimizer.defaults[key] for key in ("fused", "foreach") if key in optimizer.defaults})
+    match_parameter_layouts(optimizer)
+
+
+def match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Each state tensor (momentum) in its parameter's memory layout. ``load_state_dict`` keeps the strides the
+    buffers were saved with, while the parameters have this run's ``train.channels_last``: CUDA's fused SGD then
+    refuses the step (params, grads and buffers must share a layout), and the CPU's silently mixes the layouts, so
+    its update is no longer the foreach one."""
+    for param in (p for group in optimizer.param_groups for p in group["params"]):
+        state = optimizer.state.get(param)
+        if state is None or isinstance(param, DTensor):  # FSDP2's shards: contiguous, and no fused SGD
+            continue
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

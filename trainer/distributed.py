@@ -170,6 +170,15 @@ def peak_memory_bytes(device: torch.device) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
+def largest_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of each rank's ``value``, on every rank (one collective)."""
+    if not dist.is_initialized():
+        return value
+    largest = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return int(largest.item())
+
+
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """For each flag, whether it is set on any rank: one collective, and every rank gets the same answer."""
     return [bool(flag) for flag in any_rank_on_device(torch.tensor(flags, dtype=torch.float32, device=device))]
@@ -196,11 +205,18 @@ def apply_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def average_bn_buffers(model: nn.Module) -> None:
     """Average BatchNorm running statistics over ranks, so that what is evaluated and saved is one model (each rank
     updates its own from its own images; DDP only copies rank 0's at the next forward, FSDP2 never)."""
+    average_over_ranks([
+        buffer
+        for module in model.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+        for buffer in (module.running_mean, module.running_var)
+    ])  # fmt: skip
+
+
+def average_over_ranks(tensors: list[torch.Tensor]) -> None:
+    """Each tensor replaced, in place, by its mean over the ranks."""
     if not dist.is_initialized():
         return
-    world_size = dist.get_world_size()
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            for buffer in (module.running_mean, module.running_var):
-                dist.all_reduce(buffer)
-                buffer.div_(world_size)
+    for tensor in tensors:
+        dist.all_reduce(tensor)
+        tensor.div_(dist.get_world_size())

@@ -18,16 +18,18 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.config import EmaConfig
-from trainer.parallel import full_tensor, local
+from trainer.distributed import average_over_ranks
+from trainer.parallel import full_tensor, local, reshard
 
 
 class WeightAverage:
     def __init__(self, model: nn.Module, config: EmaConfig) -> None:
-        self.config = config
+        self.model, self.config = model, config
         self.tracked = dict(model.named_parameters())
         if config.bn_buffers == "average":
             self.tracked |= {name: b for name, b in model.named_buffers() if b.is_floating_point()}
         self.average = {name: value.detach().clone() for name, value in self.tracked.items()}
+        self.statistics = [self.average[name] for name, _ in model.named_buffers() if name in self.average]
         self.copied = {name: b for name, b in model.named_buffers() if name not in self.average}  # BN's batch counts
 
     def reset(self) -> None:
@@ -47,16 +49,27 @@ class WeightAverage:
         with torch.no_grad():
             torch._foreach_lerp_(averages, values, weight)
 
+    def average_statistics_over_ranks(self) -> None:
+        """The average's BN statistics (``bn_buffers=average``) are each rank's own, folded from its own images: made
+        one over the ranks before an evaluation and a save, as the model's are (``average_bn_buffers``), so that
+        every rank evaluates, and a checkpoint keeps, the same average (DCP would keep one rank's per key)."""
+        average_over_ranks(self.statistics)
+
     @contextmanager
     def applied(self) -> Iterator[None]:
-        """The model holds the averaged weights inside the block and its own again after it."""
+        """The model holds the averaged weights inside the block and its own again after it. Under FSDP2 the swap
+        writes the shards: the gathered parameters are freed on either side of it, so that the forwards in the
+        block, and the training step after it, gather what was written (``dist.reshard_after_forward=false`` keeps
+        them gathered after a no-grad forward)."""
         saved = {name: value.detach().clone() for name, value in self.tracked.items()}
+        reshard(self.model)
         with torch.no_grad():
             for name, value in self.tracked.items():
                 value.copy_(self.average[name])
         try:
             yield
         finally:
+            reshard(self.model)
             with torch.no_grad():
                 for name, value in self.tracked.items():
                     value.copy_(saved[name])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.distributed import all_reduce_sum, any_rank
+from trainer.distributed import all_reduce_sum, any_rank, largest_over_ranks
 from trainer.precision import maybe_autocast
 
 
@@ -64,9 +64,11 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = 
 class ViewScorer:
     """Class probabilities of a batch of views, averaged over each image's views."""
 
-    def __init__(self, model: nn.Module, *, device: torch.device, precision: str, channels_last: bool) -> None:
+    def __init__(self, model: nn.Module, *, device: torch.device, precision: str, channels_last: bool,
+                 sharded: bool = False) -> None:  # fmt: skip
         self.model = model
         self.device = device
+        self.sharded = sharded  # the forward is a collective (FSDP2): every rank must run as many
         self.precision = precision
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
@@ -93,6 +95,8 @@ class ViewScorer:
         for index, scales in enumerate(views):
             for pair in scales:
                 by_shape[tuple(pair.shape)].append((index, pair))
+        # FSDP2: the shapes, so the forwards, depend on each rank's images: every rank runs as many as the most
+        forwards = largest_over_ranks(len(by_shape), self.device) if self.sharded else len(by_shape)
         totals: torch.Tensor | None = None
         for group in by_shape.values():
             probabilities = self.probabilities(torch.cat([pair for _, pair in group]))
@@ -100,6 +104,8 @@ class ViewScorer:
             if totals is None:
                 totals = torch.zeros(len(views), probabilities.shape[1], device=probabilities.device)
             totals.index_add_(0, torch.tensor([index for index, _ in group], device=totals.device), per_image)
+        for _ in range(forwards - len(by_shape)):
+            self.probabilities(views[0][0][:1])  # joins the other ranks' all-gathers; its scores count for nothing
         return totals / (2 * len(views[0]))
 
 
@@ -136,7 +142,7 @@ def evaluate(
     with the most batches."""
     was_training = model.training
     model.eval()
-    score = ViewScorer(model, device=device, precision=precision, channels_last=channels_last)
+    score = ViewScorer(model, device=device, precision=precision, channels_last=channels_last, sharded=sharded)
     # The counts live on the evaluation's device, beside the scores: labels come to it from wherever the loader
     # put them (DALI on a GPU and CIFAR tensors: the GPU; the torch path: the CPU); nothing is read back until the end.
     counts = torch.zeros(num_classes, 3, dtype=torch.int64, device=device)  # per class: top-1, top-5, images

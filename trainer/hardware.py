@@ -234,6 +234,9 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
     )
     torch.set_num_threads(plan.threads)
     lines = [f"train.precision={config.train.precision} -> {precision}: {precision_reason}", plan.reason]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark, why = choose_cudnn_benchmark(config)
+        lines.append(f"cudnn.benchmark={torch.backends.cudnn.benchmark}: {why}")
     if device.type == "cpu" and keep_freed_memory():
         lines.append(f"malloc: freed blocks up to {MMAP_THRESHOLD_MAX >> 20} MB are kept for reuse (the activations "
                      f"of the next step), not returned to the OS")  # fmt: skip
@@ -250,6 +253,16 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
         tuned = config.data.workers == "auto" and not tensor_path
         tuner = LoaderTuner("workers" if tuned else None, plan.workers, cores)
     return resolved, lines, tuner
+
+
+def choose_cudnn_benchmark(config: Config) -> tuple[bool, str]:
+    """cuDNN's autotuning (torchvision's reference turns it on): each new input shape is timed once over cuDNN's
+    algorithms, and the fastest kept. Training has one shape (a few with progressive resizing); multi-scale
+    evaluation has one per scale and aspect ratio, each of which would be timed: off there."""
+    protocols = {config.eval.protocol, config.eval.final_protocol}
+    if "multiscale" in protocols:
+        return False, "multi-scale evaluation gives a shape per scale and aspect ratio; autotuning each costs more"
+    return True, "fixed input shapes: cuDNN times its algorithms once per shape and keeps the fastest"
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

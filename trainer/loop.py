@@ -10,8 +10,10 @@ history the schedule reads, the open logging window and the RNG states.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -133,7 +135,7 @@ class Run:
     ema: WeightAverage | None = None  # the EMA of the weights (ema section)
     tuner: LoaderTuner | None = None  # data.workers (DALI: data.threads) auto: grown while the step waits for data
     peak_flops: float | None = None  # the GPUs' dense peak, for the model FLOP utilization
-    flops_per_image: float = 0.0  # training FLOPs: 3 x forward
+    flops_per_image: Callable[[int], float] | None = None  # training FLOPs of an epoch's images: 3 x forward
 
     def evaluation_due(self, iteration: int) -> bool:
         """On the cadence (``eval.every``, default every epoch) and at the last iteration."""
@@ -202,7 +204,7 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
     run = Run(config, launch, run_dir, device, stepper, loader, val_batches, schedule, total, mixer, ema)
     run.peak_flops = peak_flops(device, train.precision)
     if run.peak_flops is not None:
-        run.flops_per_image = training_flops_per_image(config)
+        run.flops_per_image = functools.partial(training_flops_per_image, config)
     return run
 
 
@@ -309,6 +311,7 @@ def evaluate_weights(run: Run, batches: Any) -> dict[str, EvalResult]:
     results = {}
     for weights in chosen:
         if weights == "ema":
+            run.ema.average_statistics_over_ranks()
             with run.ema.applied():
                 results[weights] = run_evaluation(run, batches)
         else:

@@ -11,7 +11,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,13 +91,14 @@ class MetricsProcessor:
         images_per_step: int,
         iterations: tuple[int, int],  # (start, total)
         iterations_per_epoch: int = 1,
-        flops: tuple[float | None, float] = (None, 0.0),  # the GPUs' dense peak and the training FLOPs per image
+        flops: tuple[float | None, Callable[[int], float] | None] = (None, None),  # the GPUs' dense peak, and the
+        # training FLOPs per image of an epoch
         data_stats: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,)),  # mean and std, to show a batch
     ) -> None:
         self.run_log, self.launch, self.device, self.log_every = run_log, launch, device, log_every
         self.peak_flops, self.flops_per_image = flops
         self.data_stats = data_stats
-        self.window, self.times = TrainWindow(), StepTimes()
+        self.window, self.times = self.empty_window(), StepTimes()
         self.images_per_step = images_per_step
         self.total_iterations, self.iterations_per_epoch = iterations[1], iterations_per_epoch
         # a bar where a person watches (rank 0's stderr is a terminal); elsewhere (a SLURM job's .out, nohup, CI, a
@@ -115,6 +116,11 @@ class MetricsProcessor:
         )
         self.shown_batch, self.arrived = False, 0.0
         self.loader_workers = 0  # the loader's processes (or DALI's threads) now: logged with each window's speed
+
+    def empty_window(self) -> TrainWindow:
+        """Zeros made on the device: a window from the CPU's would be copied there at its first step, a copy from
+        pageable memory that waits for the stream."""
+        return TrainWindow(torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=self.device))
 
     def should_log(self, iteration: int) -> bool:
         return iteration % self.log_every == 0
@@ -150,7 +156,7 @@ class MetricsProcessor:
         images/s is over rank 0's time. ``counts``: the skipped steps so far. Returns the share of the window the
         slowest-fed rank waited for data (the same on every rank)."""
         sums = self.window.summed(self.device)
-        times, self.window, self.times = self.times, TrainWindow(), StepTimes()
+        times, self.window, self.times = self.times, self.empty_window(), StepTimes()
         row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(self.device)]
         per_rank = all_gather_rows(torch.tensor(row, dtype=torch.float64), self.device)
         compute, data = per_rank[:, 0], per_rank[:, 1]
@@ -168,7 +174,8 @@ class MetricsProcessor:
             values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": counts["scaler_skipped_steps"]}
         self.run_log.log("train", iteration, values)
         images_per_second = sums["count"] / times.seconds
-        self.run_log.log("speed", iteration, self.speed_metrics(images_per_second, per_rank))
+        epoch = (iteration - 1) // self.iterations_per_epoch  # of the window's last step
+        self.run_log.log("speed", iteration, self.speed_metrics(images_per_second, per_rank, epoch=epoch))
         self.progress.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.4g}", data=f"{data_wait:.0%}")
         if self.lines:
             left = format_seconds((self.total_iterations - iteration) * times.seconds / times.steps)
@@ -183,7 +190,7 @@ class MetricsProcessor:
         tqdm.write(f"[{iteration:>{width}}/{self.total_iterations}] epoch {epoch}  {text}", file=sys.stdout)
         sys.stdout.flush()
 
-    def speed_metrics(self, images_per_second: float, per_rank: torch.Tensor) -> dict[str, float]:
+    def speed_metrics(self, images_per_second: float, per_rank: torch.Tensor, *, epoch: int = 0) -> dict[str, float]:
         """Global images/s; the per-rank step time (compute, without the wait for data) as min/median/max and the
         slowest rank; the share of the step spent waiting for data (of the slowest waiter); peak memory per rank."""
         compute, data, memory = per_rank.T.tolist()
@@ -198,8 +205,9 @@ class MetricsProcessor:
             "loader_workers": self.loader_workers,
             **{f"peak_memory_gb/rank{rank}": value / 2**30 for rank, value in enumerate(memory)},
         }
-        if self.peak_flops is not None:
-            metrics["mfu"] = self.flops_per_image * images_per_second / (self.peak_flops * self.launch.world_size)
+        if self.peak_flops is not None and self.flops_per_image is not None:
+            flops = self.flops_per_image(epoch)
+            metrics["mfu"] = flops * images_per_second / (self.peak_flops * self.launch.world_size)
         return metrics
 
     def log_eval(self, iteration: int, protocol: str, result: EvalResult, *, weights: str = "raw",

@@ -38,8 +38,8 @@ def shard_fully(model: nn.Module, *, device: torch.device, world_size: int, prec
     """FSDP2: one parameter group per residual block, then the root (the stem and the classifier).
 
     With bf16 or fp16 (and ``dist.fsdp_mixed_precision=policy``), the blocks gather their parameters in that type
-    and reduce gradients in fp32; autocast runs the ops either way. BatchNorm
-    keeps fp32 parameters in a group of its own that does not cast its input: under the blocks' policy alone its
+    and reduce gradients in fp32; autocast runs the ops either way. Each block's BatchNorms keep fp32 parameters
+    in a group of their own that does not cast its input (``batchnorm_groups``): under the blocks' policy alone its
     weight would be bf16 while its running statistics stay fp32 ("expected scalar type BFloat16 but found Float"),
     the failure of pytorch/torchtitan#674. BatchNorm then runs in mixed precision, as under autocast.
     """
@@ -49,13 +49,23 @@ def shard_fully(model: nn.Module, *, device: torch.device, world_size: int, prec
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low is not None else None)
     if low is not None:
         keep_fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, cast_forward_inputs=False)
-        for module in model.modules():
-            if isinstance(module, _BatchNorm):
-                fully_shard(module, mesh=mesh, mp_policy=keep_fp32, reshard_after_forward=reshard)
+        for group in batchnorm_groups(model):
+            fully_shard(group, mesh=mesh, mp_policy=keep_fp32, reshard_after_forward=reshard)
     for module in model.modules():
         if isinstance(module, BasicBlock | Bottleneck):
             fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
+def batchnorm_groups(model: nn.Module) -> list[list[nn.Module]]:
+    """The BatchNorms of each block as one group, and those outside the blocks (the stem's) as another: one
+    all-gather and one reduce-scatter per block for them, not one per BatchNorm (ResNet-50: 17 groups, not 53;
+    ResNet-152: 51, not 155), small collectives whose latency adds up."""
+    groups = [[m for m in block.modules() if isinstance(m, _BatchNorm)]
+              for block in model.modules() if isinstance(block, BasicBlock | Bottleneck)]  # fmt: skip
+    grouped = {id(module) for group in groups for module in group}
+    rest = [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in grouped]
+    return [group for group in [*groups, rest] if group]
 
 
 def gradient_sync(module: nn.Module, enabled: bool) -> AbstractContextManager:
@@ -76,3 +86,12 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: updating it updates the DTensor), or the tensor itself."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's gathered parameters, so that the next forward gathers the shards again: with
+    ``reshard_after_forward=false`` a no-grad forward leaves them gathered, and a later forward would not see a
+    write into the shards (the EMA's swap). Nothing without FSDP2."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

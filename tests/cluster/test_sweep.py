@@ -80,14 +80,16 @@ def test_an_asha_sweep_stops_the_worst_trials_and_writes_the_best_config(tmp_pat
 @pytest.mark.ray
 def test_an_interrupted_sweep_resumes_to_completion(tmp_path, cifar_root):
     sweep = write_sweep(tmp_path, cifar_root, 40)
-    driver = subprocess.Popen([RESIDUAL, "sweep", str(sweep)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    driver = subprocess.Popen([RESIDUAL, "sweep", str(sweep)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     metrics = tmp_path / "lr/runs"
     deadline = time.monotonic() + 180
     while not any(metrics.glob("run_trial_*/checkpoints/ckpt-*")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment and stops
-    interrupted, _ = driver.communicate(timeout=180)
+    os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C, as a terminal sends it: Tune saves the experiment and stops
+    interrupted, errors = driver.communicate(timeout=180)
     assert "unfinished (interrupted)" in interrupted, interrupted
+    assert "Traceback" not in errors and "KeyboardInterrupt" not in errors, errors[-3000:]
 
     result = subprocess.run(
         [RESIDUAL, "sweep", str(sweep), "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600

@@ -91,6 +91,12 @@ def test_on_a_gpu_the_data_stays_there_and_the_batches_and_counts_are_the_cpus(c
         assert b.is_cuda and lb.is_cuda
         torch.testing.assert_close(b.cpu(), a, atol=1e-6, rtol=0)
         assert torch.equal(lb.cpu(), la)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # a batch is built without waiting for the steps before it
+    try:
+        next(iter(on_gpu.epoch(0)))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=10)
     results = []

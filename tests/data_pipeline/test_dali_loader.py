@@ -269,3 +269,16 @@ def test_the_feeder_bench_prints_one_processs_rate(imagefolder_root):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split()[1]) > 0 and "one DALI reader process's work, batch 8" in result.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a GPU machine")
+def test_the_gpus_decoded_pixels_are_the_cpus(imagefolder_root):
+    """The mixed decoder upsamples chroma as libjpeg-turbo does (jpeg_fancy_upsampling): the GPU's views are the
+    CPU path's within a few levels (issue 24, item 9)."""
+    cpu = imagefolder_config(imagefolder_root)
+    gpu = imagefolder_config(imagefolder_root, device="gpu")
+    (on_cpu, _), *_ = list(build_dali_val_loader(cpu, rank=0, world_size=1, batch_per_rank=20, protocol="center"))
+    (on_gpu, _), *_ = list(build_dali_val_loader(gpu, rank=0, world_size=1, batch_per_rank=20, protocol="center"))
+    assert on_gpu.is_cuda
+    assert (on_gpu.cpu() - on_cpu).abs().mean() < 0.02  # normalized units: about one of 255 levels

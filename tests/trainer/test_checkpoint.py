@@ -1,6 +1,7 @@
 """Checkpoints: kill -9 mid-write (both formats), unreadable and crafted files, full disks, bit-exact resume, the
 resume choices and refusals, exports."""
 
+import copy
 import os
 import pickle
 import signal
@@ -270,3 +271,31 @@ def test_resuming_with_another_batch_size_is_refused(tmp_path, cifar_root):
     with pytest.raises(UserError, match=r"saved with 12 batches per epoch, this run has 25: the data set or"):
         train(small_run(tmp_path, cifar_root, "train.iterations=10", "data.batch_size=16"), LaunchEnv())
     assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["ckpt-000000005.pt"]
+
+
+def test_a_resume_that_changes_channels_last_gives_the_momentum_its_parameters_layout():
+    """Saved in one layout, resumed in the other: fused SGD's update must still equal foreach's (issue 24, item 2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    torch.manual_seed(0)
+    saved_model = create_model("resnet20", num_classes=10)
+    optimizer = torch.optim.SGD(saved_model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(saved_model(images), labels).backward()
+    optimizer.step()  # momentum buffers in the contiguous layout
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # as save_checkpoint writes a .pt file
+    checkpoint = dict(zip(("model", "optimizer"), get_state_dict(saved_model, optimizer, options=options), strict=True))
+
+    def resumed_step(fused: bool) -> list[torch.Tensor]:
+        model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
+        resumed = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused or None,
+                                  foreach=not fused)  # fmt: skip
+        loaded = copy.deepcopy(checkpoint)  # as read from its file again: the optimizer keeps the loaded tensors
+        load_model_and_optimizer(Path("ckpt.pt"), loaded, model, resumed, name="resnet20")
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(images.to(memory_format=torch.channels_last)), labels).backward()
+        resumed.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    fused, foreach = resumed_step(fused=True), resumed_step(fused=False)
+    assert max((a - b).abs().max().item() for a, b in zip(fused, foreach, strict=True)) < 1e-6

@@ -197,3 +197,162 @@ def test_a_ddp_step_over_nccl_on_one_gpu(tmp_path):
         assert all_reduce_sum(torch.ones(3), device).tolist() == [1.0, 1.0, 1.0]
     finally:
         dist.destroy_process_group()
+
+
+def multiscale_views(rank: int):
+    """Two images per rank at scales 32 and 40, each an [image, flip] pair: rank 0's both square (2 shapes, so 2
+    forwards), rank 1's one square and one 2:3 (4 shapes, 4 forwards)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(rank)
+    aspects = [(1, 1), (1, 1)] if rank == 0 else [(1, 1), (2, 3)]
+    views = [[torch.randn(2, 3, scale * h // w if h < w else scale, scale, generator=generator) for scale in (32, 40)]
+             for h, w in aspects]  # fmt: skip
+    return views, torch.tensor([rank, 3])
+
+
+def evaluate_multiscale_on_rank(rank: int, init_file: str, results) -> None:
+    from datetime import timedelta
+
+    import torch
+
+    from trainer.config import DistConfig
+    from trainer.evaluate import evaluate
+    from trainer.parallel import shard_fully
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))  # fmt: skip
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    shard_fully(model, device=torch.device("cpu"), world_size=2, precision="fp32", config=DistConfig(strategy="fsdp"))
+    result = evaluate(model, [multiscale_views(rank)], num_classes=10, device=torch.device("cpu"), sharded=True)
+    results[rank] = (result.correct1, result.correct5, result.count)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp_multiscale_evaluation_of_images_of_other_shapes_does_not_hang(tmp_path):
+    """Multi-scale runs one forward per distinct view shape, and the shapes follow each rank's images; under FSDP2
+    each forward is a chain of all-gathers, so every rank runs as many as the rank with the most (issue 24, item 1)."""
+    import torch
+
+    from trainer.evaluate import evaluate
+
+    results = mp.Manager().dict()
+    mp.spawn(evaluate_multiscale_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    alone = [evaluate(model, [multiscale_views(rank)], num_classes=10, device=torch.device("cpu")) for rank in (0, 1)]
+    expected = tuple(sum(getattr(result, key) for result in alone) for key in ("correct1", "correct5", "count"))
+    assert results[0] == results[1] == expected
+
+
+def save_ema_on_rank(rank: int, init_file: str, run_dir: str, results) -> None:
+    import torch
+
+    from trainer.checkpoint import save_checkpoint
+    from trainer.config import EmaConfig
+    from trainer.ema import WeightAverage
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = WeightAverage(model, EmaConfig(decay=0.5, bn_buffers="average"))
+    model(torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(rank)) + rank)  # each rank's own images
+    ema.update(1)
+    name = "bn1.running_mean"
+    before = ema.average[name].clone()
+    save_checkpoint(Path(run_dir), 1, model, optimizer, {"iteration": 1}, ema=ema, sharded=False, keep=2,
+                    is_main=rank == 0)  # fmt: skip
+    results[rank] = (before, ema.average[name].clone())
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_the_emas_bn_statistics_are_one_over_the_ranks_before_a_checkpoint(tmp_path):
+    """With ema.bn_buffers=average each rank folds its own images' statistics in; a checkpoint kept one rank's and
+    every rank evaluated its own (issue 24, item 4)."""
+    import torch
+
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    results = mp.Manager().dict()
+    mp.spawn(save_ema_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "run"), results), nprocs=2)
+    (before0, after0), (before1, after1) = results[0], results[1]
+    assert not torch.equal(before0, before1)  # the ranks' own statistics differ
+    torch.testing.assert_close(after0, (before0 + before1) / 2)
+    assert torch.equal(after0, after1)
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "run"))["ema"]["bn1.running_mean"]
+    assert torch.equal(saved, after0)
+
+
+def ema_forward_on_rank(rank: int, init_file: str, results) -> None:
+    import torch
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from trainer.config import EmaConfig
+    from trainer.ema import WeightAverage
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    mesh = init_device_mesh("cpu", (2,))
+    for module in (*model, model):
+        fully_shard(module, mesh=mesh, reshard_after_forward=False)
+    ema = WeightAverage(model, EmaConfig(decay=0.5))
+    with torch.no_grad():
+        for average in ema.average.values():
+            average.zero_()  # an average that differs from the weights: its outputs are all zero
+        x = torch.ones(2, 4)
+        raw = model(x)  # an evaluation of the raw weights first: without resharding they stay gathered
+        with ema.applied():
+            averaged = model(x)
+        after = model(x)
+    results[rank] = (raw.abs().sum().item(), averaged.abs().sum().item(), after.abs().sum().item())
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_under_fsdp_without_resharding_the_ema_evaluation_sees_the_average(tmp_path):
+    """dist.reshard_after_forward=false: a no-grad forward leaves the parameters gathered, and the EMA written into
+    the shards went unseen (issue 24, item 3)."""
+    results = mp.Manager().dict()
+    mp.spawn(ema_forward_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    for rank in (0, 1):
+        raw, averaged, after = results[rank]
+        assert raw > 0 and averaged == 0.0 and after == raw  # the average inside, the weights again after
+
+
+def count_fsdp_collectives_on_rank(rank: int, init_file: str, results) -> None:
+    import torch
+    from torch.profiler import profile
+
+    from trainer.config import DistConfig
+    from trainer.parallel import shard_fully
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = create_model("resnet20")
+    shard_fully(model, device=torch.device("cpu"), world_size=2, precision="bf16", config=DistConfig(strategy="fsdp"))
+    images = torch.randn(4, 3, 32, 32)
+    with profile() as profiler, torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images).float().sum().backward()
+    names = [event.name for event in profiler.events()]
+    results[rank] = (sum(name.startswith("FSDP::all_gather (") or name == "FSDP::all_gather" for name in names),
+                     sum(name.startswith("FSDP::post_backward_reduce") for name in names))  # fmt: skip
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp_in_mixed_precision_gathers_each_blocks_batchnorms_together(tmp_path):
+    """ResNet-20 in bf16 under FSDP2: 9 blocks, 19 BatchNorms. One group per BatchNorm made 29 groups, each an
+    all-gather and a reduce-scatter per step; each block's BatchNorms together (and the stem's) make 20 (issue 24,
+    item 8)."""
+    results = mp.Manager().dict()
+    mp.spawn(count_fsdp_collectives_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
+    gathers, reduces = results[0]
+    assert reduces == 1 + 9 + 10, results[0]  # the root, the blocks, the blocks' BatchNorms and the stem's
+    assert gathers <= 2 * reduces, results[0]  # forward, and again in backward where resharded

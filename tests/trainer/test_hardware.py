@@ -229,3 +229,26 @@ def test_peak_flops_by_the_gpus_name_and_its_sms():
     assert table_peak_flops("NVIDIA H100 PCIe", 114) == 756e12
     assert table_peak_flops("NVIDIA H100 80GB HBM3 MIG 1g.10gb", 16) == pytest.approx(989e12 * 16 / 132)
     assert table_peak_flops("NVIDIA GeForce GTX 1080", 20) is None
+    assert table_peak_flops("NVIDIA B200", 148) == 2250e12
+    assert table_peak_flops("NVIDIA H800", 132) == 989e12 and table_peak_flops("NVIDIA A800-SXM4-80GB", 108) == 312e12
+
+
+def test_mfu_counts_the_flops_of_each_epochs_crop_under_progressive_resizing():
+    """FFCV's recipe trains 160-pixel crops until epoch 11: counted at data.crop_size (192), MFU was 1.44x high."""
+    from trainer.config import load_config
+    from trainer.throughput import training_flops_per_image
+
+    config = load_config("configs/imagenet/resnet50-ffcv-16ep.yaml", ["data.root=/tmp"])
+    early, late = training_flops_per_image(config, epoch=0), training_flops_per_image(config, epoch=15)
+    assert late == training_flops_per_image(config)  # the last crop is data.crop_size
+    assert early / late == pytest.approx((160 / 192) ** 2, rel=0.01)
+
+
+def test_cudnn_autotuning_is_on_for_fixed_shapes_and_off_for_multiscale_evaluation():
+    from trainer.hardware import choose_cudnn_benchmark
+
+    config = Config()
+    assert choose_cudnn_benchmark(config)[0] is True
+    config.eval.final_protocol = "multiscale"
+    on, why = choose_cudnn_benchmark(config)
+    assert on is False and "multi-scale" in why
