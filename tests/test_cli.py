@@ -101,7 +101,7 @@ def test_quickstart_learns(tmp_path):
         f"train.output_dir={tmp_path / 'runs'}",
     )
     assert result.returncode == 0, result.stderr
-    top1 = float(re.search(r"top-1 (\d+\.\d+)%", result.stdout).group(1))
+    top1 = float(re.search(r"^resnet20: top-1 (\d+\.\d+)%", result.stdout, re.MULTILINE).group(1))
     assert top1 > 50, result.stdout  # chance is 10%
     assert (tmp_path / "runs/quickstart/config.yaml").is_file()
 
@@ -119,7 +119,7 @@ def test_resnet20_learns_real_fashion_mnist(tmp_path):
     result = run(RESIDUAL, "train", "configs/fashion-mnist/quickstart.yaml", f"data.root={tmp_path / 'fashion-mnist'}",
                  *shortened)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    top1 = float(re.search(r"top-1 (\d+\.\d+)%", result.stdout).group(1))
+    top1 = float(re.search(r"^resnet20: top-1 (\d+\.\d+)%", result.stdout, re.MULTILINE).group(1))
     assert top1 > 65, result.stdout
     assert "10000 validation images; chance 10.0%" in result.stdout
     assert "published top-1 on Fashion-MNIST (the data set's benchmark table, other recipes): ResNet-18 94.9%" in (

@@ -35,7 +35,7 @@ from trainer.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
 from trainer.hardware import LoaderTuner, environment, format_environment, resolve_auto
 from trainer.metrics import MetricsProcessor
 from trainer.mixing import BatchMixer
-from trainer.run_dir import claim_run_dir, use_run_tmpdir
+from trainer.run_dir import claim_run_dir, release_run_dir, use_run_tmpdir
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
 from trainer.step import LateFlags, Stepper, build_stepper
@@ -51,6 +51,13 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     init_process_group(launch, device)
     run_dir = Path(config.train.output_dir) / config.train.run_name
     claim_run_dir(run_dir, launch, device)  # before anything is written or logged: one line if another run holds it
+    try:
+        return train_claimed(config, launch, device, run_dir)
+    finally:
+        release_run_dir()
+
+
+def train_claimed(config: Config, launch: LaunchEnv, device: torch.device, run_dir: Path) -> tuple[EvalResult, RunLog]:
     use_run_tmpdir(run_dir, launch)
     facts = environment(launch) if launch.is_main else {}
     if launch.is_main:

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
 _held: list[IO[str]] = []  # this process's lock: held while the file stays open, released by the kernel at its end
+_made: list[Path] = []  # run directories this process made to hold its lock
 
 
 class RunDirInUse(TrainingStopped):
@@ -52,8 +53,23 @@ def claim_run_dir(run_dir: Path, launch: LaunchEnv, device: torch.device) -> Non
         raise RunDirInUse("the run directory is in use by another training")
 
 
+def release_run_dir() -> None:
+    """At the run's end in this process (a later run in the same process, as tests make, may claim it again). A run
+    directory made for the lock and left with nothing else (a run refused at start) is removed again."""
+    while _held:
+        _held.pop().close()
+    while _made:
+        top = _made.pop()
+        files = {path.name for path in top.rglob("*") if path.is_file()}
+        if files <= {LOCK_FILE}:  # only the lock (and empty temporary folders): nothing of a run
+            shutil.rmtree(top, ignore_errors=True)
+
+
 def lock(run_dir: Path) -> str | None:
     """Take the lock; None, or why not."""
+    made = [path for path in [run_dir, *run_dir.parents] if not path.exists()]
+    if made:
+        _made.append(made[-1])  # the highest folder this makes
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (open for the run's lifetime)
     try:
