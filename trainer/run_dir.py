@@ -56,6 +56,7 @@ def claim_run_dir(run_dir: Path, launch: LaunchEnv, device: torch.device) -> Non
 def release_run_dir() -> None:
     """At the run's end in this process (a later run in the same process, as tests make, may claim it again). A run
     directory made for the lock and left with nothing else (a run refused at start) is removed again."""
+    restore_tmpdir()
     while _held:
         _held.pop().close()
     while _made:
@@ -108,5 +109,21 @@ def use_run_tmpdir(run_dir: Path, launch: LaunchEnv) -> None:
         return
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
+    _previous_tmpdir.append((os.environ.get("TMPDIR"), tempfile.tempdir))
     os.environ["TMPDIR"] = str(folder)  # for the processes this one starts
     tempfile.tempdir = str(folder)
+
+
+_previous_tmpdir: list[tuple[str | None, str | None]] = []
+
+
+def restore_tmpdir() -> None:
+    """$TMPDIR as it was before ``use_run_tmpdir``, at the run's end (a process that goes on after a run, as a test
+    does, must not keep a folder that may be deleted)."""
+    while _previous_tmpdir:
+        environ, tempdir = _previous_tmpdir.pop()
+        if environ is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = environ
+        tempfile.tempdir = tempdir
