@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data_pipeline.errors import CorruptImage, UserError
+from data_pipeline.errors import CorruptImage, UserError, outside_the_classes
 from data_pipeline.folder_index import folder_index
 from data_pipeline.sampling import SkipCorrupt
 
@@ -141,10 +141,6 @@ def first_outside(labels: np.ndarray, classes: int) -> int | None:
     classes fails the first step with "Target 12 is out of bounds", so each data set checks at opening."""
     outside = np.flatnonzero((labels < 0) | (labels >= classes))
     return int(outside[0]) if len(outside) else None
-
-
-def outside_the_classes(classes: int, source: Path | str) -> str:
-    return f"outside the {classes} classes (0-{classes - 1}) of {source}"
 
 
 def check_same_classes(expected: list[str], found: list[str], *, where: str, expected_are: str) -> None:

@@ -22,6 +22,12 @@ class CorruptImage(UserError):
         self.name, self.reason = name, reason
 
 
+def outside_the_classes(classes: int, source: object) -> str:
+    """How every data set says a label is not one of its classes (it would fail the first step with "Target 12 is
+    out of bounds"): "outside the 10 classes (0-9) of SOURCE"."""
+    return f"outside the {classes} classes (0-{classes - 1}) of {source}"
+
+
 def from_worker_traceback(text: str) -> UserError | None:
     """The UserError a loader's worker process raised, from the text its pool hands back instead of the exception
     (DataLoader and DALI both carry the worker's formatted traceback, whose last line is "module.Class: message")."""

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, outside_the_classes
 
 UNSIGNED_BYTE = 0x08  # the element type of MNIST's images and labels
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801  # uint8, 3 dimensions; uint8, 1 dimension
@@ -97,8 +97,7 @@ class IdxDataset(Dataset):
         self.classes = read_class_names(root) or training_label_names(root, labels if train else None)
         if (largest := int(labels.max())) >= len(self.classes):
             source = root / CLASSES_FILE if (root / CLASSES_FILE).is_file() else "the training labels"
-            raise UserError(f"{labels_path}: label {largest} is outside the {len(self.classes)} classes "
-                            f"(0-{len(self.classes) - 1}) of {source}")  # fmt: skip
+            raise UserError(f"{labels_path}: label {largest} is {outside_the_classes(len(self.classes), source)}")
         self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # N x 1 x H x W
         self.labels = torch.from_numpy(labels.astype(np.int64))
 

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from data_pipeline.datasets import ImageFolderDataset, first_outside, outside_the_classes
-from data_pipeline.errors import CorruptImage, UserError
+from data_pipeline.datasets import ImageFolderDataset, first_outside
+from data_pipeline.errors import CorruptImage, UserError, outside_the_classes
 
 INDEX_VERSION = "v1.2"
 

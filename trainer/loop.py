@@ -35,7 +35,7 @@ from trainer.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
 from trainer.hardware import LoaderTuner, environment, format_environment, resolve_auto
 from trainer.metrics import MetricsProcessor
 from trainer.mixing import BatchMixer
-from trainer.run_dir import claim_run_dir, release_run_dir, use_run_tmpdir
+from trainer.run_dir import run_directory
 from trainer.run_log import RunLog
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule
 from trainer.step import LateFlags, Stepper, build_stepper
@@ -50,15 +50,11 @@ def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
     device = pick_device(config.train.device, launch)
     init_process_group(launch, device)
     run_dir = Path(config.train.output_dir) / config.train.run_name
-    claim_run_dir(run_dir, launch, device)  # before anything is written or logged: one line if another run holds it
-    try:
-        return train_claimed(config, launch, device, run_dir)
-    finally:
-        release_run_dir()
+    with run_directory(run_dir, launch, device):  # before anything is written or logged: refused if another run has it
+        return train_in(run_dir, config, launch, device)
 
 
-def train_claimed(config: Config, launch: LaunchEnv, device: torch.device, run_dir: Path) -> tuple[EvalResult, RunLog]:
-    use_run_tmpdir(run_dir, launch)
+def train_in(run_dir: Path, config: Config, launch: LaunchEnv, device: torch.device) -> tuple[EvalResult, RunLog]:
     facts = environment(launch) if launch.is_main else {}
     if launch.is_main:
         log.info("this machine:\n%s", format_environment(facts))

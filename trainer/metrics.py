@@ -174,8 +174,7 @@ class MetricsProcessor:
             values |= {"loss_scale": scaler.get_scale(), "scaler_skipped_steps": counts["scaler_skipped_steps"]}
         self.run_log.log("train", iteration, values)
         images_per_second = sums["count"] / times.seconds
-        epoch = (iteration - 1) // self.iterations_per_epoch  # of the window's last step
-        self.run_log.log("speed", iteration, self.speed_metrics(images_per_second, per_rank, epoch=epoch))
+        self.run_log.log("speed", iteration, self.speed_metrics(images_per_second, per_rank, iteration))
         self.progress.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.4g}", data=f"{data_wait:.0%}")
         if self.lines:
             left = format_seconds((self.total_iterations - iteration) * times.seconds / times.steps)
@@ -186,11 +185,15 @@ class MetricsProcessor:
     def say(self, iteration: int, text: str) -> None:
         """A line of the job's log, on stdout: ``[iteration/total] epoch E  text``."""
         width = len(str(self.total_iterations))
-        epoch = (iteration - 1) // self.iterations_per_epoch if iteration else 0
-        tqdm.write(f"[{iteration:>{width}}/{self.total_iterations}] epoch {epoch}  {text}", file=sys.stdout)
+        tqdm.write(f"[{iteration:>{width}}/{self.total_iterations}] epoch {self.epoch(iteration)}  {text}",
+                   file=sys.stdout)  # fmt: skip
         sys.stdout.flush()
 
-    def speed_metrics(self, images_per_second: float, per_rank: torch.Tensor, *, epoch: int = 0) -> dict[str, float]:
+    def epoch(self, iteration: int) -> int:
+        """The epoch of the step that ends at ``iteration`` (0 before the first)."""
+        return (iteration - 1) // self.iterations_per_epoch if iteration else 0
+
+    def speed_metrics(self, images_per_second: float, per_rank: torch.Tensor, iteration: int) -> dict[str, float]:
         """Global images/s; the per-rank step time (compute, without the wait for data) as min/median/max and the
         slowest rank; the share of the step spent waiting for data (of the slowest waiter); peak memory per rank."""
         compute, data, memory = per_rank.T.tolist()
@@ -206,7 +209,7 @@ class MetricsProcessor:
             **{f"peak_memory_gb/rank{rank}": value / 2**30 for rank, value in enumerate(memory)},
         }
         if self.peak_flops is not None and self.flops_per_image is not None:
-            flops = self.flops_per_image(epoch)
+            flops = self.flops_per_image(self.epoch(iteration))
             metrics["mfu"] = flops * images_per_second / (self.peak_flops * self.launch.world_size)
         return metrics
 

@@ -10,6 +10,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -22,8 +24,6 @@ from trainer.faults import TrainingStopped
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
-_held: list[IO[str]] = []  # this process's lock: held while the file stays open, released by the kernel at its end
-_made: list[Path] = []  # run directories this process made to hold its lock
 
 
 class RunDirInUse(TrainingStopped):
@@ -41,36 +41,42 @@ def check_run_dir(output_dir: str, run_name: str) -> None:
             raise UserError(f"{key}: {path} is a file, not a folder: the run directory would be {run_dir}")
 
 
-def claim_run_dir(run_dir: Path, launch: LaunchEnv, device: torch.device) -> None:
-    """Rank 0 takes an exclusive lock on RUN_DIR/run.lock, for the run's lifetime, and writes who holds it; a second
-    training on the same directory (a requeued job beside a manual restart, a command pasted twice) is refused on
-    every rank, and rank 0 names the holder. The kernel releases the lock when its process dies (kill -9, a node's
-    SLURM requeue), so a dead run never blocks a restart. A file system without locks is warned about, not refused."""
-    refusal = lock(run_dir) if launch.is_main else None
-    if any_rank([refusal is not None], device)[0]:
-        if refusal is not None:
-            raise UserError(refusal)
-        raise RunDirInUse("the run directory is in use by another training")
+@contextmanager
+def run_directory(run_dir: Path, launch: LaunchEnv, device: torch.device) -> Iterator[None]:
+    """The run directory as this run's for the block, its temporary files inside it (``use_run_tmpdir``).
+
+    Rank 0 takes an exclusive lock on RUN_DIR/run.lock and writes who holds it; a second training on the same
+    directory (a requeued job beside a manual restart, a command pasted twice) is refused on every rank, and rank 0
+    names the holder. The kernel releases the lock when its process dies (kill -9, a node's SLURM requeue), so a
+    dead run never blocks a restart. A file system without locks is warned about, not refused. At the block's end
+    (a process that goes on, as a test does, may train again) the lock is let go, $TMPDIR given back, and folders
+    made only to hold the lock (a run refused at start) removed."""
+    made = next((path for path in reversed([run_dir, *run_dir.parents]) if not path.exists()), None)
+    held, refusal = lock(run_dir) if launch.is_main else (None, None)
+    try:
+        if any_rank([refusal is not None], device)[0]:
+            if refusal is not None:
+                raise UserError(refusal)
+            raise RunDirInUse("the run directory is in use by another training")
+        previous = (os.environ.get("TMPDIR"), tempfile.tempdir)
+        use_run_tmpdir(run_dir, launch)
+        try:
+            yield
+        finally:
+            if previous[0] is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = previous[0]
+            tempfile.tempdir = previous[1]
+    finally:
+        if held is not None:
+            held.close()
+        if made is not None and {path.name for path in made.rglob("*") if path.is_file()} <= {LOCK_FILE}:
+            shutil.rmtree(made, ignore_errors=True)  # only the lock (and empty temporary folders): nothing of a run
 
 
-def release_run_dir() -> None:
-    """At the run's end in this process (a later run in the same process, as tests make, may claim it again). A run
-    directory made for the lock and left with nothing else (a run refused at start) is removed again."""
-    restore_tmpdir()
-    while _held:
-        _held.pop().close()
-    while _made:
-        top = _made.pop()
-        files = {path.name for path in top.rglob("*") if path.is_file()}
-        if files <= {LOCK_FILE}:  # only the lock (and empty temporary folders): nothing of a run
-            shutil.rmtree(top, ignore_errors=True)
-
-
-def lock(run_dir: Path) -> str | None:
-    """Take the lock; None, or why not."""
-    made = [path for path in [run_dir, *run_dir.parents] if not path.exists()]
-    if made:
-        _made.append(made[-1])  # the highest folder this makes
+def lock(run_dir: Path) -> tuple[IO[str] | None, str | None]:
+    """Take the lock: the open file that holds it (None where the file system has no locks), or why not."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (open for the run's lifetime)
     try:
@@ -79,20 +85,19 @@ def lock(run_dir: Path) -> str | None:
         handle.seek(0)
         holder = handle.read().strip() or "a process that has not yet said who it is"
         handle.close()
-        return (f"{run_dir} is in use by another training ({holder}); stop that one first, or give this one "
-                f"another train.run_name")  # fmt: skip
+        return None, (f"{run_dir} is in use by another training ({holder}); stop that one first, or give this one "
+                      f"another train.run_name")  # fmt: skip
     except OSError as error:
         log.warning("%s: cannot lock (%s): nothing stops a second training from using this directory at the same "
                     "time", run_dir / LOCK_FILE, error.strerror)  # fmt: skip
         handle.close()
-        return None
+        return None, None
     job = f", SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else ""
     handle.seek(0)
     handle.truncate()
     handle.write(f"host {platform.node()}, pid {os.getpid()}{job}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
     handle.flush()
-    _held.append(handle)
-    return None
+    return handle, None
 
 
 UNIX_SOCKET_ROOM = 75  # multiprocessing binds sockets at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX; Linux allows 107
@@ -101,7 +106,7 @@ UNIX_SOCKET_ROOM = 75  # multiprocessing binds sockets at TMPDIR/pymp-XXXXXXXX/l
 def use_run_tmpdir(run_dir: Path, launch: LaunchEnv) -> None:
     """This rank's temporary files (multiprocessing's pymp-*, those of DALI's workers) in RUN_DIR/tmp/rankN, emptied
     at each start: a run killed with -9 leaves them in its own folder, not in $TMPDIR. A run directory too deep for
-    a socket path keeps $TMPDIR. For the whole process, once the run directory is this run's (``claim_run_dir``)."""
+    a socket path keeps $TMPDIR. For the whole process (``run_directory`` gives it back at the run's end)."""
     folder = run_dir.absolute() / "tmp" / f"rank{launch.rank}"
     if len(str(folder)) > UNIX_SOCKET_ROOM:
         log.info("temporary files in %s (%s is too long a path for the sockets made there)", tempfile.gettempdir(),
@@ -109,21 +114,5 @@ def use_run_tmpdir(run_dir: Path, launch: LaunchEnv) -> None:
         return
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    _previous_tmpdir.append((os.environ.get("TMPDIR"), tempfile.tempdir))
     os.environ["TMPDIR"] = str(folder)  # for the processes this one starts
     tempfile.tempdir = str(folder)
-
-
-_previous_tmpdir: list[tuple[str | None, str | None]] = []
-
-
-def restore_tmpdir() -> None:
-    """$TMPDIR as it was before ``use_run_tmpdir``, at the run's end (a process that goes on after a run, as a test
-    does, must not keep a folder that may be deleted)."""
-    while _previous_tmpdir:
-        environ, tempdir = _previous_tmpdir.pop()
-        if environ is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = environ
-        tempfile.tempdir = tempdir
