@@ -150,7 +150,7 @@ if sys.argv[1] == "resolved":
 model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
 images = torch.randn(16, 3, 112, 112).to(memory_format=torch.channels_last)
 faults = []
-for _ in range(7):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model(images), torch.zeros(16, dtype=torch.long))
@@ -162,17 +162,14 @@ print(faults)
 
 
 def test_on_a_cpu_a_steps_activations_reuse_freed_memory_instead_of_faulting_in_new_pages():
-    def faults(mode: str) -> list[int]:
-        result = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, mode], capture_output=True, text=True,
-                                check=True)  # fmt: skip
-        if mode == "resolved":
-            assert "malloc: freed blocks up to 32 MB are kept for reuse" in result.stdout
-        return json.loads(result.stdout.splitlines()[-1])
-
-    default, resolved = faults("default"), faults("resolved")
-    # glibc maps and unmaps each large activation, every step (4,000-10,000 faults a step measured); kept, the
-    # activations land in memory already mapped after two steps (0-1,500 a step)
-    assert sum(default[2:]) > 10_000 and sum(resolved[2:]) < sum(default[2:]) / 5, (default, resolved)
+    result = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, "resolved"], capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    assert "malloc: freed blocks up to 32 MB are kept for reuse" in result.stdout
+    faults = json.loads(result.stdout.splitlines()[-1])
+    # Kept, the activations land in memory already mapped after two steps: 3,000-6,000 faults in all over the ten
+    # steps after them, measured on a Zen 4. glibc's own choice depends on which arena each thread's blocks fall
+    # in: the same ten steps took 23,000-80,000 faults in most runs there, and about 100 in one run on CI.
+    assert sum(faults[2:]) < 10_000, faults
 
 
 def test_residual_env_says_what_auto_picks_here():
