@@ -155,6 +155,14 @@ def test_bench_train_prints_the_ratio():
     )
 
 
+def test_bench_optim_prints_both_steps_and_their_ratio():
+    result = run(RESIDUAL, "bench", "optim", "--model", "resnet20", "--steps", "1", "--rounds", "1")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^sgd +[0-9.]+ ms/step", result.stdout, re.M) and re.search(r"^lars +[0-9.]+ ms/step",
+                                                                                   result.stdout, re.M)  # fmt: skip
+    assert "lars / sgd = " in result.stdout and "[resnet20, 59 parameter tensors, cpu, torch " in result.stdout
+
+
 @pytest.mark.slow
 def test_bench_train_end_to_end_compares_equal_work():
     """The two loops see the same images with the same crops from the same initialization: the same top-1, where
@@ -246,7 +254,8 @@ def test_bench_gpu_refuses_without_a_gpu_and_its_checklist_parses(tmp_path):
     steps = gpu_checklist(out=tmp_path, gpus=8)
     assert [title for title, _ in steps][-2:] == ["DDP over the node's 8 GPUs: ResNet-50",
                                                   "FSDP over the node's 8 GPUs: ResNet-50"]  # fmt: skip
-    for _, command in steps:
+    assert steps[3][1][1:5] == ["-m", "pytest", "-m", "gpu"]
+    for _, command in (step for step in steps if "trainer.cli" in step[1]):
         argv = command[command.index("trainer.cli") + 1 :]
         args, overrides = build_parser().parse_known_args(argv)
         if args.command == "train":

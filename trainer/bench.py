@@ -23,12 +23,13 @@ from data_pipeline.sampling import ShardedEpochSampler, sample_seeds
 from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
 from data_pipeline.torch_loader import build_eval_loader
 from data_pipeline.transforms import cifar_crop_flip
-from trainer.config import Config, DistConfig, ModelConfig, TrainConfig
+from trainer.config import Config, DistConfig, ModelConfig, OptimConfig, TrainConfig
 from trainer.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
 from trainer.evaluate import evaluate
 from trainer.hardware import resolve_precision
 from trainer.metrics import TrainWindow
 from trainer.models import create_model, get_model_spec
+from trainer.optim import build_optimizer
 from trainer.precision import maybe_autocast
 from trainer.step import LateFlags, build_stepper
 from trainer.throughput import peak_flops, training_flops_per_image
@@ -64,15 +65,25 @@ def bench_eval(*, model_name: str, batch_size: int, images: int, workers: int) -
 
 
 def bench_train(
-    *, model_name: str, batch: int, strategy: str, precision: str, steps: int, rounds: int, fsdp_mixed_precision: str
+    *,
+    model_name: str,
+    batch: int,
+    strategy: str,
+    precision: str,
+    steps: int,
+    rounds: int,
+    fsdp_mixed_precision: str,
+    cudnn_benchmark: bool = True,
 ) -> None:
     """Images/s of the trainer's step (``Stepper.step``, the lr set and the running top-1/top-5, everything the
     loop does per batch but load it) and of a minimal hand-written loop of the same model, batch, precision and
     wrapper, on the same synthetic tensors, measured alternately; the ratio of their medians. Under torchrun,
-    ``batch`` is per rank."""
+    ``batch`` is per rank. ``cudnn_benchmark``: cuDNN's autotuning, as a training run turns it on for fixed
+    shapes (``trainer.hardware.choose_cudnn_benchmark``), for both."""
     launch = LaunchEnv.from_environ()
     device = pick_device("auto", launch)
     init_process_group(launch, device)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     precision, reason = resolve_precision(precision, device)
     if launch.is_main:
         print(f"precision {precision}: {reason}")
@@ -122,6 +133,7 @@ def bench_train(
         f"trainer / minimal = {trainer / reference:.3f}  [{model_name}, batch {batch} per rank, {precision}, "
         f"{strategy if launch.distributed else 'one process'}"
         f"{f' ({fsdp_mixed_precision})' if launch.distributed and strategy == 'fsdp' else ''}, {where}, "
+        f"{f'cudnn.benchmark={cudnn_benchmark}, ' if device.type == 'cuda' else ''}"
         f"torch {torch.__version__}, "
         f"medians of {rounds} rounds of {steps} steps]"
     )
@@ -165,6 +177,35 @@ def timed(step, steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def bench_optim(*, model_name: str, steps: int, rounds: int) -> None:
+    """Milliseconds per optimizer step of the fused SGD and of LARS (``trainer.optim``, trust ratios on, BN and
+    biases excluded, cancellable on the device as the trainer steps it), on one model's parameters and random
+    gradients, alternating; medians. A LARS step once took a kernel or more per parameter tensor (ResNet-50: 161);
+    tests/trainer/test_recipes.py now holds it to the same few ops at any depth."""
+    device = pick_device("auto", LaunchEnv())
+    model = create_model(model_name).to(device, memory_format=torch.channels_last)
+    generator = torch.Generator(device).manual_seed(0)
+    for parameter in model.parameters():
+        parameter.grad = torch.empty_like(parameter).normal_(generator=generator)  # the parameter's layout
+    found_inf = torch.zeros((), device=device)
+    optimizers = {name: build_optimizer(model, OptimConfig(name=name, no_decay_bn_bias=True, lr=0.01))
+                  for name in ("sgd", "lars")}  # fmt: skip
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for name, optimizer in optimizers.items():
+            optimizer.found_inf = found_inf
+            seconds = timed(lambda _, optimizer=optimizer: optimizer.step(), steps, device)
+            if round_index > 0:
+                times[name].append(1e3 * seconds / steps)
+    sgd, lars = statistics.median(times["sgd"]), statistics.median(times["lars"])
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    tensors = len(list(model.parameters()))
+    print(f"sgd   {sgd:8.2f} ms/step   (rounds: {', '.join(f'{t:.2f}' for t in times['sgd'])})")
+    print(f"lars  {lars:8.2f} ms/step   (rounds: {', '.join(f'{t:.2f}' for t in times['lars'])})")
+    print(f"lars / sgd = {lars / sgd:.2f}  [{model_name}, {tensors} parameter tensors, {where}, "
+          f"torch {torch.__version__}, medians of {rounds} rounds of {steps} steps]")  # fmt: skip
 
 
 def bench_end_to_end(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int) -> None:
@@ -336,8 +377,13 @@ def gpu_checklist(*, out: Path, gpus: int) -> list[tuple[str, list[str]]]:
         ("synthetic ImageNet-like data (500x375 JPEGs)",
          [*residual, "data", "synth", data, "--classes", "10", "--per-class", "320", "--size", "500x375"]),
         ("a DALI run on the GPU: an epoch of 50 batches and 10 more, 3 evaluations, memory", dali_run),
+        ("the gpu-marked tests: the CIFAR path builds batches without waiting, DALI's pixels against the torch path's",
+         [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests"]),
         ("trainer step / minimal step and MFU: ResNet-50", [*residual, "bench", "train", "--model", "resnet50",
                                                            "--batch", "256"]),
+        ("the same without cuDNN's autotuning", [*residual, "bench", "train", "--model", "resnet50", "--batch", "256",
+                                                 "--cudnn-benchmark", "off"]),
+        ("optimizer step: fused SGD and LARS on ResNet-50", [*residual, "bench", "optim", "--model", "resnet50"]),
         ("trainer step / minimal step and MFU: ResNet-20", [*residual, "bench", "train", "--model", "resnet20",
                                                            "--batch", "128"]),
         ("the DALI loader at 1 reader process", [*residual, "bench", "loader", "--data", data, "--backend", "dali",

@@ -41,9 +41,19 @@ class LARS(torch.optim.Optimizer):
                 self._update(group, params)
 
     def _update(self, group: dict, params: list[torch.Tensor]) -> None:
+        """One group's step in the same few ops whatever its number of tensors. The steps are written into one
+        buffer, each as a view with its weight's strides, so that every foreach op stays on CUDA's one-launch
+        route; the trust ratios (one per tensor) and the ``found_inf`` mask apply to that buffer at once. Per
+        tensor, they took a kernel each."""
         weights, grads = [local(p) for p in params], [local(p.grad) for p in params]
         buffers = [local(self.state[p]["momentum_buffer"]) for p in params]
         decay, momentum = group["weight_decay"], group["momentum"]
+        lengths = [w.numel() for w in weights]
+        flat = torch.empty(sum(lengths), dtype=weights[0].dtype, device=weights[0].device)
+        steps = [part.as_strided(w.shape, w.stride()) for part, w in zip(flat.split(lengths), weights, strict=True)]
+        torch._foreach_copy_(steps, grads)
+        if decay:
+            torch._foreach_add_(steps, weights, alpha=decay)
         if group["lars"]:
             norms = torch.stack([torch.stack(torch._foreach_norm(weights)), torch.stack(torch._foreach_norm(grads))])
             if isinstance(params[0], DTensor):  # each rank holds shards: the whole tensors' norms
@@ -53,22 +63,29 @@ class LARS(torch.optim.Optimizer):
             w_norm, g_norm = norms
             ratio = group["trust_coefficient"] * w_norm / (g_norm + decay * w_norm + group["eps"])
             scale = torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio)) * group["lr"]
+            flat.mul_(scale.index_select(0, self._owners(lengths, flat.device)))
         else:
-            scale = torch.full((len(params),), group["lr"], device=weights[0].device)
-        steps = torch._foreach_add(grads, weights, alpha=decay) if decay else [g.clone() for g in grads]
-        torch._foreach_mul_(steps, list(scale.unbind()))
-        velocities = torch._foreach_mul(buffers, momentum)
-        torch._foreach_add_(velocities, steps)
-        updates = torch._foreach_add(steps, velocities, alpha=momentum) if group["nesterov"] else velocities
+            flat.mul_(group["lr"])
         found_inf = getattr(self, "found_inf", None)  # set by the caller for one step
-        if found_inf is None:
-            torch._foreach_copy_(buffers, velocities)
-            torch._foreach_sub_(weights, updates)
-            return
-        keep = found_inf == 0
-        for buffer, velocity, weight, update in zip(buffers, velocities, weights, updates, strict=True):
-            buffer.copy_(torch.where(keep, velocity, buffer))
-            weight.sub_(torch.where(keep, update, torch.zeros_like(update)))
+        keep = None if found_inf is None else (found_inf == 0).to(flat.dtype)
+        if keep is not None:  # a cancelled step: no step, the momentum kept as it is
+            flat.masked_fill_(keep == 0, 0.0)
+            torch._foreach_mul_(buffers, keep * momentum + (1 - keep))
+        else:
+            torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, steps)
+        updates = torch._foreach_add(steps, buffers, alpha=momentum) if group["nesterov"] else buffers
+        torch._foreach_sub_(weights, updates if keep is None else torch._foreach_mul(updates, keep))
+
+    def _owners(self, lengths: list[int], device: torch.device) -> torch.Tensor:
+        """For each element of a group's steps laid end to end, the index of its tensor (4 bytes per weight): made
+        on the device once, as a copy to the device each step would wait for it."""
+        cache = self.__dict__.setdefault("_owners_on_device", {})
+        key = (tuple(lengths), device)
+        if key not in cache:
+            owners = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths))
+            cache[key] = owners.to(device)
+        return cache[key]
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from training_runs import RECIPES, metrics, small_run
 
 from trainer.checkpoint import export_state_dict, latest_checkpoint, load_checkpoint, read_weights
@@ -16,6 +17,7 @@ from trainer.distributed import LaunchEnv
 from trainer.ema import WeightAverage
 from trainer.loop import train
 from trainer.mixing import BatchMixer, cutmix_box, dominant_labels, mixed_targets
+from trainer.models import create_model
 from trainer.optim import LARS, build_optimizer
 
 ROOT = Path(__file__).parents[2]
@@ -65,6 +67,50 @@ def test_lars_step_is_cancelled_on_the_device():
     del optimizer.found_inf
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     assert all(not optimizer.state[p]["momentum_buffer"].any() for p in model.parameters())
+
+
+class LaunchCounter(TorchDispatchMode):
+    """What a step would launch on a GPU, read on the CPU: each op that reaches a kernel, and for each foreach op
+    whether CUDA's one-launch route takes it (``can_use_fast_route``: the lists' tensors pairwise of one size and
+    stride, and dense, as ``empty_like`` keeps only a dense tensor's strides). Off that route, a foreach op
+    launches one kernel per tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+        self.per_tensor: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and not name.startswith("_record_function"):  # neither launches a kernel
+            self.ops.append(name)
+        lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
+        if name.startswith("_foreach") and not name.startswith("_foreach_norm") and any(
+            (x.shape, x.stride()) != (y.shape, y.stride()) or x.stride() != torch.empty_like(x).stride()
+            for other in lists[1:] for x, y in zip(lists[0], other, strict=True)
+        ):  # fmt: skip
+            self.per_tensor.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_lars_step_launches_the_same_few_kernels_for_any_depth(nesterov):
+    """LARS's step on ResNet-20 and on ResNet-110 (59 and 329 parameter tensors), cancellable on the device: the
+    same ops, none of them once per tensor. The per-tensor trust ratios and the ``found_inf`` mask once took
+    about six ops per tensor (about a thousand launches a step for ResNet-50)."""
+
+    def step_ops(name: str) -> list[str]:
+        model = create_model(name).to(memory_format=torch.channels_last)
+        optimizer = build_optimizer(model, OptimConfig(name="lars", no_decay_bn_bias=True, nesterov=nesterov))
+        model(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)).sum().backward()
+        optimizer.found_inf = torch.zeros(())
+        with LaunchCounter() as counter:
+            optimizer.step()
+        assert counter.per_tensor == [], counter.per_tensor
+        return counter.ops
+
+    shallow, deep = step_ops("resnet20"), step_ops("resnet110")
+    assert shallow == deep and len(deep) < 60, (len(shallow), len(deep), deep)  # 49: 25 and 24 for the two groups
 
 
 def test_mixup_targets_and_dominant_labels():

@@ -21,8 +21,10 @@ residual report RUN_DIR [RUN_DIR ...] [--out DIR] [--target TOP1]
 residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
                       [--feeder-only]
 residual bench gpu [--out DIR]
+residual bench optim [--model NAME] [--steps N] [--rounds R]
 residual bench recipes [--config CONFIG] [--iterations N] [--rounds R]
 residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision auto] [--steps N] [--rounds R]
+                     [--cudnn-benchmark on|off]
                      [--end-to-end [--config CONFIG] [--iterations N]]
 """
 

@@ -1,4 +1,5 @@
-"""`residual bench eval|loader|train|gpu`: the project's measurements, each printing how it was measured."""
+"""`residual bench eval|loader|train|optim|recipes|imagenet-size|gpu`: the project's measurements, each printing
+how it was measured."""
 
 from __future__ import annotations
 
@@ -43,7 +44,14 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
         steps=args.steps,
         rounds=args.rounds,
         fsdp_mixed_precision=args.fsdp_mixed_precision,
+        cudnn_benchmark=args.cudnn_benchmark == "on",
     )
+
+
+def cmd_bench_optim(args: argparse.Namespace) -> None:
+    from trainer.bench import bench_optim
+
+    bench_optim(model_name=args.model, steps=args.steps, rounds=args.rounds)
 
 
 def cmd_bench_recipes(args: argparse.Namespace) -> None:
@@ -95,6 +103,8 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     bench_train.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
     bench_train.add_argument("--precision", choices=PRECISIONS, default="auto")
     bench_train.add_argument("--fsdp-mixed-precision", choices=("policy", "autocast"), default="policy")
+    bench_train.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                             help="cuDNN's autotuning (a training run turns it on for fixed shapes)")  # fmt: skip
     bench_train.add_argument("--steps", type=int, default=10, help="steps per timed round")
     bench_train.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
     bench_train.add_argument(
@@ -104,6 +114,12 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     bench_train.add_argument("--iterations", type=int, default=600, help="--end-to-end: iterations per run")
     bench_train.add_argument("--per-class", type=int, default=1000, help="--end-to-end: synthetic images per class")
     bench_train.set_defaults(run=cmd_bench_train)
+
+    optim = bench.add_parser("optim", help="milliseconds per step of the fused SGD and of LARS on a model's weights")
+    optim.add_argument("--model", default="resnet50")
+    optim.add_argument("--steps", type=int, default=20, help="steps per round")
+    optim.add_argument("--rounds", type=int, default=5)
+    optim.set_defaults(run=cmd_bench_optim)
 
     recipes = bench.add_parser("recipes", help="the cost per step of each recipe piece against the paper's recipe")
     recipes.add_argument("--config", default="configs/quickstart.yaml", help="the paper's recipe to add pieces to")
