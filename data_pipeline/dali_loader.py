@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from data_pipeline.config import DataConfig
+from data_pipeline.damaged import DAMAGE, CorruptImage, SkipCorrupt, damage, left_out
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
-from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
+from data_pipeline.errors import UserError, from_worker_traceback
 from data_pipeline.idx import IdxDataset
 from data_pipeline.sampling import (
     ShardedEpochSampler,
-    SkipCorrupt,
     sample_seed,
     sample_uniforms,
     training_sampler,
@@ -194,36 +194,28 @@ class SampleReader:
         return f"image {index}"
 
     def inspect(self, encoded: np.ndarray) -> tuple[tuple[int, int] | None, str | None]:
-        """An encoded file's (width, height) from its header alone, and why it cannot be an image if the cheap
-        checks say so (no decode): the header does not parse, or a JPEG lacks its end marker (a truncated file).
-        (None, None) for a CIFAR image."""
+        """An encoded file's (width, height) from its header, and why it is damaged if it is (None for a CIFAR
+        image). Only a file that the header checks flag (a header that does not parse, a JPEG without its end
+        marker) is decoded, to be judged by data_pipeline.damaged's rule and reason."""
         if encoded.ndim == 3:
             return None, None
         data = encoded.data  # no copy
         size = header_size(bytes(data[:65536]))
-        if size is None:  # not a JPEG or PNG whose header parses: Pillow's verdict
+        if size is None:  # not a JPEG or PNG whose header parses: Pillow's reading of the header
             try:
                 with Image.open(io.BytesIO(data)) as image:
                     size = image.size
-            except OSError as error:
-                return None, f"not an image ({error})"
-        if bytes(data[:2]) == b"\xff\xd8" and not bytes(data[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9"):
-            return None, "truncated JPEG (no end-of-image marker)"
-        return size, None
-
-    def decode_error(self, index: int) -> str | None:
-        """Why Pillow cannot decode sample ``index`` fully, if it cannot."""
-        try:
-            with Image.open(io.BytesIO(self.encoded(index).tobytes())) as image:
-                image.load()
-        except OSError as error:
-            return str(error)
-        return None
+            except DAMAGE:
+                pass
+        truncated = bytes(data[:2]) == b"\xff\xd8" and not bytes(data[-64:]).rstrip(b"\x00").endswith(b"\xff\xd9")
+        if size is not None and not truncated:
+            return size, None
+        return size, damage(encoded)
 
     def undecodable(self, indices: Sequence[int]) -> str | None:
-        """The samples among ``indices`` that Pillow cannot decode either, named with why (after DALI failed)."""
-        bad = [(self.name(i), error) for i in indices if (error := self.decode_error(i))]
-        return "; ".join(f"{name}: cannot decode ({error})" for name, error in bad) or None
+        """The samples among ``indices`` that are damaged, named with why (after DALI failed on their batch)."""
+        bad = [(self.name(i), reason) for i in indices if (reason := damage(self.encoded(i)))]
+        return "; ".join(f"{name}: cannot decode image ({reason})" for name, reason in bad) or None
 
 
 class TrainSource:
@@ -493,7 +485,7 @@ class EvalSource:
         for index in chosen:
             encoded = self.reader.encoded(index)
             if self.skip_corrupt and (defect := self.reader.inspect(encoded)[1]) is not None:
-                log.warning("left out of the evaluation: %s: %s", self.reader.name(index), defect)
+                left_out(CorruptImage(self.reader.name(index), defect))
                 continue
             data.append(encoded)
             labels.append(self.reader.label(index))

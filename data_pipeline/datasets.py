@@ -10,35 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 
-from data_pipeline.errors import CorruptImage, UserError, outside_the_classes
+from data_pipeline.damaged import decode_rgb
+from data_pipeline.errors import UserError, outside_the_classes
 from data_pipeline.folder_index import folder_index
-from data_pipeline.sampling import SkipCorrupt
 
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
 # CIFAR-100's python layout: one training file and one test file, the 100 classes' labels under b"fine_labels"
 # (b"coarse_labels" holds the 20 superclasses), their names in meta's b"fine_label_names"
 CIFAR100_FILES, CIFAR100_META = {True: "train", False: "test"}, "meta"
-
-
-# One rule for every decoder here, both backends and `residual data verify`: an image is damaged when it cannot be
-# decoded, never for its size. Pillow refuses more than 179 million pixels as a possible decompression bomb (a
-# traceback, in training); DALI decodes any size, and photo collections hold panoramas of 20,000 x 10,000 (200
-# million). JPEG itself stops at 65,535 pixels a side.
-Image.MAX_IMAGE_PIXELS = None
-
-
-def decode_rgb(path: str) -> torch.Tensor:
-    """Pillow, as torchvision's ImageFolder (torchvision.io's decoders are deprecated since 0.29)."""
-    try:
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))
-    except (OSError, ValueError) as error:  # Pillow's UnidentifiedImageError and truncated files are OSErrors
-        raise CorruptImage(path, f"{type(error).__name__}: {error}") from None
 
 
 class ImageFolderDataset(Dataset):
@@ -56,20 +38,6 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return decode_rgb(self.samples.path(index)), int(self.samples.labels[index])
-
-
-class SkippingCorrupt(Dataset):
-    """``data.skip_corrupt`` on the torch path (data_pipeline.sampling.SkipCorrupt): a sample whose image cannot be
-    decoded is replaced by the next one that can."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset, self.classes, self.policy = dataset, dataset.classes, SkipCorrupt(enabled=True)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.policy.first_usable(index, len(self.dataset), self.dataset.__getitem__)
 
 
 def _read_cifar_batch(path: Path) -> dict:

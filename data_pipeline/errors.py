@@ -10,18 +10,6 @@ class UserError(Exception):
     pass
 
 
-class CorruptImage(UserError):
-    """An image file that cannot be decoded: what ``data.skip_corrupt`` skips (its warning names the file and the
-    reason; the advice is for a run that stops)."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(
-            f"{name}: cannot decode image ({reason}); data.skip_corrupt=true skips such files, "
-            "`residual data verify` lists them"
-        )
-        self.name, self.reason = name, reason
-
-
 def outside_the_classes(classes: int, source: object) -> str:
     """How every data set says a label is not one of its classes (it would fail the first step with "Target 12 is
     out of bounds"): "outside the 10 classes (0-9) of SOURCE"."""
@@ -32,7 +20,7 @@ def from_worker_traceback(text: str) -> UserError | None:
     """The UserError a loader's worker process raised, from the text its pool hands back instead of the exception
     (DataLoader and DALI both carry the worker's formatted traceback, whose last line is "module.Class: message")."""
     name, _, message = text.rstrip().rpartition("\n")[2].partition(": ")
-    return UserError(message) if name.startswith(f"{__name__}.") else None
+    return UserError(message) if name in (f"{__name__}.UserError", "data_pipeline.damaged.CorruptImage") else None
 
 
 def require(condition: bool, key: str, value: object, why: str) -> None:

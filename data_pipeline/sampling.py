@@ -2,12 +2,11 @@
 global batches, each rank its slice of every batch; seeds that are functions of (seed, epoch, position) alone, so
 that order and augmentation survive a resume and do not depend on worker or rank counts (splitmix64's finalizer,
 vectorized over numpy's uint64, whose arithmetic wraps modulo 2**64); each rank's contiguous share of the
-validation set; and what ``data.skip_corrupt`` does in training."""
+validation set."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -15,12 +14,9 @@ import torch
 from torch.utils.data import Sampler
 
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import CorruptImage, UserError
-
-log = logging.getLogger(__name__)
+from data_pipeline.errors import UserError
 
 Order = TypeVar("Order", torch.Tensor, np.ndarray)  # an epoch's permutation of the data set
-Sample = TypeVar("Sample")
 
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1, MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
@@ -128,25 +124,3 @@ def val_share(size: int, *, rank: int, world_size: int) -> range:
     """Rank r's contiguous share of a val set of ``size`` images: every image exactly once over all ranks, no
     padding duplicates and no dropped tail, so summed counts are exact."""
     return range(rank * size // world_size, (rank + 1) * size // world_size)
-
-
-class SkipCorrupt:
-    """``data.skip_corrupt`` in training, on both backends: a sample whose image cannot be used is replaced by the
-    next one that can, with a warning that names the file and counts this process's skips; off, the sample's
-    ``CorruptImage`` stops the run with the file's name."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.skipped = enabled, 0
-
-    def first_usable(self, index: int, count: int, attempt: Callable[[int], Sample]) -> Sample:
-        """``attempt(index)``, or (enabled) ``attempt`` of the next index modulo ``count`` that raises no
-        ``CorruptImage``."""
-        for offset in range(count):
-            try:
-                return attempt((index + offset) % count)
-            except CorruptImage as error:
-                if not self.enabled:
-                    raise
-                self.skipped += 1
-                log.warning("skipped %s: %s (%d skipped by this process)", error.name, error.reason, self.skipped)
-        raise UserError("no decodable image in the training set")

@@ -19,8 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from data_pipeline.config import DataConfig
-from data_pipeline.datasets import SkippingCorrupt, open_dataset
-from data_pipeline.errors import CorruptImage, UserError, from_worker_traceback
+from data_pipeline.damaged import CorruptImage, SkippingCorrupt, left_out
+from data_pipeline.datasets import open_dataset
+from data_pipeline.errors import UserError, from_worker_traceback
 from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
 from data_pipeline.transforms import (
     build_eval_transform,
@@ -179,7 +180,7 @@ class _Transformed(Dataset):
         except CorruptImage as error:
             if not self.skip_corrupt:
                 raise
-            log.warning("left out of the evaluation: %s: %s", error.name, error.reason)
+            left_out(error)
             return None
         return self.transform(image), label
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
-from data_pipeline.datasets import decode_rgb
-from data_pipeline.errors import CorruptImage, UserError
+from data_pipeline.damaged import CorruptImage, decode_rgb
+from data_pipeline.errors import UserError
 
 
 def image_files(root: Path) -> list[str]:
@@ -24,7 +24,7 @@ def image_files(root: Path) -> list[str]:
 
 def decode_error(path: Path) -> str | None:
     """Why ``path`` is not an image training can read, or None: it is decoded as training decodes it, every pixel
-    (so truncated files fail), under the same rule (``decode_rgb``: damaged when undecodable, whatever the size)."""
+    (so truncated files fail), under the one rule of data_pipeline.damaged."""
     try:
         decode_rgb(str(path))
     except CorruptImage as error:

@@ -15,13 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
+from data_pipeline.damaged import decode_rgb
 from data_pipeline.datasets import ImageFolderDataset, first_outside
-from data_pipeline.errors import CorruptImage, UserError, outside_the_classes
+from data_pipeline.errors import UserError, outside_the_classes
 
 INDEX_VERSION = "v1.2"
 
@@ -103,11 +102,7 @@ class WebDatasetDataset(Dataset):
         return np.fromfile(shard, dtype=np.uint8, count=int(self.sizes[index]), offset=int(self.offsets[index]))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        try:
-            with Image.open(io.BytesIO(self.encoded(index).tobytes())) as image:
-                return pil_to_tensor(image.convert("RGB")), int(self.labels[index])
-        except OSError as error:
-            raise CorruptImage(f"{self.shards[self.shard_of[index]]}: sample {index}", str(error)) from None
+        return decode_rgb(self.encoded(index), self.name(index)), int(self.labels[index])
 
 
 def read_index(shard: Path) -> list[tuple[int, int, int]]:

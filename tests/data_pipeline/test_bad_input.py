@@ -3,6 +3,7 @@ counted, on both backends."""
 
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,38 @@ def damaged(imagefolder_root, tmp_path):
 def config(root, backend: str, skip: bool, workers: int = 0) -> DataConfig:
     return DataConfig(root=str(root), backend=backend, batch_size=12, workers=workers, skip_corrupt=skip,
                       scale_min=40, scale_max=56, crop_size=32, val_resize=36)  # fmt: skip
+
+
+def test_the_four_readers_find_the_same_files_damaged_for_the_same_reason(damaged, tmp_path):
+    """An image folder's samples (torch path), the same files in WebDataset shards, DALI's reader and `residual
+    data verify`: one rule (data_pipeline.damaged), one reason per file."""
+    from data_pipeline.dali_loader import SampleReader
+    from data_pipeline.damaged import CorruptImage
+    from data_pipeline.datasets import ImageFolderDataset
+    from data_pipeline.verify import verify_images
+    from data_pipeline.webdataset import WebDatasetDataset, shard_imagefolder
+
+    root, names = damaged
+    folder = ImageFolderDataset(root / "train")
+    shard_imagefolder(root, tmp_path / "shards", shard_size=16)
+    shards = WebDatasetDataset(tmp_path / "shards" / "train")
+
+    def reasons(dataset) -> dict[int, str]:
+        found = {}
+        for index in range(len(dataset)):
+            try:
+                dataset[index]
+            except CorruptImage as error:
+                found[index] = error.reason
+        return found
+
+    torch_path = reasons(folder)
+    assert {Path(folder.samples.path(index)).name for index in torch_path} == names
+    reader = SampleReader(folder)
+    dali = {index: reason for index in range(len(folder)) if (reason := reader.inspect(reader.encoded(index))[1])}
+    files = {folder.samples.path(index): index for index in range(len(folder))}
+    verified = {files[str(path)]: reason for path, reason in verify_images(root / "train", workers=1)[1]}
+    assert torch_path == reasons(shards) == dali == verified, (torch_path, reasons(shards), dali, verified)
 
 
 @pytest.mark.parametrize(("backend", "workers"), [("torch", 0), ("torch", 1), ("dali", 0), ("dali", 1)])

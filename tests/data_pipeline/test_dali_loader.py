@@ -9,7 +9,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from data_pipeline.config import DataConfig
 from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader, train_parameters
-from data_pipeline.datasets import decode_rgb, open_dataset
+from data_pipeline.damaged import decode_rgb
+from data_pipeline.datasets import open_dataset
 from data_pipeline.loaders import build_train_loader
 from data_pipeline.sampling import sample_seed
 from data_pipeline.torch_loader import build_torch_val_loader as build_val_loader
