@@ -15,7 +15,7 @@ CIFAR10_STD = [0.2470, 0.2435, 0.2616]
 
 @dataclass
 class SynthConfig:
-    """What ``residual data synth`` writes when ``data.root`` is missing (see data_pipeline.synthetic)."""
+    """What ``residual data synth`` writes when ``data.root`` is missing (see data_pipeline.prepare.synthetic)."""
 
     classes: int = 10
     train_per_class: int = 500
@@ -95,9 +95,9 @@ class DataConfig:
     # per-channel, on [0, 1] pixels: one value per channel of the images (model.in_channels)
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))  # per-channel, on [0, 1] pixels
-    # where an image folder's sample index is kept (data_pipeline.folder_index): listed by one process, read by the
-    # others and by later starts while the tree is unchanged; training puts it in its run directory (index/); null:
-    # each opening lists the tree
+    # where an image folder's sample index is kept (data_pipeline.datasets.folder_index): listed by one process,
+    # read by the others and by later starts while the tree is unchanged; training puts it in its run directory
+    # (index/); null: each opening lists the tree
     index_dir: str | None = None
     skip_corrupt: bool = False  # an undecodable image: training takes the next, evaluation leaves it out (warned)
     synthesize: SynthConfig | None = None  # generate synthetic data at `root` when it does not exist

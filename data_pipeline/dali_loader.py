@@ -27,8 +27,9 @@ from PIL import Image
 from data_pipeline.config import DataConfig
 from data_pipeline.damaged import DAMAGE, CorruptImage, SkipCorrupt, damage, left_out
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
+from data_pipeline.datasets.idx import IdxDataset
+from data_pipeline.datasets.webdataset import WebDatasetDataset
 from data_pipeline.errors import UserError, from_worker_traceback
-from data_pipeline.idx import IdxDataset
 from data_pipeline.sampling import (
     ShardedEpochSampler,
     sample_seed,
@@ -46,7 +47,6 @@ from data_pipeline.transforms import (
     cifar_crop_flip,
     erase_windows,
 )
-from data_pipeline.webdataset import WebDatasetDataset
 
 log = logging.getLogger(__name__)
 

@@ -119,7 +119,7 @@ PUBLISHED = {
 }
 TITLES = {"imagenet": "ImageNet", "synthetic": "synthetic data", "unrecorded": "a data set not recorded (a run from "
           "before dataset.json)", **{k: v.title for k, v in PUBLISHED.items()}}  # fmt: skip
-SYNTHETIC_CLASS = re.compile(r"c\d{3}_[a-z]+_[a-z]+")  # data_pipeline.synthetic.class_name
+SYNTHETIC_CLASS = re.compile(r"c\d{3}_[a-z]+_[a-z]+")  # data_pipeline.prepare.synthetic.class_name
 IMAGENET_CLASS = re.compile(r"n\d{8}")  # a WordNet id
 
 
@@ -147,10 +147,10 @@ def identify(config: DataConfig, classes: list[str]) -> str:
 
 
 def test_labels_file(config: DataConfig) -> Path | None:
-    """The file that holds the test labels, where the readers (data_pipeline.idx, data_pipeline.datasets) find it:
-    IDX's t10k labels, CIFAR-10's test_batch or CIFAR-100's test; None for other formats."""
-    from data_pipeline.datasets import CIFAR100_FILES, CIFAR_TEST_BATCH
-    from data_pipeline.idx import find_idx_file
+    """The file that holds the test labels, where the readers (data_pipeline.datasets.idx and .cifar) find it: IDX's
+    t10k labels, CIFAR-10's test_batch or CIFAR-100's test; None for other formats."""
+    from data_pipeline.datasets.cifar import CIFAR100_FILES, CIFAR_TEST_BATCH
+    from data_pipeline.datasets.idx import find_idx_file
 
     root = Path(config.root)
     if config.format == "idx":

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
+from data_pipeline.prepare.synthetic import synthesize_cifar, synthesize_imagefolder
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 know nothing of the project; nothing imports the CLI (it calls the code, the code never calls it)."""
 
 import ast
+import graphlib
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,24 @@ def test_imports_point_down_the_layers(module):
 def test_the_models_know_nothing_of_the_project(module):
     outside = sorted(name for name in MODULES[module] if not is_within(name, "trainer.models"))
     assert not outside, f"{module} imports {outside}"
+
+
+def imported_modules(module: str) -> set[str]:
+    """The project modules ``module`` imports, each name resolved to the module that defines it (``from a.b import
+    c`` is module a.b, or a.b.c where that is a module); a package's ``__init__`` run on the way is not counted."""
+    found = set()
+    for name in MODULES[module]:
+        while name not in MODULES:
+            name = name.rpartition(".")[0]
+        if name != module:
+            found.add(name)
+    return found
+
+
+def test_no_module_imports_itself_through_others():
+    """Not even inside a function: a function-local import that closes a cycle only hides it."""
+    graph = {module: imported_modules(module) for module in MODULES}
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as error:
+        pytest.fail(f"an import cycle: {' -> '.join(error.args[1])}")

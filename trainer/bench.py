@@ -19,8 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset
 from data_pipeline.errors import UserError
+from data_pipeline.prepare.synthetic import synthesize_cifar, synthesize_imagefolder
 from data_pipeline.sampling import ShardedEpochSampler, sample_seeds
-from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
 from data_pipeline.torch_loader import build_eval_loader
 from data_pipeline.transforms import cifar_crop_flip
 from trainer.config import Config, DistConfig, ModelConfig, OptimConfig, TrainConfig

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from data_pipeline.datasets import open_dataset
-from data_pipeline.synthetic import class_name
+from data_pipeline.prepare.synthetic import class_name
 
 RESIDUAL = Path(__file__).parents[1]
 

@@ -22,10 +22,10 @@ import torch
 
 from data_pipeline import UserError, build_train_loader, build_val_loader
 from data_pipeline.datasets import check_folder_classes
-from data_pipeline.folder_index import index_splits
+from data_pipeline.datasets.folder_index import index_splits
 from data_pipeline.loaders import TrainBatches
+from data_pipeline.prepare.synthetic import ensure_synthetic
 from data_pipeline.published import identify, title
-from data_pipeline.synthetic import ensure_synthetic
 from trainer.checkpoint import CheckpointManager, latest_checkpoint
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import LaunchEnv, average_bn_buffers, barrier, init_process_group, pick_device

@@ -34,8 +34,9 @@ def test_the_four_readers_find_the_same_files_damaged_for_the_same_reason(damage
     from data_pipeline.dali_loader import SampleReader
     from data_pipeline.damaged import CorruptImage
     from data_pipeline.datasets import ImageFolderDataset
-    from data_pipeline.verify import verify_images
-    from data_pipeline.webdataset import WebDatasetDataset, shard_imagefolder
+    from data_pipeline.datasets.webdataset import WebDatasetDataset
+    from data_pipeline.prepare.shard import shard_imagefolder
+    from data_pipeline.prepare.verify import verify_images
 
     root, names = damaged
     folder = ImageFolderDataset(root / "train")
@@ -175,7 +176,7 @@ def test_a_huge_image_is_decoded_like_any_other_on_both_backends(with_a_panorama
 
 @pytest.mark.slow
 def test_verify_passes_a_huge_image(with_a_panorama):
-    from data_pipeline.verify import verify_images
+    from data_pipeline.prepare.verify import verify_images
 
     root, _ = with_a_panorama
     assert verify_images(root / "train", workers=1) == (49, [])

@@ -6,8 +6,8 @@ import pytest
 import torchvision
 
 from data_pipeline.datasets import open_dataset
+from data_pipeline.datasets.folder_index import FolderIndex, folder_index, index_splits, list_folder
 from data_pipeline.errors import UserError
-from data_pipeline.folder_index import FolderIndex, folder_index, index_splits, list_folder
 
 
 def make_tree(root, files):
@@ -44,7 +44,7 @@ def test_it_is_written_once_and_read_by_the_next_opener_without_listing(tmp_path
     def no_listing(*args, **kwargs):
         raise AssertionError("listed again")
 
-    monkeypatch.setattr("data_pipeline.folder_index.os.walk", no_listing)
+    monkeypatch.setattr("data_pipeline.datasets.folder_index.os.walk", no_listing)
     assert index_splits(data, tmp_path / "index") == ["6 train images, read", "3 val images, read"]  # a later start
     for train in (True, False):  # every other rank
         opened = open_dataset(data, "imagefolder", train=train, index_dir=tmp_path / "index")

@@ -15,7 +15,7 @@ import pytest
 
 from data_pipeline.datasets import open_dataset
 from data_pipeline.errors import UserError
-from data_pipeline.get import get_dataset
+from data_pipeline.prepare.get import get_dataset
 from data_pipeline.published import IDX_FILES, PUBLISHED, Download, PublishedDataSet
 from tests.data_pipeline.test_idx import write_idx_set
 from trainer.cli import main

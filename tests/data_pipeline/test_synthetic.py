@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_pipeline.config import DataConfig, SynthConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset, open_dataset
-from data_pipeline.synthetic import ensure_synthetic, render_sample
+from data_pipeline.prepare.synthetic import ensure_synthetic, render_sample
 
 
 def test_imagefolder_layout(imagefolder_root):

@@ -1,6 +1,6 @@
 import shutil
 
-from data_pipeline.verify import verify_images
+from data_pipeline.prepare.verify import verify_images
 
 
 def test_verify_lists_every_undecodable_image(tmp_path, imagefolder_root):

@@ -12,7 +12,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import ImageFolderDataset, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.loaders import build_train_loader, build_val_loader
-from data_pipeline.webdataset import shard_imagefolder
+from data_pipeline.prepare.shard import shard_imagefolder
 
 RESIDUAL = str(Path(sys.executable).parent / "residual")
 

@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.errors import UserError
-from data_pipeline.synthetic import render_sample
+from data_pipeline.prepare.synthetic import render_sample
 from data_pipeline.torch_loader import build_eval_loader
 from data_pipeline.transforms import ten_crop
 from trainer.distributed import LaunchEnv

@@ -20,7 +20,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> None:
-    from data_pipeline.synthetic import synthesize_cifar, synthesize_imagefolder
+    from data_pipeline.prepare.synthetic import synthesize_cifar, synthesize_imagefolder
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -39,7 +39,7 @@ def cmd_data_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare_imagenet(args: argparse.Namespace) -> None:
-    from data_pipeline.imagenet import labels_from_devkit, labels_from_solution, prepare_val
+    from data_pipeline.prepare.imagenet import labels_from_devkit, labels_from_solution, prepare_val
 
     for path in [args.images, *(args.devkit or []), *([args.solution] if args.solution else [])]:
         if not Path(path).exists():
@@ -50,7 +50,7 @@ def cmd_prepare_imagenet(args: argparse.Namespace) -> None:
 
 
 def cmd_data_shard(args: argparse.Namespace) -> None:
-    from data_pipeline.webdataset import shard_imagefolder
+    from data_pipeline.prepare.shard import shard_imagefolder
 
     if args.shard_size < 1:
         raise UserError(f"--shard-size {args.shard_size}: must be at least 1")
@@ -60,7 +60,7 @@ def cmd_data_shard(args: argparse.Namespace) -> None:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from data_pipeline.verify import verify_images
+    from data_pipeline.prepare.verify import verify_images
 
     checked, failures = verify_images(Path(args.root), workers=args.workers, progress=True)
     for path, reason in failures:
@@ -70,7 +70,7 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_data_get(args: argparse.Namespace) -> None:
-    from data_pipeline.get import PUBLISHED, get_dataset
+    from data_pipeline.prepare.get import PUBLISHED, get_dataset
 
     out = Path(args.out)
     origin = get_dataset(args.name, out, mirror=args.mirror, system=Path(args.system))
