@@ -44,7 +44,7 @@ def bench_loader(*, data: str, backends: list[str], pipeline: str, batch: int, b
 def bench_feeder(*, data: str, batch: int, batches: int, rounds: int) -> None:
     """What one DALI reader process does per training batch (read each file, check its header, draw the batch's
     augmentation), in this process alone, without DALI: the images/s one reader process can feed."""
-    from data_pipeline.dali_loader import build_dali_train_loader
+    from data_pipeline.dali.loader import build_dali_train_loader
 
     source = build_dali_train_loader(DataConfig(root=data, backend="dali", batch_size=batch, workers=0), rank=0,
                                      world_size=1, seed=0).source  # fmt: skip

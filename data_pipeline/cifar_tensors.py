@@ -15,11 +15,7 @@ from collections.abc import Iterator
 import torch
 from torchvision.transforms import v2
 
-from data_pipeline.config import DataConfig
-from data_pipeline.datasets import CifarDataset, open_dataset
-from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
-from data_pipeline.torch_loader import Batch
-from data_pipeline.transforms import (
+from data_pipeline.augment.transforms import (
     after_crop,
     augment_cifar_batch,
     augment_each,
@@ -27,6 +23,10 @@ from data_pipeline.transforms import (
     normalize_batch,
     to_device,
 )
+from data_pipeline.config import DataConfig
+from data_pipeline.datasets import CifarDataset, open_dataset
+from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
+from data_pipeline.torch_loader import Batch
 
 
 class CifarTensorLoader:

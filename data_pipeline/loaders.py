@@ -35,7 +35,7 @@ def build_train_loader(
     config: DataConfig, *, rank: int, world_size: int, seed: int, device: torch.device = CPU
 ) -> TrainBatches:
     if config.backend == "dali":
-        from data_pipeline.dali_loader import build_dali_train_loader
+        from data_pipeline.dali.loader import build_dali_train_loader
 
         return build_dali_train_loader(config, rank=rank, world_size=world_size, seed=seed)
     if uses_tensor_path(config):
@@ -51,7 +51,7 @@ def build_val_loader(
 ) -> Any:  # fmt: skip
     """Multi-scale views differ in shape per image and scale: they come from the torch path on either backend."""
     if config.backend == "dali" and protocol != "multiscale":
-        from data_pipeline.dali_loader import build_dali_val_loader
+        from data_pipeline.dali.loader import build_dali_val_loader
 
         return build_dali_val_loader(
             config, rank=rank, world_size=world_size, batch_per_rank=batch_per_rank, protocol=protocol

@@ -1,4 +1,4 @@
-"""The torchvision path: DataLoaders over data_pipeline.datasets with data_pipeline.transforms.
+"""The torchvision path: DataLoaders over data_pipeline.datasets with data_pipeline.augment.transforms.
 
 Order and augmentation are functions of (seed, epoch, position) alone: each epoch is a seeded permutation, every
 sample's random augmentation is drawn from its own seed, and a loader can start at any batch of an epoch. So a
@@ -18,18 +18,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from data_pipeline.config import DataConfig
-from data_pipeline.damaged import CorruptImage, SkippingCorrupt, left_out
-from data_pipeline.datasets import open_dataset
-from data_pipeline.errors import UserError, from_worker_traceback
-from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
-from data_pipeline.transforms import (
+from data_pipeline.augment.transforms import (
     build_eval_transform,
     build_train_transform,
     normalize_batch,
     normalizes_in_batches,
     seed_cpu_generator,
 )
+from data_pipeline.config import DataConfig
+from data_pipeline.damaged import CorruptImage, SkippingCorrupt, left_out
+from data_pipeline.datasets import open_dataset
+from data_pipeline.errors import UserError, from_worker_traceback
+from data_pipeline.sampling import ShardedEpochSampler, training_sampler, val_share
 
 log = logging.getLogger(__name__)
 

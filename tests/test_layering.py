@@ -37,7 +37,7 @@ MODULES = {module_name(path): project_imports(path) for package in PACKAGES for 
 
 
 def test_the_modules_are_found():
-    assert {"trainer.loop", "trainer.cli", "cluster.slurm", "data_pipeline.dali_loader"} <= MODULES.keys()
+    assert {"trainer.loop", "trainer.cli", "cluster.slurm", "data_pipeline.dali.loader"} <= MODULES.keys()
 
 
 @pytest.mark.parametrize("module", sorted(name for name in MODULES if not is_within(name, CLI)))

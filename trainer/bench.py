@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from data_pipeline.augment.draws import cifar_crop_flip
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset
 from data_pipeline.errors import UserError
 from data_pipeline.prepare.synthetic import synthesize_cifar, synthesize_imagefolder
 from data_pipeline.sampling import ShardedEpochSampler, sample_seeds
 from data_pipeline.torch_loader import build_eval_loader
-from data_pipeline.transforms import cifar_crop_flip
 from trainer.config import Config, DistConfig, ModelConfig, OptimConfig, TrainConfig
 from trainer.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
 from trainer.evaluate import evaluate

@@ -1,7 +1,7 @@
 """Evaluation as the paper did it (Sec. 3.4, Table 2-4): center crop, 10-crop and multi-scale fully-convolutional
 testing, with exact top-1/top-5 counts summed over ranks.
 
-Views come from the data pipeline (data_pipeline.transforms.build_eval_transform) as one tensor per image
+Views come from the data pipeline (data_pipeline.augment.transforms.build_eval_transform) as one tensor per image
 (center), ten stacked crops per image (tencrop, decoded and resized once, forwarded B views at a time) or one
 [image, flip] pair per scale (multiscale, batched by shape); the class probabilities of all views of an image
 are averaged.

@@ -31,7 +31,7 @@ def config(root, backend: str, skip: bool, workers: int = 0) -> DataConfig:
 def test_the_four_readers_find_the_same_files_damaged_for_the_same_reason(damaged, tmp_path):
     """An image folder's samples (torch path), the same files in WebDataset shards, DALI's reader and `residual
     data verify`: one rule (data_pipeline.damaged), one reason per file."""
-    from data_pipeline.dali_loader import SampleReader
+    from data_pipeline.dali.sources import SampleReader
     from data_pipeline.damaged import CorruptImage
     from data_pipeline.datasets import ImageFolderDataset
     from data_pipeline.datasets.webdataset import WebDatasetDataset

@@ -4,13 +4,14 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from data_pipeline.augment.draws import cifar_crop_flip
+from data_pipeline.augment.transforms import build_val_transform
 from data_pipeline.cifar_tensors import CifarTensorEval, CifarTensorLoader
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import open_dataset
 from data_pipeline.loaders import build_train_loader, build_val_loader
 from data_pipeline.sampling import ShardedEpochSampler
 from data_pipeline.torch_loader import build_torch_val_loader as build_per_image_val_loader
-from data_pipeline.transforms import build_val_transform, cifar_crop_flip
 
 MEAN, STD = [0.45, 0.5, 0.55], [0.2, 0.25, 0.3]
 

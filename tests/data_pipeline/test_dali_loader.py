@@ -7,8 +7,9 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from data_pipeline.augment.draws import train_parameters
 from data_pipeline.config import DataConfig
-from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader, train_parameters
+from data_pipeline.dali.loader import build_dali_train_loader, build_dali_val_loader
 from data_pipeline.damaged import decode_rgb
 from data_pipeline.datasets import open_dataset
 from data_pipeline.loaders import build_train_loader
@@ -169,7 +170,7 @@ def test_random_resized_crop_windows_follow_torchvision(imagefolder_root):
 
 SLOW_READER = '''
 import time
-from data_pipeline.dali_loader import SampleReader
+from data_pipeline.dali.sources import SampleReader
 
 class SlowReader(SampleReader):
     """Each sample costs 10 ms to read, like a file on a slow disk: the reader processes' parallelism shows."""
@@ -187,7 +188,8 @@ def test_n_reader_processes_read_about_n_times_as_fast(cifar_root, tmp_path, mon
     import sys
     import time
 
-    from data_pipeline.dali_loader import TrainSource, build_train_pipeline
+    from data_pipeline.dali.graphs import build_train_pipeline
+    from data_pipeline.dali.sources import TrainSource
     from data_pipeline.sampling import ShardedEpochSampler
 
     (tmp_path / "slow_reader.py").write_text(SLOW_READER)
@@ -241,7 +243,7 @@ def test_header_sizes_are_pillows(tmp_path):
 
     from PIL import Image
 
-    from data_pipeline.dali_loader import header_size
+    from data_pipeline.dali.sources import header_size
 
     image = Image.new("RGB", (123, 45), (10, 200, 30))
     exif = image.getexif()

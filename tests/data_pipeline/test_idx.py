@@ -115,7 +115,7 @@ def test_a_test_label_outside_the_training_labels_and_a_damaged_gzip_are_refused
 @pytest.mark.parametrize("flip", [True, False])
 def test_training_batches_are_the_papers_cifar_augmentation_at_28(idx_root, flip):
     """Each image: zero-pad 4, its 28 x 28 window, mirrored only where drawn and data.flip allows it."""
-    from data_pipeline.transforms import cifar_crop_flip
+    from data_pipeline.augment.draws import cifar_crop_flip
 
     loader = build_train_loader(idx_config(idx_root, flip=flip), rank=0, world_size=1, seed=3)
     assert loader.channels == 1
@@ -134,7 +134,7 @@ def test_training_batches_are_the_papers_cifar_augmentation_at_28(idx_root, flip
 
 
 def test_dali_gives_the_tensor_paths_batches(idx_root):
-    from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader
+    from data_pipeline.dali.loader import build_dali_train_loader, build_dali_val_loader
 
     for flip in (True, False):
         config = idx_config(idx_root, flip=flip, random_erase=0.5)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.augment.draws import erase_windows
 from data_pipeline.config import DataConfig, ResolutionRamp
-from data_pipeline.dali_loader import build_dali_train_loader, build_dali_val_loader
+from data_pipeline.dali.loader import build_dali_train_loader, build_dali_val_loader
 from data_pipeline.loaders import build_train_loader, build_val_loader
 from data_pipeline.sampling import sample_seed, sample_uniforms
-from data_pipeline.transforms import erase_windows
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 

@@ -2,15 +2,14 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from data_pipeline.config import DataConfig
-from data_pipeline.transforms import (
-    PCA_EIGENVALUES,
+from data_pipeline.augment.draws import PCA_EIGENVALUES, cifar_crop_flip
+from data_pipeline.augment.transforms import (
     PCALighting,
     augment_cifar_batch,
     build_train_transform,
     build_val_transform,
-    cifar_crop_flip,
 )
+from data_pipeline.config import DataConfig
 
 
 def test_paper_scale_augmentation_gives_224_crops():

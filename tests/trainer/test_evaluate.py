@@ -14,12 +14,12 @@ from PIL import Image
 from torchvision import transforms as v1
 from torchvision.transforms import v2
 
+from data_pipeline.augment.transforms import ten_crop
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.errors import UserError
 from data_pipeline.prepare.synthetic import render_sample
 from data_pipeline.torch_loader import build_eval_loader
-from data_pipeline.transforms import ten_crop
 from trainer.distributed import LaunchEnv
 from trainer.evaluate import EvalResult, ViewScorer, evaluate, topk_hits
 from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint

@@ -6,12 +6,12 @@ ImageNet val: shorter side 256, center 224; the paper's test views (Sec. 3.4): t
 of 224 and their flips) of the 256 image, or the whole image at several shorter sides with its flip.
 CIFAR-10 train (Sec. 4.2): 4-pixel zero padding (black, before normalization), random 32 crop, flip; CIFAR-10
 test: the image as is. CIFAR's augmentation runs on whole batches of uint8 tensors (``augment_cifar_batch``), each
-image's crop and flip a hash of its own seed (``cifar_crop_flip``), so no work is done per image in Python.
+image's crop and flip a hash of its own seed (``draws.cifar_crop_flip``), so no work is done per image in Python.
 
 The modern recipes' additions (data.auto_augment, data.random_erase, progressive crops): torchvision's
 TrivialAugmentWide, RandAugment and RandomErasing after the crop and flip (``after_crop``); on CIFAR tensors the
 auto-augmentation image by image (``augment_each``) and the erasing batched, with the boxes DALI's feeder draws
-(``erase_windows``, ``erase_batch``).
+(``draws.erase_windows``, ``erase_batch``).
 """
 
 from __future__ import annotations
@@ -22,16 +22,16 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from data_pipeline.config import DataConfig
-from data_pipeline.sampling import GOLDEN, sample_uniforms, splitmix64
-
-# AlexNet's "standard color augmentation", with fb.resnet.torch's values (reference/resnet-paper.md).
-PCA_EIGENVALUES = (0.2175, 0.0188, 0.0045)
-PCA_EIGENVECTORS = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
+from data_pipeline.augment.draws import (
+    CIFAR_PADDING,
+    ERASE_COLUMNS,
+    PCA_EIGENVALUES,
+    PCA_EIGENVECTORS,
+    cifar_crop_flip,
+    erase_windows,
 )
+from data_pipeline.config import DataConfig
+from data_pipeline.sampling import sample_uniforms
 
 
 class PCALighting(nn.Module):
@@ -49,9 +49,6 @@ class PCALighting(nn.Module):
         return image + shift.view(3, 1, 1)
 
 
-CIFAR_PADDING = 4
-
-
 def to_device(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host array (or tensor) on ``device`` without waiting: on a GPU, copied from pinned memory asynchronously.
     A copy from pageable memory synchronizes the stream, so building batch N+1 would wait for step N to finish
@@ -60,19 +57,6 @@ def to_device(values: np.ndarray | torch.Tensor, device: torch.device) -> torch.
     if device.type != "cuda":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def cifar_crop_flip(seeds: np.ndarray, *, flip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each image's crop corner (left, top in 0..8 of the image zero-padded by 4) and flip (0/1; always 0 without
-    ``flip``), a function of its 32-bit seed alone: splitmix64's finalizer, three fields of its bits (the modulo
-    bias is 7 in 65,536)."""
-    with np.errstate(over="ignore"):
-        mixed = splitmix64(seeds.astype(np.uint64) + np.uint64(GOLDEN))
-    positions = 2 * CIFAR_PADDING + 1
-    left = (mixed & np.uint64(0xFFFF)) % np.uint64(positions)
-    top = ((mixed >> np.uint64(16)) & np.uint64(0xFFFF)) % np.uint64(positions)
-    flips = (mixed >> np.uint64(32)) & np.uint64(1) if flip else np.zeros_like(mixed)
-    return left.astype(np.int64), top.astype(np.int64), flips.astype(np.int64)
 
 
 def augment_cifar_batch(images: torch.Tensor, seeds: np.ndarray, *, flip: bool = True) -> torch.Tensor:
@@ -88,27 +72,6 @@ def augment_cifar_batch(images: torch.Tensor, seeds: np.ndarray, *, flip: bool =
     batch = torch.arange(len(images), device=images.device)[:, None, None, None]
     channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
     return padded[batch, channels, rows[:, None, :, None], columns[:, None, None, :]]
-
-
-RRC_TRIES = 10  # torchvision's RandomResizedCrop: ten draws of the window, then the center crop
-ERASE_TRIES = 10
-ERASE_COLUMNS = slice(10 + 4 * RRC_TRIES, 11 + 4 * RRC_TRIES + 4 * ERASE_TRIES)  # after the crop's uniforms
-
-
-def erase_windows(u: np.ndarray, side: int, probability: float) -> tuple[np.ndarray, np.ndarray]:
-    """torchvision's RandomErasing of a side x side image, drawn from 1 + 4 uniforms per try and sample: with
-    ``probability``, the first of 10 boxes (area 0.02-0.33 of the image, aspect 0.3-3.3 log-uniform, rounded sides)
-    that fits inside, at a uniform integer place; (y, x) and (height, width), zero where none is erased."""
-    erased, tries = u[:, 0] < probability, u[:, 1:].reshape(len(u), ERASE_TRIES, 4)
-    area = side * side * (0.02 + 0.31 * tries[..., 0])
-    ratio = np.exp(np.log(0.3) + (np.log(3.3) - np.log(0.3)) * tries[..., 1])
-    height, width = np.round(np.sqrt(area * ratio)), np.round(np.sqrt(area / ratio))
-    fits = (height < side) & (width < side)
-    first, rows = fits.argmax(axis=1), np.arange(len(u))
-    box = np.stack([height[rows, first], width[rows, first]], axis=1)
-    anchor = np.floor(tries[rows, first, 2:4] * (side - box + 1))
-    chosen = (erased & fits.any(axis=1))[:, None]
-    return np.where(chosen, anchor, 0).astype(np.float32), np.where(chosen, box, 0).astype(np.float32)
 
 
 def erase_batch(images: torch.Tensor, seeds: np.ndarray, probability: float) -> torch.Tensor:
