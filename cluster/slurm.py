@@ -3,8 +3,9 @@ from the SLURM environment (trainer.distributed.LaunchEnv), and a preempted job 
 the latest checkpoint of its run directory.
 
 Preemption: SLURM signals the tasks (``--signal=USR2@90``, submitit's default; or SIGTERM, or what the cluster
-sends); the trainer's handler finishes the step, writes a checkpoint and stops with ``REQUEUE_EXIT_CODE``; the task
-of global rank 0 then asks SLURM to requeue the job. The requeued job starts the same tasks, which resume.
+sends); the trainer finishes the step under way and the next, writes a checkpoint and stops with
+``REQUEUE_EXIT_CODE``; the task of global rank 0 then asks SLURM to requeue the job. The requeued job starts the
+same tasks, which resume.
 """
 
 from __future__ import annotations

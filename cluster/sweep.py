@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -226,30 +226,43 @@ def run_sweep(path: Path, *, resume: bool, address: str | None) -> str:
     return summarize(results, sweep, experiment)
 
 
+class TrialRow(NamedTuple):
+    """One trial in the sweep's table."""
+
+    value: float | None  # the sweep's metric at the trial's last report
+    evaluations: int  # reports (evaluations) made
+    iteration: int | None  # the training iteration of the last one
+    name: str
+    params: dict[str, object]  # the trial's values of the search space
+    failed: bool
+
+
 def summarize(results, sweep: SweepConfig, experiment: Path) -> str:
     """The trials as a table (best first) and the best trial's config written as YAML beside them."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        params = {key: (result.config or {}).get(key) for key in sweep.space}
-        rows.append((metrics.get(sweep.metric), metrics.get("training_iteration", 0), metrics.get("iteration"),
-                     f"run_trial_{metrics.get('trial_id', '?')}", params, result.error is not None))  # fmt: skip
-    rows.sort(key=lambda row: -1 if row[0] is None else row[0], reverse=True)
+        rows.append(TrialRow(value=metrics.get(sweep.metric), evaluations=metrics.get("training_iteration", 0),
+                             iteration=metrics.get("iteration"), name=f"run_trial_{metrics.get('trial_id', '?')}",
+                             params={key: (result.config or {}).get(key) for key in sweep.space},
+                             failed=result.error is not None))  # fmt: skip
+    rows.sort(key=lambda row: -1 if row.value is None else row.value, reverse=True)
     keys = list(sweep.space)
     lines = [f"{'trial':<34}" + "".join(f"{key:>22}" for key in keys) + f"{sweep.metric:>8}{'evals':>7}{'iter':>8}"]
-    for value, evaluations, iteration, name, params, failed in rows:
-        shown = "failed" if failed else (f"{100 * value:.2f}" if value is not None else "-")
+    for row in rows:
+        shown = "failed" if row.failed else (f"{100 * row.value:.2f}" if row.value is not None else "-")
         lines.append(
-            f"{name[:33]:<34}" + "".join(f"{format_value(params[key]):>22}" for key in keys)
-            + f"{shown:>8}{evaluations:>7}{iteration if iteration is not None else '-':>8}"
+            f"{row.name[:33]:<34}" + "".join(f"{format_value(row.params[key]):>22}" for key in keys)
+            + f"{shown:>8}{row.evaluations:>7}{row.iteration if row.iteration is not None else '-':>8}"
         )  # fmt: skip
-    best = next((row for row in rows if row[0] is not None and not row[5]), None)
+    best = next((row for row in rows if row.value is not None and not row.failed), None)
     if best is not None:
-        overrides = [*sweep.overrides, *(f"{key}={value}" for key, value in best[4].items())]
+        overrides = [*sweep.overrides, *(f"{key}={value}" for key, value in best.params.items())]
         best_config = load_config(sweep.base, overrides)
         best_config.train.run_name = f"{sweep.name}-best"
         (experiment / "best.yaml").write_text(to_yaml(best_config))
-        lines.append(f"best: {best[3]} ({sweep.metric} {100 * best[0]:.2f}%); its config: {experiment / 'best.yaml'}")
+        lines.append(f"best: {best.name} ({sweep.metric} {100 * best.value:.2f}%); its config: "
+                     f"{experiment / 'best.yaml'}")  # fmt: skip
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(str(experiment)).trials  # as saved: an interrupted trial is pending again

@@ -21,7 +21,7 @@ class SynthConfig:
     train_per_class: int = 500
     val_per_class: int = 100
     size: int = 32
-    seed: int = 0  # weights, data order and every augmentation follow from it
+    seed: int = 0  # the images drawn (their shapes, colours and noise): the same seed writes the same files
 
     def __post_init__(self) -> None:
         require(self.classes >= 2, "data.synthesize.classes", self.classes, "must be at least 2")

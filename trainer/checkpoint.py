@@ -1,8 +1,9 @@
 """Checkpoints in ``RUN_DIR/checkpoints``, written atomically, the last k kept.
 
-DDP (and a single process) writes one file ``ckpt-N.pt``: a plain dict of tensors and Python containers, read back
-with ``weights_only=True``. FSDP2 writes a directory ``ckpt-N``: the sharded model and optimizer as a
-torch.distributed.checkpoint (DCP), each rank its own shards, beside ``train_state.pt`` (everything else). Both
+DDP and a single process (whatever its strategy) write one file ``ckpt-N.pt``: a plain dict of tensors and Python
+containers, read back with ``weights_only=True``. FSDP2 over more than one rank writes a directory ``ckpt-N``: the
+sharded model and optimizer as a torch.distributed.checkpoint (DCP), each rank its own shards, beside
+``train_state.pt`` (everything else). Both
 hold the model and the optimizer under the model's own parameter names (torch.distributed.checkpoint.state_dict),
 so either resumes into either strategy and any world size. For evaluation, ``read_weights`` also takes plain state
 dicts (torchvision's files).
@@ -22,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -34,10 +35,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from data_pipeline.errors import UserError
-from trainer.config import Config, to_dict
-from trainer.distributed import LaunchEnv, any_rank, average_bn_buffers, barrier
+from trainer.config import to_dict
+from trainer.distributed import any_rank, average_bn_buffers, barrier
 from trainer.ema import WeightAverage
 from trainer.faults import CheckpointNotWritten
+
+if TYPE_CHECKING:
+    from trainer.run_parts import Run
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)(\.pt)?$")
 CPU = torch.device("cpu")
@@ -390,13 +394,13 @@ class CheckpointManager:
     model's name and the batches per epoch (the data set and batch size).
     """
 
-    def __init__(self, run_dir: Path, config: Config, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, ema: WeightAverage | None, launch: LaunchEnv, device: torch.device,
-                 batches_per_epoch: int, classes: list[str], total_iterations: int) -> None:  # fmt: skip
-        self.run_dir, self.config, self.launch, self.device = run_dir, config, launch, device
-        self.model, self.optimizer, self.scaler, self.ema = model, optimizer, scaler, ema
-        self.batches_per_epoch, self.classes, self.total_iterations = batches_per_epoch, classes, total_iterations
-        self.every = config.checkpoint.every or batches_per_epoch
+    def __init__(self, run: Run) -> None:
+        self.run_dir, self.config, self.launch, self.device = run.run_dir, run.config, run.launch, run.device
+        self.model, self.optimizer, self.scaler = run.stepper.model, run.stepper.optimizer, run.stepper.scaler
+        self.ema, self.total_iterations = run.ema, run.total_iterations
+        self.batches_per_epoch, self.classes = run.loader.batches_per_epoch, run.loader.classes
+        self.sharded = run.sharded
+        self.every = self.config.checkpoint.every or self.batches_per_epoch
 
     def due(self, iteration: int) -> bool:
         """On the cadence (``checkpoint.every``, default every epoch) and at the last iteration."""
@@ -460,7 +464,7 @@ class CheckpointManager:
             self.optimizer,
             {**state, **extra},
             ema=self.ema,
-            sharded=self.config.dist.strategy == "fsdp",
+            sharded=self.sharded,
             keep=self.config.checkpoint.keep,
             is_main=self.launch.is_main,
             device=self.device,

@@ -2,7 +2,8 @@
 
 SLURM sends SIGUSR1 (or what ``--signal`` names) some time before it preempts a job or its time runs out, and
 SIGTERM at the end; submitit 1.5 uses SIGUSR2 for its own checkpointing. Each only sets a flag: the loop finishes
-the step it is in (all ranks agree on the flag), writes a checkpoint and exits with ``REQUEUE_EXIT_CODE``, which
+the step it is in and the next (the flag rides in a step's flags, read once the next step is queued; all ranks agree
+on it), writes a checkpoint and exits with ``REQUEUE_EXIT_CODE``, which
 the cluster layer requeues on. (SIGUSR1 is known to clash with NCCL on some clusters: SLURM's ``--signal`` can
 name SIGUSR2 or SIGTERM instead.)
 

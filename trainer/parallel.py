@@ -18,12 +18,18 @@ from trainer.models import BasicBlock, Bottleneck
 from trainer.precision import AUTOCAST_DTYPES
 
 
+def is_sharded(config: DistConfig, world_size: int) -> bool:
+    """Whether the model's weights are FSDP2's shards: ``dist.strategy=fsdp`` over more than one rank (one rank
+    alone trains the plain model, whatever the strategy)."""
+    return config.strategy == "fsdp" and world_size > 1
+
+
 def parallelize(model: nn.Module, config: DistConfig, *, precision: str, device: torch.device, world_size: int):
     """The module that runs the training steps. One rank alone runs ``model`` itself; FSDP2 shards ``model`` in
     place (its state dict keeps the plain model's names), DDP wraps it."""
     if world_size == 1:
         return model
-    if config.strategy == "fsdp":
+    if is_sharded(config, world_size):
         shard_fully(model, device=device, world_size=world_size, precision=precision, config=config)
         return model
     return DistributedDataParallel(

@@ -1,5 +1,7 @@
-"""The one training entry point: ``run(CONFIG, overrides)`` in this process, whatever started it. `residual train`,
-``python -m trainer`` (what torchrun and Ray trials start) and SLURM tasks all call it, and get its exit code."""
+"""The one entry point of a training command: ``run(CONFIG, overrides)`` in this process, whatever started it.
+`residual train`, ``python -m trainer`` (what torchrun and Ray trials start) and SLURM tasks all call it, and get
+its exit code; it prints user errors in one line. Code that trains in its own process (``residual bench``) calls
+``trainer.loop.train``, the run itself, directly."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from trainer.config import Config
 from trainer.distributed import LaunchEnv, any_rank_on_device, apply_sync_batchnorm
 from trainer.models import create_model
 from trainer.optim import build_optimizer, cancels_on_device
-from trainer.parallel import full_tensor, gradient_sync, parallelize
+from trainer.parallel import full_tensor, gradient_sync, is_sharded, parallelize
 from trainer.precision import build_grad_scaler, maybe_autocast
 
 
@@ -136,7 +136,8 @@ def gradient_norm(model: nn.Module) -> torch.Tensor:
 
 def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> Stepper:
     train = config.train
-    if config.dist.strategy == "fsdp" and train.precision == "fp16" and launch.distributed:
+    sharded = is_sharded(config.dist, launch.world_size)
+    if sharded and train.precision == "fp16":
         raise UserError(
             "dist.strategy=fsdp with train.precision=fp16: the gradient scaler would decide on each rank's shard "
             "alone; use train.precision=bf16 (or fp32) with FSDP2, or dist.strategy=ddp for fp16"
@@ -144,7 +145,6 @@ def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> St
     torch.manual_seed(train.seed)
     model = create_model(config.model.name, **config.model.overrides())
     # FSDP2 shards contiguous parameters only; the channels-last inputs still select channels-last kernels.
-    sharded = config.dist.strategy == "fsdp" and launch.distributed
     memory_format = torch.channels_last if train.channels_last and not sharded else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     if config.model.sync_bn:

@@ -249,7 +249,7 @@ def test_a_loader_that_keeps_the_step_waiting_gets_more_workers_and_the_same_bat
     monkeypatch.setattr("trainer.hardware.DATA_WAIT_LIMIT", -1.0)
     grown = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=auto",
                             "train.run_name=grown")  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+    with caplog.at_level(logging.INFO, logger="trainer"):
         train(grown, LaunchEnv())
     cores = LaunchEnv().rank_cores(usable_cores())[0]
     first = max(1, cores // 2)

@@ -1,4 +1,5 @@
-"""Every registered network with the paper's figures for it (Table 1, Table 6; reference/resnet-paper.md).
+"""Every registered network with the paper's figures for it (He et al., "Deep Residual Learning for Image
+Recognition", 2016: Table 1, Table 6).
 
 Plain nets have no shortcut parameters, so the paper's parameter count for them is that of the option-A
 residual net of the same depth (Sec. 4.1: "no extra parameter"), which for ResNet-18/34 is within 2% of the
