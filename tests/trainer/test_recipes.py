@@ -28,9 +28,12 @@ def two_layers() -> nn.Sequential:
     return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
 
 
-def test_lars_updates_as_computed_by_hand():
+@pytest.mark.parametrize("gathered", [False, True], ids=["per-tensor-ratios", "gathered-ratios"])
+def test_lars_updates_as_computed_by_hand(gathered, monkeypatch):
     """Two steps of MLPerf's LARS on a two-layer model, weights with the trust ratio and decay, biases (excluded)
-    without either, against the formula written out per tensor."""
+    without either, against the formula written out per tensor; with the trust ratios applied as a CPU applies
+    them (per tensor) and as a GPU does (gathered)."""
+    monkeypatch.setattr("trainer.optim.gathers_scales", lambda device: gathered)
     model, eta, decay, momentum, lr = two_layers(), 0.001, 5e-5, 0.9, 2.0
     config = OptimConfig(name="lars", lr=lr, momentum=momentum, weight_decay=decay, trust_coefficient=eta,
                          no_decay_bn_bias=True)  # fmt: skip
@@ -56,7 +59,9 @@ def test_lars_updates_as_computed_by_hand():
             torch.testing.assert_close(p.detach(), expected[name], rtol=1e-6, atol=1e-7)
 
 
-def test_lars_step_is_cancelled_on_the_device():
+@pytest.mark.parametrize("gathered", [False, True], ids=["per-tensor-ratios", "gathered-ratios"])
+def test_lars_step_is_cancelled_on_the_device(gathered, monkeypatch):
+    monkeypatch.setattr("trainer.optim.gathers_scales", lambda device: gathered)
     model = two_layers()
     optimizer = build_optimizer(model, OptimConfig(name="lars", lr=1.0))
     model(torch.randn(2, 4)).sum().backward()
@@ -97,13 +102,15 @@ class LaunchCounter(TorchDispatchMode):
 def test_a_lars_step_launches_the_same_few_kernels_for_any_depth(nesterov):
     """LARS's step on ResNet-20 and on ResNet-110 (59 and 329 parameter tensors), cancellable on the device: the
     same ops, none of them once per tensor. The per-tensor trust ratios and the ``found_inf`` mask once took
-    about six ops per tensor (about a thousand launches a step for ResNet-50)."""
+    about six ops per tensor (about a thousand launches a step for ResNet-50). On the meta device, which takes
+    the GPU's route (``gathers_scales``) and computes nothing."""
 
     def step_ops(name: str) -> list[str]:
-        model = create_model(name).to(memory_format=torch.channels_last)
+        model = create_model(name).to("meta", memory_format=torch.channels_last)
         optimizer = build_optimizer(model, OptimConfig(name="lars", no_decay_bn_bias=True, nesterov=nesterov))
-        model(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)).sum().backward()
-        optimizer.found_inf = torch.zeros(())
+        images = torch.empty(2, 3, 32, 32, device="meta").to(memory_format=torch.channels_last)
+        model(images).sum().backward()
+        optimizer.found_inf = torch.zeros((), device="meta")
         with LaunchCounter() as counter:
             optimizer.step()
         assert counter.per_tensor == [], counter.per_tensor
