@@ -242,7 +242,7 @@ def test_a_runs_temporary_files_live_in_its_run_directory():
 def test_bench_gpu_refuses_without_a_gpu_and_its_checklist_parses(tmp_path):
     import torch
 
-    from trainer.bench import gpu_checklist
+    from trainer.bench.gpu import gpu_checklist
     from trainer.cli import build_parser
     from trainer.config import load_config
 

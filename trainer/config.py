@@ -131,12 +131,12 @@ class ScheduleConfig:
 class TrainConfig:
     iterations: int | None = None  # length of the run; exactly one of iterations and epochs
     epochs: int | None = None  # length of the run in passes over the training set
-    # "auto" (trainer.hardware: bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else fp32)
+    # "auto" (trainer.auto: bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else fp32)
     # | "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
     precision: Precision = "auto"
     channels_last: bool = True  # NHWC memory layout for the convolutions
     # torch's CPU threads per rank; None: on a CPU every core of the rank, on a GPU the cores its workers leave
-    # (trainer.hardware.plan_threads)
+    # (trainer.auto.plan_threads)
     threads: int | None = None
     compile: bool = False  # torch.compile the model
     accumulation: int = 1  # micro-batches per update: each rank forwards data.batch_size / (world x accumulation)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
-import sys
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
@@ -107,21 +105,9 @@ def init_process_group(launch: LaunchEnv, device: torch.device) -> None:
         _group_started = True
 
 
-def reports_user_errors(launch: LaunchEnv) -> bool:
-    """Whether this rank prints a UserError. Before the process group, errors come from the arguments, the config
-    and the files every rank of a host reads alike: one rank per host says it. Later, the rank that met it does."""
-    return launch.local_rank == 0 or _group_started
-
-
-USER_ERROR_EXIT_CODE = 2
-
-
-def report_user_error(error: Exception, launch: LaunchEnv) -> int:
-    """Say a UserError in one line, without a traceback, on the ranks ``reports_user_errors`` picks; the process's
-    exit code for it."""
-    if reports_user_errors(launch):
-        print(f"residual: error: {error}", file=sys.stderr)
-    return USER_ERROR_EXIT_CODE
+def joined_group() -> bool:
+    """Whether this process has joined its ranks' process group (the run itself has begun)."""
+    return _group_started
 
 
 def restart_store(launch: LaunchEnv, environ: Mapping[str, str] = os.environ) -> dist.Store | None:
@@ -161,13 +147,6 @@ def all_gather_rows(row: torch.Tensor, device: torch.device) -> torch.Tensor:
     rows = [torch.empty_like(row, device=device) for _ in range(dist.get_world_size())]
     dist.all_gather(rows, row.to(device))
     return torch.stack(rows).cpu()
-
-
-def peak_memory_bytes(device: torch.device) -> float:
-    """The peak memory of this rank: allocated on its GPU, or the process's peak resident set on the CPU."""
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
 def largest_over_ranks(value: int, device: torch.device) -> int:

@@ -21,12 +21,13 @@ import torch
 
 from data_pipeline import UserError
 from data_pipeline.published import identify, title
+from trainer.auto import resolve_auto
 from trainer.checkpoint import CheckpointManager, latest_checkpoint
 from trainer.config import Config, to_dict, to_yaml
 from trainer.distributed import LaunchEnv, average_bn_buffers, init_process_group, pick_device
-from trainer.evaluate import EvalResult, evaluate
+from trainer.environment import environment, format_environment
+from trainer.eval.evaluate import EvalResult, evaluate
 from trainer.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
-from trainer.hardware import environment, format_environment, resolve_auto
 from trainer.metrics import MetricsProcessor
 from trainer.run_dir import run_directory
 from trainer.run_log import RunLog

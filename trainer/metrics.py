@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import statistics
 import sys
 import time
@@ -18,8 +19,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from trainer.distributed import LaunchEnv, all_gather_rows, all_reduce_sum, peak_memory_bytes
-from trainer.evaluate import EvalResult, topk_hits
+from trainer.distributed import LaunchEnv, all_gather_rows, all_reduce_sum
+from trainer.eval.evaluate import EvalResult, topk_hits
 from trainer.run_log import RunLog
 from trainer.schedule import MetricHistory
 from trainer.step import StepOutcome
@@ -47,6 +48,13 @@ class TrainWindow:
     def summed(self, device: torch.device) -> dict[str, float]:
         """The sums over every rank, on every rank."""
         return dict(zip(WINDOW_SUMS, all_reduce_sum(self.sums, device).tolist(), strict=True))
+
+
+def peak_memory_bytes(device: torch.device) -> float:
+    """The peak memory of this rank: allocated on its GPU, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
 
 
 def format_seconds(seconds: float) -> str:

@@ -18,10 +18,10 @@ from data_pipeline.datasets import check_folder_classes
 from data_pipeline.datasets.folder_index import index_splits
 from data_pipeline.loaders import TrainBatches
 from data_pipeline.prepare.synthetic import ensure_synthetic
+from trainer.auto import LoaderTuner
 from trainer.config import Config
 from trainer.distributed import LaunchEnv, barrier
 from trainer.ema import WeightAverage, build_weight_average
-from trainer.hardware import LoaderTuner
 from trainer.mixing import BatchMixer
 from trainer.parallel import is_sharded
 from trainer.schedule import LRSchedule, MetricHistory, build_schedule

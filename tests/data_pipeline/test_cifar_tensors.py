@@ -82,7 +82,7 @@ def test_evaluation_equals_the_per_image_path_and_counts_every_image_once(cifar_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: run on a GPU machine")
 def test_on_a_gpu_the_data_stays_there_and_the_batches_and_counts_are_the_cpus(cifar_root):
-    from trainer.evaluate import evaluate
+    from trainer.eval.evaluate import evaluate
     from trainer.models import create_model
 
     config, gpu = cifar_config(cifar_root), torch.device("cuda")

@@ -20,10 +20,10 @@ from trainer.checkpoint import (
     load_checkpoint,
     load_model_and_optimizer,
     read_train_state,
-    read_weights,
     save_checkpoint,
 )
 from trainer.distributed import LaunchEnv
+from trainer.eval.weights import read_weights
 from trainer.loop import train
 from trainer.models import create_model
 
@@ -209,7 +209,7 @@ def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
 def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
     import torchvision
 
-    from trainer.checkpoint import export_state_dict
+    from trainer.eval.weights import export_state_dict
 
     config = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=2", "data.mean=[0.2,0.3,0.4]")
     train(config, LaunchEnv())
@@ -226,8 +226,8 @@ def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
 
 def test_an_export_evaluates_as_its_checkpoint_and_the_flags_override(tmp_path, imagefolder_root):
     """The export carries the run's normalization, resize and crop (here none of the defaults) and its classes."""
-    from trainer.checkpoint import export_state_dict
-    from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+    from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+    from trainer.eval.weights import export_state_dict
 
     overrides = ("train.iterations=4", "data.mean=[0.2,0.3,0.4]", "data.std=[0.3,0.2,0.25]", "data.val_resize=44")
     train(imagefolder_run(tmp_path, imagefolder_root, *overrides), LaunchEnv())

@@ -135,7 +135,7 @@ def evaluate_sharded_on_rank(rank: int, init_file: str, results) -> None:
     import torch
 
     from trainer.config import DistConfig
-    from trainer.evaluate import evaluate
+    from trainer.eval.evaluate import evaluate
     from trainer.parallel import shard_fully
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
@@ -157,7 +157,7 @@ def test_fsdp_evaluation_of_shares_with_other_batch_counts_does_not_hang(tmp_pat
     one, counting nothing, until the others are done."""
     import torch
 
-    from trainer.evaluate import evaluate
+    from trainer.eval.evaluate import evaluate
 
     results = mp.Manager().dict()
     mp.spawn(evaluate_sharded_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)
@@ -217,7 +217,7 @@ def evaluate_multiscale_on_rank(rank: int, init_file: str, results) -> None:
     import torch
 
     from trainer.config import DistConfig
-    from trainer.evaluate import evaluate
+    from trainer.eval.evaluate import evaluate
     from trainer.parallel import shard_fully
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
@@ -236,7 +236,7 @@ def test_fsdp_multiscale_evaluation_of_images_of_other_shapes_does_not_hang(tmp_
     each forward is a chain of all-gathers, so every rank runs as many as the rank with the most (issue 24, item 1)."""
     import torch
 
-    from trainer.evaluate import evaluate
+    from trainer.eval.evaluate import evaluate
 
     results = mp.Manager().dict()
     mp.spawn(evaluate_multiscale_on_rank, args=(str(tmp_path / "init"), results), nprocs=2)

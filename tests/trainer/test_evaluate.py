@@ -21,8 +21,8 @@ from data_pipeline.errors import UserError
 from data_pipeline.prepare.synthetic import render_sample
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.distributed import LaunchEnv
-from trainer.evaluate import EvalResult, ViewScorer, evaluate, topk_hits
-from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+from trainer.eval.evaluate import EvalResult, ViewScorer, evaluate, topk_hits
+from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
 from trainer.models import create_model
 
 ROOT = Path(__file__).parents[2]

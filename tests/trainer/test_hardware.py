@@ -6,18 +6,10 @@ import sys
 import pytest
 import torch
 
+from trainer.auto import LoaderTuner, choose_precision, more_workers, plan_threads, resolve_auto
 from trainer.config import Config
 from trainer.distributed import LaunchEnv
-from trainer.hardware import (
-    CpuFacts,
-    GpuFacts,
-    LoaderTuner,
-    choose_precision,
-    detect_cpu,
-    more_workers,
-    plan_threads,
-    resolve_auto,
-)
+from trainer.hardware import CpuFacts, GpuFacts, detect_cpu
 
 ZEN3 = CpuFacts("AMD EPYC 7B13", "AVX2", bf16_native=False, cores=2)
 ZEN4 = CpuFacts("AMD EPYC 9B14", "AVX512", bf16_native=True, cores=2)
@@ -144,7 +136,7 @@ FAULTS_PER_STEP = """
 import resource, sys, torch, torchvision
 from trainer.config import Config
 from trainer.distributed import LaunchEnv
-from trainer.hardware import resolve_auto
+from trainer.auto import resolve_auto
 if sys.argv[1] == "resolved":
     print(resolve_auto(Config(), LaunchEnv(), torch.device("cpu"))[1])
 model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
@@ -242,7 +234,7 @@ def test_mfu_counts_the_flops_of_each_epochs_crop_under_progressive_resizing():
 
 
 def test_cudnn_autotuning_is_on_for_fixed_shapes_and_off_for_multiscale_evaluation():
-    from trainer.hardware import choose_cudnn_benchmark
+    from trainer.auto import choose_cudnn_benchmark
 
     config = Config()
     assert choose_cudnn_benchmark(config)[0] is True

@@ -246,7 +246,7 @@ def test_a_loader_that_keeps_the_step_waiting_gets_more_workers_and_the_same_bat
     fixed = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=1",
                             "train.run_name=fixed")  # fmt: skip
     train(fixed, LaunchEnv())
-    monkeypatch.setattr("trainer.hardware.DATA_WAIT_LIMIT", -1.0)
+    monkeypatch.setattr("trainer.auto.DATA_WAIT_LIMIT", -1.0)
     grown = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=auto",
                             "train.run_name=grown")  # fmt: skip
     with caplog.at_level(logging.INFO, logger="trainer"):

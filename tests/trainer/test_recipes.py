@@ -11,10 +11,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from training_runs import RECIPES, metrics, small_run
 
-from trainer.checkpoint import export_state_dict, latest_checkpoint, load_checkpoint, read_weights
+from trainer.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.config import EmaConfig, LossConfig, OptimConfig
 from trainer.distributed import LaunchEnv
 from trainer.ema import WeightAverage
+from trainer.eval.weights import export_state_dict, read_weights
 from trainer.loop import train
 from trainer.mixing import BatchMixer, cutmix_box, dominant_labels, mixed_targets
 from trainer.models import create_model
@@ -220,7 +221,7 @@ def test_eval_and_export_choose_the_ema(tmp_path, cifar_root):
     assert torch.equal(
         torch.load(tmp_path / "ema.pt", weights_only=True)["fc.weight"], exported.state_dict["fc.weight"]
     )
-    from trainer.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+    from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
 
     results = {which: evaluate_checkpoint(EvalRequest(checkpoint, cifar_root, weights=which, workers=0), LaunchEnv())[0]
                for which in ("raw", "ema")}  # fmt: skip

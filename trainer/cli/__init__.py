@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except UserError as error:
-        from trainer.distributed import LaunchEnv, report_user_error
+        from trainer.distributed import LaunchEnv
+        from trainer.run import report_user_error
 
         return report_user_error(error, LaunchEnv.from_environ())
     except KeyboardInterrupt:  # Ctrl-C in a command without its own answer to it (training has one)

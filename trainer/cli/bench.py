@@ -11,7 +11,7 @@ from trainer.config import PRECISIONS
 
 
 def cmd_bench_eval(args: argparse.Namespace) -> None:
-    from trainer.bench import bench_eval
+    from trainer.bench.eval import bench_eval
 
     bench_eval(model_name=args.model, batch_size=args.batch, images=args.images, workers=args.workers)
 
@@ -30,7 +30,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from trainer.bench import bench_end_to_end, bench_train
+    from trainer.bench.train import bench_end_to_end, bench_train
 
     if args.end_to_end:
         bench_end_to_end(config_path=args.config, precision=args.precision, iterations=args.iterations,
@@ -49,20 +49,20 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_optim(args: argparse.Namespace) -> None:
-    from trainer.bench import bench_optim
+    from trainer.bench.optim import bench_optim
 
     bench_optim(model_name=args.model, steps=args.steps, rounds=args.rounds)
 
 
 def cmd_bench_recipes(args: argparse.Namespace) -> None:
-    from trainer.bench import bench_recipes
+    from trainer.bench.train import bench_recipes
 
     bench_recipes(config_path=args.config, precision=args.precision, iterations=args.iterations, rounds=args.rounds,
                   per_class=args.per_class, pieces=args.pieces.split(",") if args.pieces else None)  # fmt: skip
 
 
 def cmd_bench_imagenet_size(args: argparse.Namespace) -> None:
-    from trainer.bench_imagenet import bench_imagenet_size
+    from trainer.bench.imagenet_size import bench_imagenet_size
 
     bench_imagenet_size(scratch=Path(args.scratch), classes=args.classes, per_class=args.per_class,
                         val_per_class=args.val_per_class, backend=args.backend, ranks=args.ranks,
@@ -70,7 +70,7 @@ def cmd_bench_imagenet_size(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
-    from trainer.bench import bench_gpu
+    from trainer.bench.gpu import bench_gpu
 
     return bench_gpu(out=Path(args.out))
 
@@ -127,7 +127,7 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     recipes.add_argument("--iterations", type=int, default=40, help="iterations per run (logged every 10)")
     recipes.add_argument("--rounds", type=int, default=3, help="timed rounds, each running every piece in turn")
     recipes.add_argument("--per-class", type=int, default=600, help="synthetic CIFAR-format images per class")
-    recipes.add_argument("--pieces", help="comma-separated pieces to measure (default: all of trainer.bench's list)")
+    recipes.add_argument("--pieces", help="comma-separated pieces to measure (default: all of bench.train's list)")
     recipes.set_defaults(run=cmd_bench_recipes)
 
     size = bench.add_parser("imagenet-size", help="time to the first step and memory per process on a tree of "

@@ -57,7 +57,7 @@ def add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_env(args: argparse.Namespace) -> None:
-    from trainer.hardware import environment, format_environment
+    from trainer.environment import environment, format_environment
 
     facts = environment()
     print(json.dumps(facts, indent=2) if args.json else format_environment(facts))

@@ -51,7 +51,7 @@ def parse_floats(text: str) -> list[float]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from trainer.distributed import LaunchEnv, destroy_process_group
-    from trainer.evaluate_checkpoint import (
+    from trainer.eval.evaluate_checkpoint import (
         EvalRequest,
         evaluate_checkpoint,
         format_table,
@@ -124,7 +124,7 @@ def add_weights_flag(parser: argparse.ArgumentParser) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import torchvision
 
-    from trainer.checkpoint import export_state_dict
+    from trainer.eval.weights import export_state_dict
 
     weights = export_state_dict(Path(args.checkpoint), Path(args.out), args.weights)
     name, classes = weights.model_name, len(weights.classes)

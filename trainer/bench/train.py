@@ -1,11 +1,10 @@
-"""Benchmarks: tools that print figures and ratios (docs/benchmarks.md keeps them), not timed tests."""
+"""Throughput of training: the trainer's step against a minimal hand-written loop (``bench train``), the CLI's whole
+training against a bare loop of the same recipe (``--end-to-end``), and the cost of each recipe piece (``bench
+recipes``)."""
 
 from __future__ import annotations
 
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,51 +16,17 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from data_pipeline.augment.draws import cifar_crop_flip
-from data_pipeline.config import DataConfig
-from data_pipeline.datasets import CifarDataset, ImageFolderDataset
-from data_pipeline.errors import UserError
-from data_pipeline.prepare.synthetic import synthesize_cifar, synthesize_imagefolder
+from data_pipeline.datasets import CifarDataset
+from data_pipeline.prepare.synthetic import synthesize_cifar
 from data_pipeline.sampling import ShardedEpochSampler, sample_seeds
-from data_pipeline.torch_loader import build_eval_loader
-from trainer.config import Config, DistConfig, ModelConfig, OptimConfig, TrainConfig
+from trainer.auto import resolve_precision
+from trainer.config import Config, DistConfig, ModelConfig, TrainConfig
 from trainer.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
-from trainer.evaluate import evaluate
-from trainer.hardware import resolve_precision
 from trainer.metrics import TrainWindow
 from trainer.models import create_model, get_model_spec
-from trainer.optim import build_optimizer
 from trainer.precision import maybe_autocast
 from trainer.step import LateFlags, build_stepper
 from trainer.throughput import peak_flops, training_flops_per_image
-
-
-def bench_eval(*, model_name: str, batch_size: int, images: int, workers: int) -> None:
-    """Center-crop and 10-crop evaluation of one model on the same synthetic 320x256 images and batch size: the
-    10-crop path shares the decode and resize of each image and forwards its B*10 views B at a time, so its
-    images/s should be at least 1/11 of center-crop's."""
-    classes = 8
-    with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch)
-        per_class = -(-images // classes)
-        synthesize_imagefolder(root, classes=classes, train_per_class=1, val_per_class=per_class, size=(320, 256))
-        dataset = ImageFolderDataset(root / "val")
-        config = DataConfig(root=str(root), workers=workers)
-        device = pick_device("auto", LaunchEnv())
-        model = create_model(model_name, num_classes=classes).to(device, memory_format=torch.channels_last)
-        rates = {}
-        for protocol in ("center", "tencrop"):
-            batches = build_eval_loader(
-                dataset, config, rank=0, world_size=1, batch_per_rank=batch_size, protocol=protocol, scales=()
-            )
-            evaluate(model, [next(iter(batches))], num_classes=classes, device=device, channels_last=True)  # warm-up
-            result = evaluate(model, batches, num_classes=classes, device=device, channels_last=True)
-            rates[protocol] = result.images_per_second
-            print(f"{protocol:<8} {result.count} images  {result.images_per_second:8.1f} images/s")
-    ratio = rates["tencrop"] / rates["center"]
-    print(
-        f"tencrop / center = {ratio:.3f} (10 views per image; at least 1/11 = 0.091 expected) "
-        f"[{model_name}, batch {batch_size}, {device}, torch {torch.__version__}]"
-    )
 
 
 def bench_train(
@@ -79,7 +44,7 @@ def bench_train(
     loop does per batch but load it) and of a minimal hand-written loop of the same model, batch, precision and
     wrapper, on the same synthetic tensors, measured alternately; the ratio of their medians. Under torchrun,
     ``batch`` is per rank. ``cudnn_benchmark``: cuDNN's autotuning, as a training run turns it on for fixed
-    shapes (``trainer.hardware.choose_cudnn_benchmark``), for both."""
+    shapes (``trainer.auto.choose_cudnn_benchmark``), for both."""
     launch = LaunchEnv.from_environ()
     device = pick_device("auto", launch)
     init_process_group(launch, device)
@@ -177,35 +142,6 @@ def timed(step, steps: int, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
-
-
-def bench_optim(*, model_name: str, steps: int, rounds: int) -> None:
-    """Milliseconds per optimizer step of the fused SGD and of LARS (``trainer.optim``, trust ratios on, BN and
-    biases excluded, cancellable on the device as the trainer steps it), on one model's parameters and random
-    gradients, alternating; medians. A LARS step once took a kernel or more per parameter tensor (ResNet-50: 161);
-    tests/trainer/test_recipes.py now holds it to the same few ops at any depth."""
-    device = pick_device("auto", LaunchEnv())
-    model = create_model(model_name).to(device, memory_format=torch.channels_last)
-    generator = torch.Generator(device).manual_seed(0)
-    for parameter in model.parameters():
-        parameter.grad = torch.empty_like(parameter).normal_(generator=generator)  # the parameter's layout
-    found_inf = torch.zeros((), device=device)
-    optimizers = {name: build_optimizer(model, OptimConfig(name=name, no_decay_bn_bias=True, lr=0.01))
-                  for name in ("sgd", "lars")}  # fmt: skip
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-    for round_index in range(rounds + 1):  # round 0 warms up
-        for name, optimizer in optimizers.items():
-            optimizer.found_inf = found_inf
-            seconds = timed(lambda _, optimizer=optimizer: optimizer.step(), steps, device)
-            if round_index > 0:
-                times[name].append(1e3 * seconds / steps)
-    sgd, lars = statistics.median(times["sgd"]), statistics.median(times["lars"])
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tensors = len(list(model.parameters()))
-    print(f"sgd   {sgd:8.2f} ms/step   (rounds: {', '.join(f'{t:.2f}' for t in times['sgd'])})")
-    print(f"lars  {lars:8.2f} ms/step   (rounds: {', '.join(f'{t:.2f}' for t in times['lars'])})")
-    print(f"lars / sgd = {lars / sgd:.2f}  [{model_name}, {tensors} parameter tensors, {where}, "
-          f"torch {torch.__version__}, medians of {rounds} rounds of {steps} steps]")  # fmt: skip
 
 
 def bench_end_to_end(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int) -> None:
@@ -360,57 +296,3 @@ def bare_loop(config: Config, precision: str, *, iterations: int) -> float:
                 logits = model(images.contiguous(memory_format=torch.channels_last))
             correct += int((logits.argmax(1) == val_set.labels[start : start + config.eval.batch_size]).sum())
     return correct / len(val_set)
-
-
-def gpu_checklist(*, out: Path, gpus: int) -> list[tuple[str, list[str]]]:
-    """The first figures that matter on a new GPU node, as the commands that measure them (each prints its device
-    and versions, or ``residual env`` does): (title, argv) in order."""
-    residual, data = [sys.executable, "-m", "trainer.cli"], str(out / "data")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                f"--log-dir={out / 'torchrun'}", "-m", "trainer.cli"]  # fmt: skip
-    dali_run = [*residual, "train", "configs/imagenet/resnet50.yaml", f"data.root={data}", "data.backend=dali",
-                "data.device=gpu", "model.num_classes=10", "data.batch_size=64", "eval.batch_size=64",
-                "train.iterations=60", "eval.every=20", "checkpoint.every=60", "log.every=10",
-                f"train.output_dir={out / 'runs'}", "train.run_name=dali-gpu", "log.progress=false"]  # fmt: skip
-    steps = [
-        ("this machine", [*residual, "env"]),
-        ("synthetic ImageNet-like data (500x375 JPEGs)",
-         [*residual, "data", "synth", data, "--classes", "10", "--per-class", "320", "--size", "500x375"]),
-        ("a DALI run on the GPU: an epoch of 50 batches and 10 more, 3 evaluations, memory", dali_run),
-        ("the gpu-marked tests: the CIFAR path builds batches without waiting, DALI's pixels against the torch path's",
-         [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests"]),
-        ("trainer step / minimal step and MFU: ResNet-50", [*residual, "bench", "train", "--model", "resnet50",
-                                                           "--batch", "256"]),
-        ("the same without cuDNN's autotuning", [*residual, "bench", "train", "--model", "resnet50", "--batch", "256",
-                                                 "--cudnn-benchmark", "off"]),
-        ("optimizer step: fused SGD and LARS on ResNet-50", [*residual, "bench", "optim", "--model", "resnet50"]),
-        ("trainer step / minimal step and MFU: ResNet-20", [*residual, "bench", "train", "--model", "resnet20",
-                                                           "--batch", "128"]),
-        ("the DALI loader at 1 reader process", [*residual, "bench", "loader", "--data", data, "--backend", "dali",
-                                                 "--workers", "1", "--batch", "256"]),
-        ("the DALI loader at 8 reader processes", [*residual, "bench", "loader", "--data", data, "--backend",
-                                                   "dali", "--workers", "8", "--batch", "256"]),
-        ("one DALI reader process's work", [*residual, "bench", "loader", "--data", data, "--feeder-only",
-                                            "--batch", "256"]),
-        ("evaluation images/s: center crop and 10-crop", [*residual, "bench", "eval", "--model", "resnet50",
-                                                          "--batch", "256"]),
-    ]  # fmt: skip
-    if gpus > 1:
-        for strategy in ("ddp", "fsdp"):
-            steps.append((f"{strategy.upper()} over the node's {gpus} GPUs: ResNet-50",
-                          [*torchrun, "bench", "train", "--model", "resnet50", "--batch", "256", "--strategy",
-                           strategy]))  # fmt: skip
-    return steps
-
-
-def bench_gpu(*, out: Path) -> int:
-    """Run the checklist, each step's output as it comes under its title; the exit status of the first step that
-    fails (the rest are still run)."""
-    if not torch.cuda.is_available():
-        raise UserError("residual bench gpu measures a GPU node: no CUDA device here (`residual env` says why)")
-    status = 0
-    for title, command in gpu_checklist(out=out, gpus=torch.cuda.device_count()):
-        print(f"\n== {title}\n$ {shlex.join(command)}", flush=True)
-        code = subprocess.run(command, cwd=Path(__file__).parents[1]).returncode
-        status = status or code
-    return status

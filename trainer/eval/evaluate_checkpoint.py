@@ -21,11 +21,11 @@ from data_pipeline.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig
 from data_pipeline.datasets import ImageFolderDataset, check_same_classes, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.torch_loader import build_eval_loader
-from trainer.checkpoint import Weights, load_model_state, read_weights
+from trainer.auto import resolve_precision
 from trainer.config import PAPER_SCALES, ModelConfig, check_evaluation
 from trainer.distributed import LaunchEnv, init_process_group, pick_device
-from trainer.evaluate import EvalResult, evaluate
-from trainer.hardware import resolve_precision
+from trainer.eval.evaluate import EvalResult, evaluate
+from trainer.eval.weights import Weights, load_model_state, read_weights
 from trainer.models import create_model, get_model_spec
 
 log = logging.getLogger(__name__)

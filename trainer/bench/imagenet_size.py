@@ -32,7 +32,7 @@ from tqdm import tqdm
 from data_pipeline.datasets import open_dataset
 from data_pipeline.prepare.synthetic import class_name
 
-RESIDUAL = Path(__file__).parents[1]
+RESIDUAL = Path(__file__).parents[2]
 
 
 def build_tree(root: Path, *, classes: int, per_class: int, val_per_class: int, size: tuple[int, int] = (64, 48)):
@@ -165,11 +165,12 @@ def start_training(tree: Path, scratch: Path, *, backend: str, ranks: int, worke
         after = memory(process_roles(process.pid, backend, ranks))  # the loader may have been built again since
         iterations = last_iteration(metrics)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
     listing = next((line.split("data index: ", 1)[1] for line in log_path.read_text().splitlines()
                     if "data index: " in line), None)  # fmt: skip
     return {"first_step": first_step, "before": before, "after": after, "iterations": iterations,
