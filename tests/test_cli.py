@@ -8,11 +8,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from checkout import RESIDUAL, ROOT
 
 from trainer.hardware import detect_cpu
-
-ROOT = Path(__file__).parents[1]
-RESIDUAL = str(Path(sys.executable).parent / "residual")
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -6,8 +6,8 @@ import graphlib
 from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
-ROOT = Path(__file__).parents[1]
 PACKAGES = ("cluster", "trainer", "data_pipeline")
 CLI = "trainer.cli"
 LAYERS = {"cluster": 2, "trainer": 1, "data_pipeline": 0}  # a module imports from its layer and those below

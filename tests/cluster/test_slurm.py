@@ -3,17 +3,15 @@
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from checkout import RESIDUAL, ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from trainer.checkpoint import latest_checkpoint, read_train_state
 
-RESIDUAL = str(Path(sys.executable).parent / "residual")
-ROOT = Path(__file__).parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 

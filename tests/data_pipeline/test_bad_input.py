@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import UserError
@@ -131,7 +132,6 @@ def test_a_cifar_label_outside_the_classes_is_refused_at_start_in_one_line(cifar
     import pickle
     import subprocess
     import sys
-    from pathlib import Path
 
     root = tmp_path / "cifar"
     shutil.copytree(cifar_root, root)
@@ -143,7 +143,7 @@ def test_a_cifar_label_outside_the_classes_is_refused_at_start_in_one_line(cifar
     before = {path: path.read_bytes() for path in root.iterdir()}
     command = [sys.executable, "-m", "trainer", "configs/quickstart.yaml", f"data.root={root}", "data.synthesize=null",
                "log.progress=false", f"train.output_dir={tmp_path / 'runs'}"]  # fmt: skip
-    result = subprocess.run(command, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.splitlines()[-1] == (f"residual: error: {root / 'data_batch_3'}: label 12 of image 5 is "
                                               f"outside the 10 classes (0-9) of {root / 'batches.meta'}")  # fmt: skip

@@ -4,6 +4,7 @@ augmentations exactly as specified, deterministic per sample whatever the worker
 import numpy as np
 import pytest
 import torch
+from checkout import RESIDUAL
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -263,11 +264,8 @@ def test_header_sizes_are_pillows(tmp_path):
 
 def test_the_feeder_bench_prints_one_processs_rate(imagefolder_root):
     import subprocess
-    import sys
-    from pathlib import Path
 
-    residual = str(Path(sys.executable).parent / "residual")
-    command = [residual, "bench", "loader", "--data", str(imagefolder_root), "--feeder-only", "--batch", "8",
+    command = [RESIDUAL, "bench", "loader", "--data", str(imagefolder_root), "--feeder-only", "--batch", "8",
                "--batches", "3", "--rounds", "2"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -1,14 +1,13 @@
 """`residual data prepare-imagenet` from both kinds of ground truth, on a stand-in of ILSVRC2012's val folder."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from checkout import RESIDUAL
 from scipy.io import savemat
 
-RESIDUAL = str(Path(sys.executable).parent / "residual")
 WNIDS = {1: "n01440764", 2: "n01443537", 3: "n01484850"}  # ILSVRC2012_ID -> wnid, as in meta.mat
 TRUTH = [2, 1, 3, 2, 2, 1]  # the class of val image 1, 2, ...
 

@@ -1,20 +1,18 @@
 """`residual data shard` writes WebDataset shards that DALI's own reader and both loader paths read back."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from checkout import RESIDUAL
 
 from data_pipeline.config import DataConfig
 from data_pipeline.datasets import ImageFolderDataset, open_dataset
 from data_pipeline.errors import UserError
 from data_pipeline.loaders import build_train_loader, build_val_loader
 from data_pipeline.prepare.shard import shard_imagefolder
-
-RESIDUAL = str(Path(sys.executable).parent / "residual")
 
 
 @pytest.fixture(scope="module")

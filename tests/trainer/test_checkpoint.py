@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkout import RESIDUAL, ROOT
 from training_runs import imagefolder_run, metrics, small_run
 
 from data_pipeline.errors import UserError
@@ -61,7 +62,7 @@ save(2)
 def test_kill_9_mid_write_leaves_the_previous_checkpoint(tmp_path, sharded):
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(tmp_path), "sharded" if sharded else "file"],
-        cwd=Path(__file__).parents[2],
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -107,7 +108,7 @@ def test_a_crafted_dcp_metadata_is_refused_before_it_runs_code(tmp_path):
     with pytest.raises(UserError, match=r"\.metadata: not loaded"):
         load_model_and_optimizer(path, read_train_state(path), model, optimizer, name="resnet20")
     result = subprocess.run(
-        [str(Path(sys.executable).parent / "residual"), "eval", str(path), "--data", str(tmp_path)],
+        [RESIDUAL, "eval", str(path), "--data", str(tmp_path)],
         capture_output=True,
         text=True,
     )

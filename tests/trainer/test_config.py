@@ -1,13 +1,14 @@
 from pathlib import Path
 
 import pytest
+from checkout import ROOT
 from training_runs import RECIPES
 
 from data_pipeline.errors import UserError
 from trainer.config import load_config, to_yaml
 from trainer.models import list_models
 
-CONFIGS = Path(__file__).parents[2] / "configs"
+CONFIGS = ROOT / "configs"
 PAPER_CONFIGS = [path for path in sorted(CONFIGS.glob("imagenet/*.yaml")) + sorted(CONFIGS.glob("cifar10/*.yaml"))
                  if f"{path.parent.name}/{path.stem}" not in RECIPES]  # fmt: skip
 
@@ -151,7 +152,7 @@ def test_the_migration_script_moves_keys_and_keeps_comments(tmp_path):
         "# a run\nmodel:\n  name: resnet20\n  num_classes: 10\ndata:\n  format: cifar\n  root: .\n"
         "train:\n  iterations: 20\n  eval_every: 5   # often\n  log_every: 2\neval:\n  batch_size: 10\n"
     )
-    script = Path(__file__).parents[2] / "tools" / "migrate_config.py"
+    script = ROOT / "tools" / "migrate_config.py"
     printed = subprocess.run([sys.executable, script, old], capture_output=True, text=True, check=True).stdout
     assert printed == f"{old}: eval: every: 5   # often; log: every: 2\n"
     config = load_config(old)

@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from checkout import ROOT
 
 from data_pipeline.errors import UserError
 from trainer.config import load_config
 from trainer.distributed import LaunchEnv, average_bn_buffers, first_host
 from trainer.loop import train
 from trainer.models import create_model
-
-ROOT = Path(__file__).parents[2]
 
 
 def train_records(run_dir: Path) -> list[dict]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torchvision
+from checkout import RESIDUAL, ROOT
 from PIL import Image
 from torchvision import transforms as v1
 from torchvision.transforms import v2
@@ -25,7 +26,6 @@ from trainer.eval.evaluate import EvalResult, ViewScorer, evaluate, topk_hits
 from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
 from trainer.models import create_model
 
-ROOT = Path(__file__).parents[2]
 CONFIG = DataConfig(workers=0, val_resize=80, crop_size=64, scale_min=64, scale_max=96)
 
 
@@ -174,9 +174,6 @@ def test_cifar_is_tested_on_the_original_image(tmp_path, cifar_root):
         EvalRequest(tmp_path / "r20.pt", cifar_root, model="resnet20", workers=0), LaunchEnv()
     )
     assert result.count == 100
-
-
-RESIDUAL = str(Path(sys.executable).parent / "residual")
 
 
 @pytest.mark.slow

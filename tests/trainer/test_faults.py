@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
+from checkout import ROOT
 
 from trainer.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.faults import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
-
-ROOT = Path(__file__).parents[2]
 
 
 def wait_for_progress(metrics: Path, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -13,14 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from checkout import RESIDUAL, ROOT
 from PIL import Image
 
 from trainer.config import load_config
 from trainer.distributed import LaunchEnv
 from trainer.loop import train
 
-ROOT = Path(__file__).parents[2]
-RESIDUAL = str(Path(sys.executable).parent / "residual")
 ARTIFACTS = Path(os.environ.get("RESIDUAL_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 
 

@@ -2,11 +2,11 @@
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from checkout import ROOT
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from training_runs import RECIPES, metrics, small_run
@@ -20,8 +20,6 @@ from trainer.loop import train
 from trainer.mixing import BatchMixer, cutmix_box, dominant_labels, mixed_targets
 from trainer.models import create_model
 from trainer.optim import LARS, build_optimizer
-
-ROOT = Path(__file__).parents[2]
 
 
 def two_layers() -> nn.Sequential:

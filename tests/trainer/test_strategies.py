@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkout import ROOT
 
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_train_state
 from trainer.eval.weights import read_weights
 from trainer.faults import REQUEUE_EXIT_CODE
 
-ROOT = Path(__file__).parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 

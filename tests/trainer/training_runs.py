@@ -4,9 +4,10 @@ their metrics records."""
 import json
 from pathlib import Path
 
+from checkout import QUICKSTART
+
 from trainer.config import load_config
 
-CONFIG = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
 # The recipes beside the paper's (issue 15): configs/<these>.yaml, which the paper-config checks leave out.
 RECIPES = ["imagenet/resnet50-torchvision-v2", "imagenet/resnet50-ffcv-16ep", "imagenet/resnet50-ffcv-88ep",
            "imagenet/resnet50-mlperf", "cifar10/resnet56-modern"]  # fmt: skip
@@ -27,7 +28,7 @@ def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):
         "log.progress=false",
         "schedule.milestones=[7]",
     ]
-    return load_config(CONFIG, [*base, *overrides])
+    return load_config(QUICKSTART, [*base, *overrides])
 
 
 def imagefolder_run(tmp_path: Path, imagefolder_root: Path, *overrides: str):
@@ -48,7 +49,7 @@ def imagefolder_run(tmp_path: Path, imagefolder_root: Path, *overrides: str):
         f"train.output_dir={tmp_path}",
         "eval.batch_size=10",
     ]
-    return load_config(CONFIG, [*base, *overrides])
+    return load_config(QUICKSTART, [*base, *overrides])
 
 
 WALL_CLOCK = ("images_per_second", "hours", "device_hours")
