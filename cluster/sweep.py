@@ -32,13 +32,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.errors import UserError
-from trainer.config import Config, load_config, to_yaml
+from trainer.config import Config, load_config, said_in_one_line, to_yaml
 from trainer.distributed import TRIAL_CPUS
 from trainer.run_log import METRICS_FILE, read_metrics
 
@@ -51,8 +51,8 @@ class SweepConfig:
     overrides: list[str] = field(default_factory=list)
     space: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     samples: int = 1
-    scheduler: str = "asha"
-    metric: str = "top1"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    metric: Literal["top1", "top5"] = "top1"
     grace_period: int = 1
     reduction_factor: int = 2
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
@@ -71,17 +71,13 @@ def load_sweep(path: Path) -> SweepConfig:
         merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path))
         sweep: SweepConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
-        raise UserError(f"{path}: {error.full_key or 'sweep'}: {str(error).splitlines()[0]}") from None
+        raise said_in_one_line(path, error) from None
     sweep.name = sweep.name or path.stem
     sweep.workdir = sweep.workdir or os.getcwd()
     if not sweep.base:
         raise UserError(f"{path}: base: name the config every trial starts from")
     if not sweep.space:
         raise UserError(f"{path}: space: empty; give at least one config key to search (optim.lr: ...)")
-    if sweep.scheduler not in ("asha", "fifo"):
-        raise UserError(f"{path}: scheduler={sweep.scheduler!r}: must be asha or fifo")
-    if sweep.metric not in ("top1", "top5"):
-        raise UserError(f"{path}: metric={sweep.metric!r}: must be top1 or top5")
     for key, spec in sweep.space.items():
         if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
             raise UserError(f"{path}: space.{key}: one of {', '.join(DISTRIBUTIONS)} with its values, not {spec}")

@@ -312,11 +312,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_siz
                 f"{path}: {error.full_key} is now {RENAMED_KEYS[error.full_key]} "
                 f"(python tools/migrate_config.py FILE rewrites a config file)"
             ) from None
-        message = str(error).splitlines()[0]
-        if choice := CHOICE_ERROR.match(message):  # a Literal field's value: said as require_one_of says it
-            choices = choice.group(2).replace("'", "")
-            raise UserError(f"{path}: {error.full_key}={choice.group(1)!r}: must be one of {choices}") from None
-        raise UserError(f"{path}: {error.full_key or 'config'}: {message}") from None
+        raise said_in_one_line(path, error) from None
     except UserError as error:
         raise UserError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
@@ -325,6 +321,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_siz
         config.train.run_name = path.stem
     validate_launch(config, world_size=world_size)
     return config
+
+
+def said_in_one_line(path: Path, error: OmegaConfBaseException) -> UserError:
+    """OmegaConf's error as the user's: the file, the key, and for a Literal field the value and its choices."""
+    message = str(error).splitlines()[0]
+    if choice := CHOICE_ERROR.match(message):  # a Literal field's value: said as require_one_of says it
+        choices = choice.group(2).replace("'", "")
+        return UserError(f"{path}: {error.full_key}={choice.group(1)!r}: must be one of {choices}")
+    return UserError(f"{path}: {error.full_key or 'config'}: {message}")
 
 
 def validate_launch(config: Config, *, world_size: int) -> None:

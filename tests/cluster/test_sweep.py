@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkout import RESIDUAL, ROOT
 
 from cluster.sweep import load_sweep
 from data_pipeline.errors import UserError
 from trainer.config import load_config
-
-RESIDUAL = str(Path(sys.executable).parent / "residual")
-ROOT = Path(__file__).parents[2]
 
 
 def write_sweep(tmp_path: Path, cifar_root: Path, iterations: int, every: int = 5) -> Path:
@@ -106,11 +104,14 @@ def test_bad_sweeps_are_refused_with_the_key(tmp_path):
         path.write_text(yaml.safe_dump({"base": "configs/quickstart.yaml", **fields}))
         return path
 
+    lr = {"optim.lr": {"grid": [0.1]}}
     for fields, message in (
         ({"space": {}}, "space: empty"),
         ({"space": {"optim.lrr": {"grid": [0.1]}}}, "space.optim.lrr: .*lrr"),
         ({"space": {"optim.lr": {"normal": [0, 1]}}}, "space.optim.lr: one of grid, choice, loguniform, uniform"),
         ({"space": {"optim.lr": {"loguniform": [0.1]}}}, r"space.optim.lr.loguniform: \[0.1\]"),
+        ({"space": lr, "scheduler": "hyperband"}, "scheduler='hyperband': must be one of asha, fifo"),
+        ({"space": lr, "metric": "loss"}, "metric='loss': must be one of top1, top5"),
     ):
         with pytest.raises(UserError, match=message):
             load_sweep(sweep(**fields))
