@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from trainer.config import OptimConfig, ScheduleConfig
 
@@ -48,75 +48,57 @@ def plateau_decays(errors: list[float], *, patience: int, threshold: float) -> i
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """All lengths in iterations. ``base_lr`` already includes the linear scaling rule when it applies."""
+    """The rate at each iteration: ``shape``'s warm-up and decay with every length in iterations, from ``base_lr``
+    (the linear scaling rule already applied where it applies) to the run's end at ``total_iterations``."""
 
     base_lr: float
-    decay: str = "step"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.1
-    plateau_patience: int = 5
-    plateau_threshold: float = 1e-3
-    min_lr: float = 0.0
-    warmup: str = "none"
-    warmup_lr: float = 0.01
-    warmup_iterations: int = 0
-    warmup_until_train_error: float | None = None
-    total_iterations: int = 0  # the run's length: where cosine, linear and poly reach min_lr
-    poly_power: float = 2.0
+    shape: ScheduleConfig = field(default_factory=ScheduleConfig)  # unit "iteration" (build_schedule converts)
+    total_iterations: int = 0  # where cosine, linear and poly reach min_lr
 
     def lr(self, iteration: int, history: MetricHistory | None = None) -> float:
-        history = history or MetricHistory()
+        history, shape = history or MetricHistory(), self.shape
         if self.in_warmup(iteration, history):
-            if self.warmup == "linear":
-                return self.warmup_lr + (self.base_lr - self.warmup_lr) * iteration / self.warmup_iterations
-            return self.warmup_lr
-        if self.decay in ("cosine", "linear", "poly"):
+            if shape.warmup == "linear":
+                return shape.warmup_lr + (self.base_lr - shape.warmup_lr) * iteration / shape.warmup_length
+            return shape.warmup_lr
+        if shape.decay in ("cosine", "linear", "poly"):
             return self.annealed(iteration)
-        if self.decay == "step":
-            decays = bisect.bisect_right(self.milestones, iteration)
+        if shape.decay == "step":
+            decays = bisect.bisect_right(shape.milestones, iteration)
         else:
             seen = [error for at, error in history.val_errors if at < iteration]
-            decays = plateau_decays(seen, patience=self.plateau_patience, threshold=self.plateau_threshold)
-        return max(self.base_lr * self.gamma**decays, self.min_lr)
+            decays = plateau_decays(seen, patience=shape.plateau_patience, threshold=shape.plateau_threshold)
+        return max(self.base_lr * shape.gamma**decays, shape.min_lr)
 
     def annealed(self, iteration: int) -> float:
         """From base_lr at the warm-up's end to min_lr at the run's end: t of T iterations after the warm-up."""
-        length = max(1, self.total_iterations - self.warmup_iterations)
-        t = min(max(iteration - self.warmup_iterations, 0), length)
-        span = self.base_lr - self.min_lr
-        if self.decay == "cosine":  # torch's CosineAnnealingLR, closed form
-            return self.min_lr + span * (1 + math.cos(math.pi * t / length)) / 2
-        if self.decay == "linear":  # FFCV's cyclic schedule after its peak
-            return self.min_lr + span * (1 - t / length)
-        return self.min_lr + span * (1 - t / (length + 1)) ** self.poly_power  # MLPerf: T + 1 decay steps
+        shape = self.shape
+        length = max(1, self.total_iterations - shape.warmup_length)
+        t = min(max(iteration - shape.warmup_length, 0), length)
+        span = self.base_lr - shape.min_lr
+        if shape.decay == "cosine":  # torch's CosineAnnealingLR, closed form
+            return shape.min_lr + span * (1 + math.cos(math.pi * t / length)) / 2
+        if shape.decay == "linear":  # FFCV's cyclic schedule after its peak
+            return shape.min_lr + span * (1 - t / length)
+        return shape.min_lr + span * (1 - t / (length + 1)) ** shape.poly_power  # MLPerf: T + 1 decay steps
 
     def in_warmup(self, iteration: int, history: MetricHistory) -> bool:
-        if self.warmup == "none":
+        shape = self.shape
+        if shape.warmup == "none":
             return False
-        if self.warmup_until_train_error is None:
-            return iteration < self.warmup_iterations
-        if self.warmup_iterations and iteration >= self.warmup_iterations:
+        if shape.warmup_until_train_error is None:
+            return iteration < shape.warmup_length
+        if shape.warmup_length and iteration >= shape.warmup_length:
             return False
         # Sec. 4.2: 0.01 "until the training error is below 80%", then back to 0.1.
-        return not any(at < iteration and error < self.warmup_until_train_error for at, error in history.train_errors)
+        return not any(at < iteration and error < shape.warmup_until_train_error for at, error in history.train_errors)
 
 
 def build_schedule(schedule: ScheduleConfig, optim: OptimConfig, *, global_batch: int, iterations_per_epoch: int,
                    total_iterations: int) -> LRSchedule:  # fmt: skip
-    to_iterations = iterations_per_epoch if schedule.unit == "epoch" else 1
     base_lr = optim.lr * global_batch / optim.base_batch if optim.linear_scaling else optim.lr
-    return LRSchedule(
-        base_lr=base_lr,
-        decay=schedule.decay,
-        milestones=tuple(m * to_iterations for m in schedule.milestones),
-        gamma=schedule.gamma,
-        plateau_patience=schedule.plateau_patience,
-        plateau_threshold=schedule.plateau_threshold,
-        min_lr=schedule.min_lr,
-        warmup=schedule.warmup,
-        warmup_lr=schedule.warmup_lr,
-        warmup_iterations=schedule.warmup_length * to_iterations,
-        warmup_until_train_error=schedule.warmup_until_train_error,
-        total_iterations=total_iterations,
-        poly_power=schedule.poly_power,
-    )
+    if schedule.unit == "epoch":  # the same schedule, its lengths in iterations
+        milestones = [m * iterations_per_epoch for m in schedule.milestones]
+        warmup_length = schedule.warmup_length * iterations_per_epoch
+        schedule = replace(schedule, unit="iteration", milestones=milestones, warmup_length=warmup_length)
+    return LRSchedule(base_lr, schedule, total_iterations)

@@ -9,7 +9,7 @@ from trainer.schedule import LRSchedule, MetricHistory, build_schedule, plateau_
 
 
 def test_cifar_step_schedule_of_the_paper():
-    schedule = LRSchedule(base_lr=0.1, milestones=(32000, 48000))
+    schedule = LRSchedule(0.1, ScheduleConfig(milestones=[32000, 48000]))
     assert schedule.lr(0) == 0.1
     assert schedule.lr(31999) == 0.1
     assert schedule.lr(32000) == pytest.approx(0.01)
@@ -23,7 +23,7 @@ def test_epoch_milestones_become_iterations():
     schedule = build_schedule(
         config, OptimConfig(), global_batch=256, iterations_per_epoch=5005, total_iterations=90 * 5005
     )
-    assert schedule.milestones == (150150, 300300)
+    assert schedule.shape.milestones == [150150, 300300]
     assert schedule.lr(150149) == 0.1 and schedule.lr(150150) == pytest.approx(0.01)
 
 
@@ -35,7 +35,7 @@ def test_plateau_decays_after_patience_evaluations_without_improvement():
 
 
 def test_plateau_schedule_reads_only_evaluations_before_the_iteration():
-    schedule = LRSchedule(base_lr=0.1, decay="plateau", plateau_patience=1, plateau_threshold=0.0, min_lr=0.002)
+    schedule = LRSchedule(0.1, ScheduleConfig(decay="plateau", plateau_patience=1, plateau_threshold=0.0, min_lr=0.002))
     history = MetricHistory(val_errors=[(100, 0.5), (200, 0.5), (300, 0.5), (400, 0.5), (500, 0.5), (600, 0.5)])
     assert schedule.lr(300, history) == 0.1  # the evaluation at 300 is not seen before step 300
     assert schedule.lr(301, history) == pytest.approx(0.01)
@@ -45,9 +45,8 @@ def test_plateau_schedule_reads_only_evaluations_before_the_iteration():
 
 def test_warmup_until_train_error_below_80_percent():
     """Sec. 4.2: ResNet-110/1202 train at 0.01 until the training error is below 80%, then at 0.1."""
-    schedule = LRSchedule(
-        base_lr=0.1, milestones=(32000,), warmup="constant", warmup_lr=0.01, warmup_until_train_error=0.8
-    )
+    shape = ScheduleConfig(milestones=[32000], warmup="constant", warmup_lr=0.01, warmup_until_train_error=0.8)
+    schedule = LRSchedule(0.1, shape)
     history = MetricHistory(train_errors=[(100, 0.9), (200, 0.85), (300, 0.79), (400, 0.81)])
     assert schedule.lr(0, history) == 0.01
     assert schedule.lr(300, history) == 0.01
@@ -57,15 +56,14 @@ def test_warmup_until_train_error_below_80_percent():
 
 
 def test_warmup_until_train_error_is_capped_by_a_fixed_length():
-    schedule = LRSchedule(
-        base_lr=0.1, warmup="constant", warmup_lr=0.01, warmup_iterations=400, warmup_until_train_error=0.8
-    )
+    shape = ScheduleConfig(warmup="constant", warmup_lr=0.01, warmup_length=400, warmup_until_train_error=0.8)
+    schedule = LRSchedule(0.1, shape)
     stuck = MetricHistory(train_errors=[(100, 0.9), (300, 0.9), (500, 0.9)])
     assert schedule.lr(399, stuck) == 0.01 and schedule.lr(400, stuck) == 0.1
 
 
 def test_fixed_constant_warmup():
-    schedule = LRSchedule(base_lr=0.1, warmup="constant", warmup_lr=0.01, warmup_iterations=400)
+    schedule = LRSchedule(0.1, ScheduleConfig(warmup="constant", warmup_lr=0.01, warmup_length=400))
     assert schedule.lr(399) == 0.01 and schedule.lr(400) == 0.1
 
 
