@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from data_pipeline.errors import UserError
 from trainer.comparison import published_line
 from trainer.config import load_config
-from trainer.distributed import LaunchEnv, destroy_process_group, joined_group
+from trainer.distributed import LaunchEnv, destroy_process_group
 from trainer.faults import INTERRUPT_EXIT_CODE, TrainingStopped
 from trainer.loop import train
 from trainer.run_dir import check_run_dir
+from trainer.user_errors import report_user_error
 
 
 def run(config_path: str, overrides: Sequence[str] = ()) -> int:
@@ -54,20 +55,3 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
         print(published_line(run_log.dataset, config.model.name, config.model.shortcut, protocol))
         print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
     return 0
-
-
-def reports_user_errors(launch: LaunchEnv) -> bool:
-    """Whether this rank prints a UserError. Before the process group, errors come from the arguments, the config
-    and the files every rank of a host reads alike: one rank per host says it. Later, the rank that met it does."""
-    return launch.local_rank == 0 or joined_group()
-
-
-USER_ERROR_EXIT_CODE = 2
-
-
-def report_user_error(error: Exception, launch: LaunchEnv) -> int:
-    """Say a UserError in one line, without a traceback, on the ranks ``reports_user_errors`` picks; the process's
-    exit code for it."""
-    if reports_user_errors(launch):
-        print(f"residual: error: {error}", file=sys.stderr)
-    return USER_ERROR_EXIT_CODE

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except UserError as error:
         from trainer.distributed import LaunchEnv
-        from trainer.run import report_user_error
+        from trainer.user_errors import report_user_error
 
         return report_user_error(error, LaunchEnv.from_environ())
     except KeyboardInterrupt:  # Ctrl-C in a command without its own answer to it (training has one)
