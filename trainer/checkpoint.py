@@ -298,20 +298,33 @@ class Stateful(Protocol):
     def load_state_dict(self, saved: dict[str, Any]) -> None: ...
 
 
+class RngStates:
+    """The CPU's random generators, which the data order and every crop draw from."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        torch.set_rng_state(saved["torch"])
+        random.setstate(saved["python"])
+
+
 class CheckpointManager:
     """What a training run's checkpoint holds, when one is due, and which one a run resumes from.
 
-    A checkpoint holds the model, the optimizer and the EMA of the weights if the run keeps one; beside them the
-    train state (the iteration, which fixes the epoch and the batch within it and so the data order and every crop;
-    skipped steps; the metrics history the schedule reads), the open metrics window, the gradient scaler, the RNG
-    states and the config, the classes (which `residual eval` and `export` carry on) and what a resume checks: the
-    model's name and the batches per epoch (the data set and batch size).
+    A checkpoint holds the model, the optimizer and the EMA of the weights if the run keeps one; beside them each
+    of ``states`` under its name (the loop's: the train state, with the iteration that fixes the epoch and the batch
+    within it, and so the data order and every crop, the skipped steps and the metrics history the schedule reads;
+    the open metrics window), the gradient scaler and the RNG states; and the config, the classes (which `residual
+    eval` and `export` carry on) and what a resume checks: the model's name and the batches per epoch (the data set
+    and batch size).
     """
 
-    def __init__(self, run: Run) -> None:
+    def __init__(self, run: Run, states: dict[str, Stateful]) -> None:
         self.run_dir, self.config, self.launch, self.device = run.run_dir, run.config, run.launch, run.device
-        self.model, self.optimizer, self.scaler = run.stepper.model, run.stepper.optimizer, run.stepper.scaler
-        self.ema, self.total_iterations = run.ema, run.total_iterations
+        self.model, self.optimizer, self.ema = run.stepper.model, run.stepper.optimizer, run.ema
+        self.states = {**states, "scaler": run.stepper.scaler, "rng": RngStates()}
+        self.total_iterations = run.total_iterations
         self.batches_per_epoch, self.classes = run.loader.batches_per_epoch, run.loader.classes
         self.sharded = run.sharded
         self.every = self.config.checkpoint.every or self.batches_per_epoch
@@ -333,11 +346,12 @@ class CheckpointManager:
             return latest
         return Path(resume)
 
-    def resume(self, train_state: Stateful) -> dict[str, Any] | None:
-        """Load the checkpoint ``resume_source`` names, if any, into this run; its metrics window, for the metrics."""
+    def resume(self) -> int:
+        """Load the checkpoint ``resume_source`` names, if any, into this run; the iteration it was written at (0
+        for none)."""
         source = self.resume_source()
         if source is None:
-            return None
+            return 0
         saved = read_train_state(source)
         name = self.config.model.name
         if saved.get("model_name") != name:
@@ -348,35 +362,34 @@ class CheckpointManager:
                 f"{self.batches_per_epoch}: the data set or data.batch_size changed"
             )
         load_model_and_optimizer(source, saved, self.model, self.optimizer, name=name, ema=self.ema)
-        torch.set_rng_state(saved["rng"]["torch"])
-        random.setstate(saved["rng"]["python"])
-        self.scaler.load_state_dict(saved["scaler"])
-        train_state.load_state_dict(saved)
+        for key, state in self.states.items():
+            state.load_state_dict(saved.get(key, saved))  # checkpoints before 2026-12-06 hold the train state's
+            # fields at their top level
         log.info("resumed from %s at iteration %d", source, saved["iteration"])
-        return saved["window"]
+        return saved["iteration"]
 
-    def save(self, train_state: Stateful, metrics: Stateful) -> Path:
-        """Called on every rank (BN statistics are averaged and the metrics window summed over the ranks first)."""
+    def save(self, iteration: int, *, now: bool = False) -> Path | None:
+        """The checkpoint of ``iteration`` if one is ``due`` (or ``now``), else nothing. Called on every rank (BN
+        statistics are averaged and the metrics window summed over the ranks first)."""
+        if not (now or self.due(iteration)):
+            return None
         average_bn_buffers(self.model)
-        state = train_state.state_dict()
         extra = {
+            "iteration": iteration,
+            "epoch": iteration // self.batches_per_epoch,  # with the iteration: the data position
             "model_name": self.config.model.name,
-            "epoch": state["iteration"] // self.batches_per_epoch,  # with the iteration: the data position
             "strategy": self.config.dist.strategy,
             "world_size": self.launch.world_size,
-            "scaler": self.scaler.state_dict(),
             "batches_per_epoch": self.batches_per_epoch,
             "classes": self.classes,
-            "window": metrics.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "config": to_dict(self.config),
         }
         return save_checkpoint(
             self.run_dir,
-            state["iteration"],
+            iteration,
             self.model,
             self.optimizer,
-            {**state, **extra},
+            {key: state.state_dict() for key, state in self.states.items()} | extra,
             ema=self.ema,
             sharded=self.sharded,
             keep=self.config.checkpoint.keep,

@@ -28,7 +28,7 @@ from trainer.distributed import LaunchEnv, average_bn_buffers, init_process_grou
 from trainer.environment import environment, format_environment
 from trainer.eval.evaluate import EvalResult, evaluate
 from trainer.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
-from trainer.metrics import MetricsProcessor
+from trainer.metrics import MetricsProcessor, TrainWindow
 from trainer.run_dir import run_directory
 from trainer.run_log import RunLog
 from trainer.run_parts import Run, TrainState, build_eval_batches, build_run, describe
@@ -58,10 +58,9 @@ def train_in(run_dir: Path, config: Config, launch: LaunchEnv, device: torch.dev
         log.info("%s", line)
     run = build_run(config, launch, device)
     run.tuner = tuner
-    state = TrainState()
-    checkpoints = CheckpointManager(run)
-    saved_window = checkpoints.resume(state)
-    if state.iteration > run.total_iterations:
+    state, window = TrainState(), TrainWindow(device, is_main=launch.is_main)
+    checkpoints = CheckpointManager(run, {"train": state, "window": window})
+    if checkpoints.resume() > run.total_iterations:
         raise UserError(
             f"train.iterations={run.total_iterations}: the run's checkpoint is at iteration {state.iteration}, past "
             f"it; train on with more iterations, or evaluate it with `residual eval {latest_checkpoint(run.run_dir)}`"
@@ -71,13 +70,11 @@ def train_in(run_dir: Path, config: Config, launch: LaunchEnv, device: torch.dev
     log.info("data set: %s (%s)", title(dataset), config.data.root)
     run_log.record_run(to_yaml(config), facts, choices, dataset)
     metrics = MetricsProcessor(
-        run_log, launch=launch, device=device, log_every=config.log.every, progress=config.log.progress,
+        run_log, window, launch=launch, device=device, log_every=config.log.every, progress=config.log.progress,
         images_per_step=config.global_batch(), iterations=(state.iteration, run.total_iterations),
         iterations_per_epoch=run.loader.batches_per_epoch,
         flops=(run.peak_flops, run.flops_per_image), data_stats=(config.data.mean, config.data.std),
     )  # fmt: skip
-    if saved_window is not None:
-        metrics.load_state_dict(saved_window)
     metrics.loader_workers = tuner.count
     describe(run)
     try:
@@ -111,18 +108,18 @@ def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager
                 run.ema.update(state.iteration)
             metrics.record(state.iteration, step, images, labels)
             state.seconds = seconds_before + time.monotonic() - started
-            logging_due, saving, evaluating = (metrics.should_log(state.iteration), checkpoints.due(state.iteration),
-                                               run.evaluation_due(state.iteration))  # fmt: skip
-            # reading the flags waits for the device: only where the host needs them (the late flags' point)
-            read = flags.read(state.iteration, step, now=logging_due or saving or evaluating)
+            logging_due, evaluating = metrics.should_log(state.iteration), run.evaluation_due(state.iteration)
+            # reading the flags waits for the device: now only where the host acts on them (a log, a checkpoint, an
+            # evaluation), elsewhere a step late, when they are ready (the late flags' point)
+            host_acts = logging_due or evaluating or checkpoints.due(state.iteration)
+            read = flags.read(state.iteration, step, now=host_acts)
             all_stop = check_flags(run, state, read)  # some rank was signalled: every rank stops at this step
             if logging_due:
                 counts = {"skipped_steps": state.skipped_steps, "scaler_skipped_steps": state.scaler_skipped_steps}
                 data_wait = metrics.flush(state.iteration, lr=lr, last_step=step, counts=counts,
                                           history=state.history, scaler=run.stepper.scaler)  # fmt: skip
                 restart = run.grow_loader(data_wait, state.iteration)
-            if saving or all_stop:
-                checkpoints.save(state, metrics)
+            checkpoints.save(state.iteration, now=all_stop)  # when due, or now
             if all_stop:
                 stopped = Interrupted if signals.interrupted else Preempted
                 raise stopped(f"stopped by {signals.name} at iteration {state.iteration} of {run.total_iterations}; "

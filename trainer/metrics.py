@@ -1,8 +1,8 @@
 """The training metrics and when they are logged: the running loss and top-1/top-5 of a log window (kept on the
 device), this rank's wait for data and step time, images/s, the model FLOP utilization, each rank's peak memory,
 the progress shown (a bar on a terminal; a plain line per window for a job's log file), and the evaluations'
-records. The loop calls ``record`` after each step and ``flush`` at a log
-point; ``state_dict`` is the open window, which a checkpoint keeps so that a resumed run logs the same figures."""
+records. The loop calls ``record`` after each step and ``flush`` at a log point. The open window
+(``TrainWindow``) is the loop's, which a checkpoint keeps so that a resumed run logs the same figures."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,13 +30,20 @@ log = logging.getLogger(__name__)
 WINDOW_SUMS = ("loss_sum", "correct1", "correct5", "count")
 
 
-@dataclass
 class TrainWindow:
     """Sums over this rank's images between two log points of the loss, the top-1 and top-5 hits and the images
     (WINDOW_SUMS), kept on the device so that no step waits for them. What is logged (and what the warm-up schedule
-    reads) is ``summed`` over all ranks."""
+    reads) is ``summed`` over all ranks. A checkpoint keeps the open window (``state_dict``), so that a resumed run
+    logs the same figures."""
 
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(WINDOW_SUMS), dtype=torch.float64))
+    def __init__(self, device: torch.device, *, is_main: bool = True) -> None:
+        self.device, self.is_main = device, is_main
+        self.sums = self.zeros()
+
+    def zeros(self) -> torch.Tensor:
+        """Made on the device: a window from the CPU's would be copied there at its first step, a copy from
+        pageable memory that waits for the stream."""
+        return torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=self.device)
 
     def add(self, step: StepOutcome, labels: torch.Tensor) -> None:
         """A step's losses and hits; none of a skipped step (its loss may be NaN)."""
@@ -45,9 +52,25 @@ class TrainWindow:
         sums = torch.stack([step.loss_sum.double(), hit1.double(), hit5.double(), count])
         self.sums = self.sums.to(sums.device) + torch.where(step.skipped, 0.0, sums)
 
-    def summed(self, device: torch.device) -> dict[str, float]:
-        """The sums over every rank, on every rank."""
-        return dict(zip(WINDOW_SUMS, all_reduce_sum(self.sums, device).tolist(), strict=True))
+    def summed(self) -> dict[str, float]:
+        """The sums over every rank, on every rank (a collective)."""
+        return dict(zip(WINDOW_SUMS, all_reduce_sum(self.sums, self.device).tolist(), strict=True))
+
+    def take(self) -> dict[str, float]:
+        """``summed``, and a new window opened."""
+        sums, self.sums = self.summed(), self.zeros()
+        return sums
+
+    def state_dict(self) -> dict[str, float]:
+        """The open window's sums over all ranks (a collective: every rank calls it). Rank 0 carries them on, the
+        others start an empty window, so a restore that gives rank 0 the saved window logs the same figures."""
+        sums = self.summed()
+        self.load_state_dict(sums)
+        return sums
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        values = [saved[key] for key in WINDOW_SUMS] if self.is_main else [0.0] * len(WINDOW_SUMS)
+        self.sums = torch.tensor(values, dtype=torch.float64, device=self.device)
 
 
 def peak_memory_bytes(device: torch.device) -> float:
@@ -91,6 +114,7 @@ class MetricsProcessor:
     def __init__(
         self,
         run_log: RunLog,
+        window: TrainWindow,
         *,
         launch: LaunchEnv,
         device: torch.device,
@@ -106,7 +130,7 @@ class MetricsProcessor:
         self.run_log, self.launch, self.device, self.log_every = run_log, launch, device, log_every
         self.peak_flops, self.flops_per_image = flops
         self.data_stats = data_stats
-        self.window, self.times = self.empty_window(), StepTimes()
+        self.window, self.times = window, StepTimes()
         self.images_per_step = images_per_step
         self.total_iterations, self.iterations_per_epoch = iterations[1], iterations_per_epoch
         # a bar where a person watches (rank 0's stderr is a terminal); elsewhere (a SLURM job's .out, nohup, CI, a
@@ -124,11 +148,6 @@ class MetricsProcessor:
         )
         self.shown_batch, self.arrived = False, 0.0
         self.loader_workers = 0  # the loader's processes (or DALI's threads) now: logged with each window's speed
-
-    def empty_window(self) -> TrainWindow:
-        """Zeros made on the device: a window from the CPU's would be copied there at its first step, a copy from
-        pageable memory that waits for the stream."""
-        return TrainWindow(torch.zeros(len(WINDOW_SUMS), dtype=torch.float64, device=self.device))
 
     def should_log(self, iteration: int) -> bool:
         return iteration % self.log_every == 0
@@ -163,8 +182,8 @@ class MetricsProcessor:
         rank's times and peak memory, gathered on every rank (one collective each for sums and per-rank rows);
         images/s is over rank 0's time. ``counts``: the skipped steps so far. Returns the share of the window the
         slowest-fed rank waited for data (the same on every rank)."""
-        sums = self.window.summed(self.device)
-        times, self.window, self.times = self.times, self.empty_window(), StepTimes()
+        sums = self.window.take()
+        times, self.times = self.times, StepTimes()
         row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(self.device)]
         per_rank = all_gather_rows(torch.tensor(row, dtype=torch.float64), self.device)
         compute, data = per_rank[:, 0], per_rank[:, 1]
@@ -242,17 +261,6 @@ class MetricsProcessor:
             peak = torch.cuda.max_memory_allocated(self.device)
             log.info("after the first epoch: %.1f of %.1f GB of the GPU in use (torch's peak allocation %.1f GB)",
                      (total - free) / 2**30, total / 2**30, peak / 2**30)  # fmt: skip
-
-    def state_dict(self) -> dict[str, float]:
-        """The open window's sums over all ranks (a collective: every rank calls it). Rank 0 carries them on, the
-        others start an empty window, so a restore that gives rank 0 the saved window logs the same figures."""
-        sums = self.window.summed(self.device)
-        self.load_state_dict(sums)
-        return sums
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        values = [saved[key] for key in WINDOW_SUMS] if self.launch.is_main else [0.0] * len(WINDOW_SUMS)
-        self.window = TrainWindow(torch.tensor(values, dtype=torch.float64))
 
     def close(self) -> None:
         self.progress.close()

@@ -154,9 +154,27 @@ def test_resume_is_bit_exact(tmp_path, cifar_root, precision, half, batch):
         assert torch.equal(tensor, b["model"][name]), name
     for index, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"])
-    assert a["history"] == b["history"]
+    assert a["train"]["history"] == b["train"]["history"]
     assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
     assert metrics(tmp_path / "a/run", "eval") == metrics(tmp_path / "b/run", "eval")
+
+
+def test_a_checkpoint_of_the_earlier_layout_resumes_bit_exact(tmp_path, cifar_root):
+    """Checkpoints written before 2026-12-06 hold the train state's fields at their top level, not under "train"
+    (the window, scaler and RNG states under the names they still have): such a checkpoint resumes as its run would
+    have gone on, mid-epoch and mid log window."""
+    train(small_run(tmp_path / "a", cifar_root, "train.iterations=20", "train.precision=fp32"), LaunchEnv())
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=10", "train.precision=fp32"), LaunchEnv())
+    path = latest_checkpoint(tmp_path / "b/run")
+    saved = load_checkpoint(path)
+    torch.save({**saved.pop("train"), **saved}, path)
+    train(small_run(tmp_path / "b", cifar_root, "train.iterations=20", "train.precision=fp32"), LaunchEnv())
+
+    a, b = (load_checkpoint(latest_checkpoint(tmp_path / run)) for run in ("a/run", "b/run"))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["train"] == b["train"] | {"seconds": a["train"]["seconds"]}
+    assert metrics(tmp_path / "a/run", "train") == metrics(tmp_path / "b/run", "train")
 
 
 def test_resuming_another_models_checkpoint_is_refused(tmp_path, cifar_root):

@@ -128,7 +128,7 @@ def test_skip_nonfinite_skips_and_counts_the_step(tmp_path, cifar_root, monkeypa
     records = metrics(tmp_path / "run", "train")
     assert [r["skipped_steps"] for r in records] == [1, 1]
     assert all(math.isfinite(r["loss"]) for r in records) and result.count == 100
-    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["skipped_steps"] == 1
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["train"]["skipped_steps"] == 1
 
 
 def test_fp16_logs_the_loss_scale_and_counts_overflow_steps(tmp_path, cifar_root, monkeypatch):

@@ -69,7 +69,7 @@ def bench_train(
     stepper = build_stepper(config, launch, device)
     minimal = minimal_step(model_name, classes, precision, strategy, launch, device, images, labels)
 
-    window, flags = TrainWindow(), LateFlags()
+    window, flags = TrainWindow(device), LateFlags()
 
     def trainer_step(index: int) -> None:  # as the loop does it: the flags read a step late, the window at logs
         for group in stepper.optimizer.param_groups:
@@ -79,7 +79,7 @@ def bench_train(
         window.add(outcome, labels)
         flags.read(index, outcome, now=logging_step)
         if logging_step:
-            window.summed(device)
+            window.summed()
 
     rates: dict[str, list[float]] = {"trainer": [], "minimal": []}
     for round_index in range(rounds + 1):  # round 0 warms up (allocator, kernels, compilation)
