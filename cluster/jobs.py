@@ -56,8 +56,9 @@ def jobs_table(root: Path) -> list[dict[str, object]]:
         iteration, top1 = last_progress(run_dir)
         for job, logs in entries:
             state, elapsed = states.get(job, ("UNKNOWN", "-"))
-            rows.append(dict(job=job, state=state, elapsed=elapsed, run=str(run_dir), step=iteration, top1=top1,
-                             logs=logs))  # fmt: skip
+            rows.append(
+                dict(job=job, state=state, elapsed=elapsed, run=str(run_dir), step=iteration, top1=top1, logs=logs)
+            )
     return rows
 
 

@@ -94,8 +94,12 @@ def load_sweep(path: Path) -> SweepConfig:
 def search_space(sweep: SweepConfig) -> dict[str, Any]:
     from ray import tune
 
-    build = {"grid": tune.grid_search, "choice": tune.choice, "loguniform": lambda v: tune.loguniform(*v),
-             "uniform": lambda v: tune.uniform(*v)}  # fmt: skip
+    build = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+    }
     return {key: build[kind](list(values)) for key, spec in sweep.space.items() for kind, values in spec.items()}
 
 
@@ -132,8 +136,15 @@ def run_trial(params: dict[str, Any], sweep: SweepConfig, runs_dir: str) -> None
         with checkpoint.as_directory() as folder:
             reported = json.loads((Path(folder) / "trial.json").read_text())["iteration"]
     overrides = [f"{key}={value}" for key, value in params.items()]
-    command = [*trainer_command(sweep.ranks, run_dir), sweep.base, *sweep.overrides, *overrides,
-               f"train.output_dir={runs_dir}", f"train.run_name={name}", "log.progress=false"]  # fmt: skip
+    command = [
+        *trainer_command(sweep.ranks, run_dir),
+        sweep.base,
+        *sweep.overrides,
+        *overrides,
+        f"train.output_dir={runs_dir}",
+        f"train.run_name={name}",
+        "log.progress=false",
+    ]
     log = open(Path(runs_dir) / f"{name}.log", "a")  # noqa: SIM115 (closed in the finally below)
     environ = os.environ | {TRIAL_CPUS: str(max(1, int(sweep.resources.get("cpu", 1))))}  # the trainer's threads
     process = subprocess.Popen(
@@ -186,8 +197,9 @@ def run_sweep(path: Path, *, resume: bool, address: str | None) -> str:
         raise UserError(f"--resume: no sweep to continue in {experiment}")
     if address is None:  # a local Ray on the loopback only (it binds the machine's public address otherwise)
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir="/tmp/ray-residual",
-                 log_to_driver=False)  # fmt: skip
+        ray.init(
+            include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir="/tmp/ray-residual", log_to_driver=False
+        )
     else:
         ray.init(address=address, log_to_driver=False)
     try:
@@ -238,27 +250,35 @@ def summarize(results, sweep: SweepConfig, experiment: Path) -> str:
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        rows.append(TrialRow(value=metrics.get(sweep.metric), evaluations=metrics.get("training_iteration", 0),
-                             iteration=metrics.get("iteration"), name=f"run_trial_{metrics.get('trial_id', '?')}",
-                             params={key: (result.config or {}).get(key) for key in sweep.space},
-                             failed=result.error is not None))  # fmt: skip
+        rows.append(
+            TrialRow(
+                value=metrics.get(sweep.metric),
+                evaluations=metrics.get("training_iteration", 0),
+                iteration=metrics.get("iteration"),
+                name=f"run_trial_{metrics.get('trial_id', '?')}",
+                params={key: (result.config or {}).get(key) for key in sweep.space},
+                failed=result.error is not None,
+            )
+        )
     rows.sort(key=lambda row: -1 if row.value is None else row.value, reverse=True)
     keys = list(sweep.space)
     lines = [f"{'trial':<34}" + "".join(f"{key:>22}" for key in keys) + f"{sweep.metric:>8}{'evals':>7}{'iter':>8}"]
     for row in rows:
         shown = "failed" if row.failed else (f"{100 * row.value:.2f}" if row.value is not None else "-")
         lines.append(
-            f"{row.name[:33]:<34}" + "".join(f"{format_value(row.params[key]):>22}" for key in keys)
+            f"{row.name[:33]:<34}"
+            + "".join(f"{format_value(row.params[key]):>22}" for key in keys)
             + f"{shown:>8}{row.evaluations:>7}{row.iteration if row.iteration is not None else '-':>8}"
-        )  # fmt: skip
+        )
     best = next((row for row in rows if row.value is not None and not row.failed), None)
     if best is not None:
         overrides = [*sweep.overrides, *(f"{key}={value}" for key, value in best.params.items())]
         best_config = load_config(sweep.base, overrides)
         best_config.train.run_name = f"{sweep.name}-best"
         (experiment / "best.yaml").write_text(to_yaml(best_config))
-        lines.append(f"best: {best.name} ({sweep.metric} {100 * best.value:.2f}%); its config: "
-                     f"{experiment / 'best.yaml'}")  # fmt: skip
+        lines.append(
+            f"best: {best.name} ({sweep.metric} {100 * best.value:.2f}%); its config: {experiment / 'best.yaml'}"
+        )
     from ray.tune import ExperimentAnalysis
 
     trials = ExperimentAnalysis(str(experiment)).trials  # as saved: an interrupted trial is pending again

@@ -15,8 +15,9 @@ from data_pipeline.loaders import build_train_loader, build_val_loader
 PIPELINES = ("paper", "val", "tencrop")
 
 
-def bench_loader(*, data: str, backends: list[str], pipeline: str, batch: int, batches: int, rounds: int,
-                 workers: int) -> None:  # fmt: skip
+def bench_loader(
+    *, data: str, backends: list[str], pipeline: str, batch: int, batches: int, rounds: int, workers: int
+) -> None:
     """Training pipelines: ``batches`` batches per round from one endless stream of epochs (steady state);
     evaluation pipelines: one whole pass over the val set per round."""
     streams = {backend: make_stream(data, backend, pipeline, batch, workers) for backend in backends}
@@ -46,8 +47,9 @@ def bench_feeder(*, data: str, batch: int, batches: int, rounds: int) -> None:
     augmentation), in this process alone, without DALI: the images/s one reader process can feed."""
     from data_pipeline.dali.loader import build_dali_train_loader
 
-    source = build_dali_train_loader(DataConfig(root=data, backend="dali", batch_size=batch, workers=0), rank=0,
-                                     world_size=1, seed=0).source  # fmt: skip
+    source = build_dali_train_loader(
+        DataConfig(root=data, backend="dali", batch_size=batch, workers=0), rank=0, world_size=1, seed=0
+    ).source
     per_epoch = source.sampler.batches_per_epoch
     steps = ((index // per_epoch, index % per_epoch) for index in itertools.count())
     rates = []
@@ -59,8 +61,10 @@ def bench_feeder(*, data: str, batch: int, batches: int, rounds: int) -> None:
             rates.append(batches * batch / (time.perf_counter() - start))
     shown = ", ".join(f"{rate:.0f}" for rate in rates)
     print(f"feeder {statistics.median(rates):8.1f} images/s   (rounds: {shown})")
-    print(f"[one DALI reader process's work, batch {batch}, {batches} batches per round, medians of {rounds} rounds, "
-          f"{data}]")  # fmt: skip
+    print(
+        f"[one DALI reader process's work, batch {batch}, {batches} batches per round, medians of {rounds} rounds, "
+        f"{data}]"
+    )
 
 
 def make_stream(data: str, backend: str, pipeline: str, batch: int, workers: int):

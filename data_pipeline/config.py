@@ -42,8 +42,12 @@ class ResolutionRamp:
 
     def __post_init__(self) -> None:
         require(self.start_size >= 8, "data.progressive.start_size", self.start_size, "must be at least 8 pixels")
-        require(0 <= self.start_epoch <= self.end_epoch, "data.progressive.start_epoch", self.start_epoch,
-                "must be in [0, end_epoch]")  # fmt: skip
+        require(
+            0 <= self.start_epoch <= self.end_epoch,
+            "data.progressive.start_epoch",
+            self.start_epoch,
+            "must be in [0, end_epoch]",
+        )
         require(self.multiple >= 1, "data.progressive.multiple", self.multiple, "must be >= 1")
 
     def size(self, epoch: int, end_size: int) -> int:
@@ -114,15 +118,23 @@ class DataConfig:
         require(val_crop <= self.val_resize, "data.val_crop", val_crop, "must be <= data.val_resize")
         require(0 <= self.random_erase <= 1, "data.random_erase", self.random_erase, "must be in [0, 1]")
         require(self.ra_reps >= 1, "data.ra_reps", self.ra_reps, "must be >= 1")
-        require(0 <= self.rand_augment_magnitude <= 30, "data.rand_augment_magnitude", self.rand_augment_magnitude,
-                "must be in [0, 30]")  # fmt: skip
+        require(
+            0 <= self.rand_augment_magnitude <= 30,
+            "data.rand_augment_magnitude",
+            self.rand_augment_magnitude,
+            "must be in [0, 30]",
+        )
         require(self.rand_augment_ops >= 1, "data.rand_augment_ops", self.rand_augment_ops, "must be >= 1")
         if self.progressive is not None:
             why = f"{self.format} data trains on its images as they are"
             require(not self.in_memory, "data.progressive", "set", why)
         require(self.lighting_std >= 0, "data.lighting_std", self.lighting_std, "must be >= 0")
-        require(len(self.mean) == len(self.std) and len(self.mean) in (1, 3), "data.mean/std", (self.mean, self.std),
-                "need one value per channel, 3 (RGB) or 1 (grey), as many of each")  # fmt: skip
+        require(
+            len(self.mean) == len(self.std) and len(self.mean) in (1, 3),
+            "data.mean/std",
+            (self.mean, self.std),
+            "need one value per channel, 3 (RGB) or 1 (grey), as many of each",
+        )
         require(all(s > 0 for s in self.std), "data.std", self.std, "must be > 0")
 
     @property

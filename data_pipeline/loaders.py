@@ -46,9 +46,15 @@ def build_train_loader(
 
 
 def build_val_loader(
-    config: DataConfig, *, rank: int, world_size: int, batch_per_rank: int, protocol: str = "center",
-    scales: tuple[int, ...] = (), device: torch.device = CPU,
-) -> Any:  # fmt: skip
+    config: DataConfig,
+    *,
+    rank: int,
+    world_size: int,
+    batch_per_rank: int,
+    protocol: str = "center",
+    scales: tuple[int, ...] = (),
+    device: torch.device = CPU,
+) -> Any:
     """Multi-scale views differ in shape per image and scale: they come from the torch path on either backend."""
     if config.backend == "dali" and protocol != "multiscale":
         from data_pipeline.dali.loader import build_dali_val_loader

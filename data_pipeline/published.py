@@ -41,8 +41,12 @@ class PublishedDataSet:
         return [f"{mirror}{download.name}" for mirror in self.mirrors]
 
 
-IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-             "t10k-labels-idx1-ubyte.gz")  # fmt: skip
+IDX_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def idx_downloads(*md5s: str) -> tuple[Download, ...]:
@@ -72,7 +76,7 @@ PUBLISHED = {
             "Sneaker",
             "Bag",
             "Ankle boot",
-        ),  # fmt: skip
+        ),
         debian_package="dataset-fashion-mnist",
         title="Fashion-MNIST",
         test_labels_md5="15d484375f8d13e6eb1aabb0c3f46965",
@@ -83,7 +87,7 @@ PUBLISHED = {
             ("WRN-28-10 + random erasing", 96.3),
             ("WRN-40-4", 96.7),
             ("human", 83.5),
-        ),  # fmt: skip
+        ),
     ),
     "mnist": PublishedDataSet(
         "mnist",
@@ -117,8 +121,12 @@ PUBLISHED = {
         test_labels_md5="f0ef6b0ae62326f3e7ffdfab6717acfc",  # of test (torchvision's table)
     ),
 }
-TITLES = {"imagenet": "ImageNet", "synthetic": "synthetic data", "unrecorded": "a data set not recorded (a run from "
-          "before dataset.json)", **{k: v.title for k, v in PUBLISHED.items()}}  # fmt: skip
+TITLES = {
+    "imagenet": "ImageNet",
+    "synthetic": "synthetic data",
+    "unrecorded": "a data set not recorded (a run from before dataset.json)",
+    **{k: v.title for k, v in PUBLISHED.items()},
+}
 SYNTHETIC_CLASS = re.compile(r"c\d{3}_[a-z]+_[a-z]+")  # data_pipeline.prepare.synthetic.class_name
 IMAGENET_CLASS = re.compile(r"n\d{8}")  # a WordNet id
 

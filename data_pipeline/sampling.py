@@ -62,8 +62,9 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
     where there are enough (torchvision's RASampler: copy c of an image goes to rank (its place + c) mod world);
     each copy's augmentation comes from its own position, so the copies differ."""
 
-    def __init__(self, dataset_size: int, *, global_batch: int, rank: int, world_size: int, seed: int,
-                 repeats: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, dataset_size: int, *, global_batch: int, rank: int, world_size: int, seed: int, repeats: int = 1
+    ) -> None:
         self.dataset_size = dataset_size
         self.world_size = world_size
         self.repeats = repeats
@@ -111,13 +112,20 @@ class ShardedEpochSampler(Sampler[tuple[int, int]]):
             yield from zip(indices.tolist(), seeds.tolist(), strict=True)
 
 
-def training_sampler(config: DataConfig, dataset_size: int, *, rank: int, world_size: int,
-                     seed: int) -> ShardedEpochSampler:  # fmt: skip
+def training_sampler(
+    config: DataConfig, dataset_size: int, *, rank: int, world_size: int, seed: int
+) -> ShardedEpochSampler:
     """The sampler of every backend's training loader: data.batch_size images a step, data.ra_reps copies."""
     if dataset_size < config.batch_size:
         raise UserError(f"data.batch_size={config.batch_size}: larger than the {dataset_size} training images")
-    return ShardedEpochSampler(dataset_size, global_batch=config.batch_size, rank=rank, world_size=world_size,
-                               seed=seed, repeats=config.ra_reps)  # fmt: skip
+    return ShardedEpochSampler(
+        dataset_size,
+        global_batch=config.batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        repeats=config.ra_reps,
+    )
 
 
 def val_share(size: int, *, rank: int, world_size: int) -> range:

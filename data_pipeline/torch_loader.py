@@ -94,8 +94,10 @@ class TrainLoader:
         batches = from_workers(self.loader)
         if self.normalize is None:
             return batches
-        return ((normalize_batch(images.to(self.device, non_blocking=True), self.normalize), labels)
-                for images, labels in batches)  # fmt: skip
+        return (
+            (normalize_batch(images.to(self.device, non_blocking=True), self.normalize), labels)
+            for images, labels in batches
+        )
 
 
 def from_workers(loader: DataLoader) -> Iterator[Batch]:
@@ -159,8 +161,13 @@ def build_torch_train_loader(
         dataset = SkippingCorrupt(dataset)
     sampler = training_sampler(config, len(dataset), rank=rank, world_size=world_size, seed=seed)
     batched = normalizes_in_batches(config)
-    loader = DataLoader(AugmentedDataset(dataset, config, normalize=not batched), batch_size=sampler.per_rank,
-                        sampler=CropSampler(sampler, config), drop_last=True, **_loader_options(config))  # fmt: skip
+    loader = DataLoader(
+        AugmentedDataset(dataset, config, normalize=not batched),
+        batch_size=sampler.per_rank,
+        sampler=CropSampler(sampler, config),
+        drop_last=True,
+        **_loader_options(config),
+    )
     return TrainLoader(loader, sampler, dataset.classes, normalize=config if batched else None, device=device)
 
 

@@ -105,8 +105,11 @@ def test_quickstart_learns(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="real Fashion-MNIST is not here: "
-                    "Debian's dataset-fashion-mnist is not installed (tools/test.sh installs it)")  # fmt: skip
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+    reason="real Fashion-MNIST is not here: "
+    "Debian's dataset-fashion-mnist is not installed (tools/test.sh installs it)",
+)
 def test_resnet20_learns_real_fashion_mnist(tmp_path):
     """The README's "done when", shortened: `residual data get fashion-mnist DIR`, then the real-data quickstart
     for 50 of its 360 iterations (6,400 images, a ninth of an epoch), tested on all 10,000 test images. It reached
@@ -114,8 +117,13 @@ def test_resnet20_learns_real_fashion_mnist(tmp_path):
     got = run(RESIDUAL, "data", "get", "fashion-mnist", str(tmp_path / "fashion-mnist"))
     assert got.returncode == 0, got.stderr
     shortened = ["train.iterations=50", "schedule.warmup_length=10", f"train.output_dir={tmp_path / 'runs'}"]
-    result = run(RESIDUAL, "train", "configs/fashion-mnist/quickstart.yaml", f"data.root={tmp_path / 'fashion-mnist'}",
-                 *shortened)  # fmt: skip
+    result = run(
+        RESIDUAL,
+        "train",
+        "configs/fashion-mnist/quickstart.yaml",
+        f"data.root={tmp_path / 'fashion-mnist'}",
+        *shortened,
+    )
     assert result.returncode == 0, result.stderr
     top1 = float(re.search(r"^resnet20: top-1 (\d+\.\d+)%", result.stdout, re.MULTILINE).group(1))
     assert top1 > 65, result.stdout
@@ -156,8 +164,9 @@ def test_bench_train_prints_the_ratio():
 def test_bench_optim_prints_both_steps_and_their_ratio():
     result = run(RESIDUAL, "bench", "optim", "--model", "resnet20", "--steps", "1", "--rounds", "1")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^sgd +[0-9.]+ ms/step", result.stdout, re.M) and re.search(r"^lars +[0-9.]+ ms/step",
-                                                                                   result.stdout, re.M)  # fmt: skip
+    assert re.search(r"^sgd +[0-9.]+ ms/step", result.stdout, re.M) and re.search(
+        r"^lars +[0-9.]+ ms/step", result.stdout, re.M
+    )
     assert "lars / sgd = " in result.stdout and "[resnet20, 59 parameter tensors, cpu, torch " in result.stdout
 
 
@@ -165,8 +174,20 @@ def test_bench_optim_prints_both_steps_and_their_ratio():
 def test_bench_train_end_to_end_compares_equal_work():
     """The two loops see the same images with the same crops from the same initialization: the same top-1, where
     different orders and crops of a short run differ by points."""
-    command = [RESIDUAL, "bench", "train", "--end-to-end", "--config", "configs/cifar10/resnet20.yaml",
-               "--iterations", "40", "--per-class", "100", "--rounds", "1"]  # fmt: skip
+    command = [
+        RESIDUAL,
+        "bench",
+        "train",
+        "--end-to-end",
+        "--config",
+        "configs/cifar10/resnet20.yaml",
+        "--iterations",
+        "40",
+        "--per-class",
+        "100",
+        "--rounds",
+        "1",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert re.search(r"round 1 cli .* s  top-1 .*%\nround 1 bare .* s  top-1", result.stdout), result.stdout
@@ -177,8 +198,19 @@ def test_bench_train_end_to_end_compares_equal_work():
 
 @pytest.mark.slow
 def test_bench_recipes_prints_each_pieces_cost():
-    command = [RESIDUAL, "bench", "recipes", "--iterations", "20", "--per-class", "30", "--rounds", "1",
-               "--pieces", "cutmix,ema"]  # fmt: skip
+    command = [
+        RESIDUAL,
+        "bench",
+        "recipes",
+        "--iterations",
+        "20",
+        "--per-class",
+        "30",
+        "--rounds",
+        "1",
+        "--pieces",
+        "cutmix,ema",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cost per step against the paper recipe [configs/quickstart.yaml, 20 iterations of 128, " in result.stdout
@@ -250,8 +282,10 @@ def test_bench_gpu_refuses_without_a_gpu_and_its_checklist_parses(tmp_path):
         assert list(tmp_path.iterdir()) == []
     (tmp_path / "data").mkdir()
     steps = gpu_checklist(out=tmp_path, gpus=8)
-    assert [title for title, _ in steps][-2:] == ["DDP over the node's 8 GPUs: ResNet-50",
-                                                  "FSDP over the node's 8 GPUs: ResNet-50"]  # fmt: skip
+    assert [title for title, _ in steps][-2:] == [
+        "DDP over the node's 8 GPUs: ResNet-50",
+        "FSDP over the node's 8 GPUs: ResNet-50",
+    ]
     assert steps[3][1][1:5] == ["-m", "pytest", "-m", "gpu"]
     for _, command in (step for step in steps if "trainer.cli" in step[1]):
         argv = command[command.index("trainer.cli") + 1 :]
@@ -272,14 +306,34 @@ def test_config_show_documents_every_key_of_the_resolved_config():
 
 @pytest.mark.slow
 def test_bench_imagenet_size_prints_the_first_step_and_each_processs_memory(tmp_path):
-    command = [RESIDUAL, "bench", "imagenet-size", "--scratch", str(tmp_path), "--classes", "3", "--per-class", "40",
-               "--val-per-class", "4", "--seconds", "2", "--workers", "2", "--batch", "8"]  # fmt: skip
+    command = [
+        RESIDUAL,
+        "bench",
+        "imagenet-size",
+        "--scratch",
+        str(tmp_path),
+        "--classes",
+        "3",
+        "--per-class",
+        "40",
+        "--val-per-class",
+        "4",
+        "--seconds",
+        "2",
+        "--workers",
+        "2",
+        "--batch",
+        "8",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "tree: 120 train + 12 val files in 3 class folders (132 hard links)" in out, out
-    assert re.search(r"start 1 \(120 train images, listed; 12 val images, listed in [\d.]+ s .*\): first step "
-                     r"[\d.]+ s after the command", out), out  # fmt: skip
+    assert re.search(
+        r"start 1 \(120 train images, listed; 12 val images, listed in [\d.]+ s .*\): first step "
+        r"[\d.]+ s after the command",
+        out,
+    ), out
     assert re.search(r"start 2 \(120 train images, read; 12 val images, read in ", out), out
     assert len(re.findall(r"^  trainer 0 +[\d.]+ -> +[\d.]+$", out, re.MULTILINE)) == 2, out
     assert len(re.findall(r"^    loader worker [01] of trainer 0 +[\d.]+ -> ", out, re.MULTILINE)) == 4, out

@@ -35,9 +35,11 @@ def choose_precision(requested: str, *, device_type: str, cpu: CpuFacts, gpu: Gp
     if cpu.bf16_native:
         return "bf16", f"{cpu.model} computes bf16 natively ({cpu.isa})"
     if cpu.bf16_flags:
-        return "fp32", (f"{cpu.model} has bf16 instructions, but torch will not use them here ({cpu.isa}, oneDNN "
-                        f"without bf16: an ISA cap such as ONEDNN_MAX_CPU_ISA?): bf16 autocast would be emulated, "
-                        f"about 12x slower")  # fmt: skip
+        return "fp32", (
+            f"{cpu.model} has bf16 instructions, but torch will not use them here ({cpu.isa}, oneDNN "
+            f"without bf16: an ISA cap such as ONEDNN_MAX_CPU_ISA?): bf16 autocast would be emulated, "
+            f"about 12x slower"
+        )
     return "fp32", f"{cpu.model} ({cpu.isa}) has no native bf16: bf16 autocast would be emulated, about 12x slower"
 
 
@@ -58,9 +60,16 @@ class ThreadPlan:
 
 
 def plan_threads(
-    *, cores: int, cores_source: str, threads: int | None, workers: int | None, loader_processes: bool, on_gpu: bool,
-    dali: bool = False, dali_threads: int | None = None,
-) -> ThreadPlan:  # fmt: skip
+    *,
+    cores: int,
+    cores_source: str,
+    threads: int | None,
+    workers: int | None,
+    loader_processes: bool,
+    on_gpu: bool,
+    dali: bool = False,
+    dali_threads: int | None = None,
+) -> ThreadPlan:
     """How the ``cores`` one rank may use are given to torch's threads, the loader's worker processes and DALI's
     threads. ``threads``/``workers``/``dali_threads`` are the config's (None: auto). ``loader_processes``: whether
     the data path uses worker processes at all (the in-memory CIFAR and IDX path does not: no workers, whatever is
@@ -164,8 +173,10 @@ def resolve_auto(config: Config, launch: LaunchEnv, device: torch.device) -> tup
         torch.backends.cudnn.benchmark, why = choose_cudnn_benchmark(config)
         lines.append(f"cudnn.benchmark={torch.backends.cudnn.benchmark}: {why}")
     if device.type == "cpu" and keep_freed_memory():
-        lines.append(f"malloc: freed blocks up to {MMAP_THRESHOLD_MAX >> 20} MB are kept for reuse (the activations "
-                     f"of the next step), not returned to the OS")  # fmt: skip
+        lines.append(
+            f"malloc: freed blocks up to {MMAP_THRESHOLD_MAX >> 20} MB are kept for reuse (the activations "
+            f"of the next step), not returned to the OS"
+        )
     if tensor_path:
         lines.append(f"data: {config.data.format} images held as one tensor on the device, augmented in batches")
     resolved = replace(

@@ -259,16 +259,21 @@ class DcpMetadataUnpickler(pickle.Unpickler):
     only what DCP itself writes there: its metadata classes, torch.Size, dtypes and layouts, and paths."""
 
     ALLOWED = {
-        **{(dcp_metadata.__name__, name): value for name, value in vars(dcp_metadata).items()
-           if inspect.isclass(value) and value.__module__ == dcp_metadata.__name__},
+        **{
+            (dcp_metadata.__name__, name): value
+            for name, value in vars(dcp_metadata).items()
+            if inspect.isclass(value) and value.__module__ == dcp_metadata.__name__
+        },
         (dcp_filesystem.__name__, "_StorageInfo"): dcp_filesystem._StorageInfo,
         ("torch", "Size"): torch.Size,
         ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
         **{("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
-        **{("pathlib", name): getattr(pathlib, name) for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath",
-                                                                   "PureWindowsPath")},
+        **{
+            ("pathlib", name): getattr(pathlib, name)
+            for name in ("Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")
+        },
         ("collections", "OrderedDict"): collections.OrderedDict,
-    }  # fmt: skip
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:

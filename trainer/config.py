@@ -50,9 +50,11 @@ class ModelConfig:
     def overrides(self) -> dict[str, Any]:
         """The keyword arguments of ``create_model`` that this section sets."""
         overrides: dict[str, Any] = dict(
-            num_classes=self.num_classes, in_channels=self.in_channels, stride_in_1x1=self.stride_in_1x1,
+            num_classes=self.num_classes,
+            in_channels=self.in_channels,
+            stride_in_1x1=self.stride_in_1x1,
             zero_init_residual=self.zero_init_residual,
-        )  # fmt: skip
+        )
         if self.shortcut is not None:
             overrides["shortcut"] = self.shortcut
         if self.depth is not None:
@@ -368,8 +370,13 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         f"need one value per input channel: model.in_channels={config.model.in_channels}",
     )
     protocols = {"eval.protocol": config.eval.protocol, "eval.final_protocol": config.eval.final_protocol}
-    check_evaluation(config.data, protocols, ("eval.scales", config.eval.scales),
-                     ("eval.batch_size", config.eval.batch_size), world_size=world_size)  # fmt: skip
+    check_evaluation(
+        config.data,
+        protocols,
+        ("eval.scales", config.eval.scales),
+        ("eval.batch_size", config.eval.batch_size),
+        world_size=world_size,
+    )
     root = Path(config.data.root)
     if config.data.synthesize is None and not root.is_dir():
         raise UserError(
@@ -378,17 +385,27 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         )
 
 
-def check_evaluation(data: DataConfig, protocols: dict[str, str], scales: tuple[str, list[int]],
-                     batch: tuple[str, int], *, world_size: int) -> None:  # fmt: skip
+def check_evaluation(
+    data: DataConfig,
+    protocols: dict[str, str],
+    scales: tuple[str, list[int]],
+    batch: tuple[str, int],
+    *,
+    world_size: int,
+) -> None:
     """What an evaluation needs, for a training run's eval section and `residual eval`'s flags alike: each argument
     comes with the key or flag the user set it with, which the message names."""
     for key, protocol in protocols.items():
         if data.in_memory and protocol != "center":
-            raise UserError(f"{key} {protocol}: {data.format} data is tested on the single original image, as CIFAR-10 "
-                            f"is (Sec. 4.2); use center")  # fmt: skip
+            raise UserError(
+                f"{key} {protocol}: {data.format} data is tested on the single original image, as CIFAR-10 "
+                f"is (Sec. 4.2); use center"
+            )
     if small := [scale for scale in scales[1] if scale < data.crop_size]:
-        raise UserError(f"{scales[0]}: {small} smaller than the {data.crop_size} crop (every scale must be at least "
-                        f"the {data.crop_size} crop the model sees in training, data.crop_size)")  # fmt: skip
+        raise UserError(
+            f"{scales[0]}: {small} smaller than the {data.crop_size} crop (every scale must be at least "
+            f"the {data.crop_size} crop the model sees in training, data.crop_size)"
+        )
     if batch[1] % world_size:
         raise UserError(f"{batch[0]} {batch[1]}: not divisible by the world size {world_size}")
 

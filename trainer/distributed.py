@@ -184,12 +184,14 @@ def apply_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
 def average_bn_buffers(model: nn.Module) -> None:
     """Average BatchNorm running statistics over ranks, so that what is evaluated and saved is one model (each rank
     updates its own from its own images; DDP only copies rank 0's at the next forward, FSDP2 never)."""
-    average_over_ranks([
-        buffer
-        for module in model.modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
-        for buffer in (module.running_mean, module.running_var)
-    ])  # fmt: skip
+    average_over_ranks(
+        [
+            buffer
+            for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+            for buffer in (module.running_mean, module.running_var)
+        ]
+    )
 
 
 def average_over_ranks(tensors: list[torch.Tensor]) -> None:

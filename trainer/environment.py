@@ -55,8 +55,10 @@ def format_environment(facts: dict[str, Any]) -> str:
     ]
     for index, gpu in enumerate(facts["gpus"]):
         capability = ".".join(map(str, gpu["capability"]))
-        lines.append(f"gpu {index}       {gpu['name']}, {gpu['memory_gb']:.1f} GiB, compute capability {capability}, "
-                     f"bf16 {'yes' if gpu['bf16'] else 'no'}")  # fmt: skip
+        lines.append(
+            f"gpu {index}       {gpu['name']}, {gpu['memory_gb']:.1f} GiB, compute capability {capability}, "
+            f"bf16 {'yes' if gpu['bf16'] else 'no'}"
+        )
     if not facts["gpus"]:
         lines.append("gpu         none")
     dali = facts["dali"]

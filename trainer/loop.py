@@ -70,11 +70,18 @@ def train_in(run_dir: Path, config: Config, launch: LaunchEnv, device: torch.dev
     log.info("data set: %s (%s)", title(dataset), config.data.root)
     run_log.record_run(to_yaml(config), facts, choices, dataset)
     metrics = MetricsProcessor(
-        run_log, window, launch=launch, device=device, log_every=config.log.every, progress=config.log.progress,
-        images_per_step=config.global_batch(), iterations=(state.iteration, run.total_iterations),
+        run_log,
+        window,
+        launch=launch,
+        device=device,
+        log_every=config.log.every,
+        progress=config.log.progress,
+        images_per_step=config.global_batch(),
+        iterations=(state.iteration, run.total_iterations),
         iterations_per_epoch=run.loader.batches_per_epoch,
-        flops=(run.peak_flops, run.flops_per_image), data_stats=(config.data.mean, config.data.std),
-    )  # fmt: skip
+        flops=(run.peak_flops, run.flops_per_image),
+        data_stats=(config.data.mean, config.data.std),
+    )
     metrics.loader_workers = tuner.count
     describe(run)
     try:
@@ -87,8 +94,9 @@ def train_in(run_dir: Path, config: Config, launch: LaunchEnv, device: torch.dev
     return result, run_log
 
 
-def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager, metrics: MetricsProcessor,
-                     signals: StopSignals) -> EvalResult | None:  # fmt: skip
+def train_iterations(
+    run: Run, state: TrainState, checkpoints: CheckpointManager, metrics: MetricsProcessor, signals: StopSignals
+) -> EvalResult | None:
     """Steps to the last iteration; returns the last evaluation. A checkpoint is written before the evaluation of
     the same iteration, so a failed evaluation loses no training; a run resumed from it makes that evaluation first."""
     result = evaluate_and_log(run, state, metrics) if run.evaluation_due(state.iteration) else None
@@ -116,14 +124,22 @@ def train_iterations(run: Run, state: TrainState, checkpoints: CheckpointManager
             all_stop = check_flags(run, state, read)  # some rank was signalled: every rank stops at this step
             if logging_due:
                 counts = {"skipped_steps": state.skipped_steps, "scaler_skipped_steps": state.scaler_skipped_steps}
-                data_wait = metrics.flush(state.iteration, lr=lr, last_step=step, counts=counts,
-                                          history=state.history, scaler=run.stepper.scaler)  # fmt: skip
+                data_wait = metrics.flush(
+                    state.iteration,
+                    lr=lr,
+                    last_step=step,
+                    counts=counts,
+                    history=state.history,
+                    scaler=run.stepper.scaler,
+                )
                 restart = run.grow_loader(data_wait, state.iteration)
             checkpoints.save(state.iteration, now=all_stop)  # when due, or now
             if all_stop:
                 stopped = Interrupted if signals.interrupted else Preempted
-                raise stopped(f"stopped by {signals.name} at iteration {state.iteration} of {run.total_iterations}; "
-                              f"checkpoint written; the same command again resumes from it")  # fmt: skip
+                raise stopped(
+                    f"stopped by {signals.name} at iteration {state.iteration} of {run.total_iterations}; "
+                    f"checkpoint written; the same command again resumes from it"
+                )
             if evaluating:
                 result = evaluate_and_log(run, state, metrics)
             if state.iteration == run.total_iterations:
@@ -164,8 +180,9 @@ def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsProcessor) -> 
     return reported(results)
 
 
-def evaluate_weights(run: Run, batches: Any, protocol: str, state: TrainState,
-                     metrics: MetricsProcessor) -> dict[str, EvalResult]:  # fmt: skip
+def evaluate_weights(
+    run: Run, batches: Any, protocol: str, state: TrainState, metrics: MetricsProcessor
+) -> dict[str, EvalResult]:
     """The evaluation of each set of weights eval.weights names ("raw", "ema", in that order), each logged. The BN
     statistics are averaged over the ranks first (each rank's follow its own batches); the EMA's as well."""
     chosen = {"raw": ["raw"], "ema": ["ema"], "both": ["raw", "ema"]}[run.config.eval.weights]
@@ -175,9 +192,15 @@ def evaluate_weights(run: Run, batches: Any, protocol: str, state: TrainState,
             run.ema.average_statistics_over_ranks()
         with run.ema.applied() if weights == "ema" else contextlib.nullcontext():
             average_bn_buffers(run.stepper.model)
-            results[weights] = evaluate(run.stepper.wrapped, batches, num_classes=run.config.model.num_classes,
-                                        device=run.device, precision=run.config.train.precision,
-                                        channels_last=run.config.train.channels_last, sharded=run.sharded)  # fmt: skip
+            results[weights] = evaluate(
+                run.stepper.wrapped,
+                batches,
+                num_classes=run.config.model.num_classes,
+                device=run.device,
+                precision=run.config.train.precision,
+                channels_last=run.config.train.channels_last,
+                sharded=run.sharded,
+            )
         metrics.log_eval(state.iteration, protocol, results[weights], weights=weights, seconds=state.seconds)
     return results
 

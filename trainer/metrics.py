@@ -176,8 +176,16 @@ class MetricsProcessor:
         self.times.compute_seconds += time.perf_counter() - self.arrived
         self.times.steps += 1
 
-    def flush(self, iteration: int, *, lr: float, last_step: StepOutcome, counts: dict[str, int],
-              history: MetricHistory, scaler: torch.amp.GradScaler) -> float:  # fmt: skip
+    def flush(
+        self,
+        iteration: int,
+        *,
+        lr: float,
+        last_step: StepOutcome,
+        counts: dict[str, int],
+        history: MetricHistory,
+        scaler: torch.amp.GradScaler,
+    ) -> float:
         """Log the window's training metrics (its top-1 error into the ``history`` the schedule reads) and each
         rank's times and peak memory, gathered on every rank (one collective each for sums and per-rank rows);
         images/s is over rank 0's time. ``counts``: the skipped steps so far. Returns the share of the window the
@@ -205,15 +213,19 @@ class MetricsProcessor:
         self.progress.set_postfix(loss=f"{summary['loss']:.3f}", lr=f"{lr:.4g}", data=f"{data_wait:.0%}")
         if self.lines:
             left = format_seconds((self.total_iterations - iteration) * times.seconds / times.steps)
-            self.say(iteration, f"loss {summary['loss']:.4f}  top-1 {100 * summary['top1']:.2f}%  lr {lr:.4g}  "
-                                f"{images_per_second:,.0f} img/s  data {data_wait:.0%}  ETA {left}")  # fmt: skip
+            self.say(
+                iteration,
+                f"loss {summary['loss']:.4f}  top-1 {100 * summary['top1']:.2f}%  lr {lr:.4g}  "
+                f"{images_per_second:,.0f} img/s  data {data_wait:.0%}  ETA {left}",
+            )
         return data_wait
 
     def say(self, iteration: int, text: str) -> None:
         """A line of the job's log, on stdout: ``[iteration/total] epoch E  text``."""
         width = len(str(self.total_iterations))
-        tqdm.write(f"[{iteration:>{width}}/{self.total_iterations}] epoch {self.epoch(iteration)}  {text}",
-                   file=sys.stdout)  # fmt: skip
+        tqdm.write(
+            f"[{iteration:>{width}}/{self.total_iterations}] epoch {self.epoch(iteration)}  {text}", file=sys.stdout
+        )
         sys.stdout.flush()
 
     def epoch(self, iteration: int) -> int:
@@ -240,15 +252,19 @@ class MetricsProcessor:
             metrics["mfu"] = flops * images_per_second / (self.peak_flops * self.launch.world_size)
         return metrics
 
-    def log_eval(self, iteration: int, protocol: str, result: EvalResult, *, weights: str = "raw",
-                 seconds: float = 0.0) -> None:  # fmt: skip
+    def log_eval(
+        self, iteration: int, protocol: str, result: EvalResult, *, weights: str = "raw", seconds: float = 0.0
+    ) -> None:
         """An evaluation's record, once (a start before this one may have logged it), with the run's wall-clock
         time so far (``seconds``, over all its starts) in hours and device-hours (times the ranks), the measure
         time-to-accuracy is given in. The EMA's evaluation is the protocol "PROTOCOL-ema"."""
         label = protocol if weights == "raw" else f"{protocol}-{weights}"
         if self.launch.is_main:
-            self.say(iteration, f"evaluation ({label}, {result.count} images): top-1 {100 * result.top1:.2f}%  "
-                                f"top-5 {100 * result.top5:.2f}%")  # fmt: skip
+            self.say(
+                iteration,
+                f"evaluation ({label}, {result.count} images): top-1 {100 * result.top1:.2f}%  "
+                f"top-5 {100 * result.top5:.2f}%",
+            )
         if not self.run_log.has_eval(iteration, label):
             hours = seconds / 3600
             timing = {"hours": hours, "device_hours": hours * self.launch.world_size}
@@ -259,8 +275,12 @@ class MetricsProcessor:
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-            log.info("after the first epoch: %.1f of %.1f GB of the GPU in use (torch's peak allocation %.1f GB)",
-                     (total - free) / 2**30, total / 2**30, peak / 2**30)  # fmt: skip
+            log.info(
+                "after the first epoch: %.1f of %.1f GB of the GPU in use (torch's peak allocation %.1f GB)",
+                (total - free) / 2**30,
+                total / 2**30,
+                peak / 2**30,
+            )
 
     def close(self) -> None:
         self.progress.close()

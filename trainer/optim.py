@@ -32,10 +32,26 @@ class LARS(torch.optim.Optimizer):
     is nonzero: weights and momentum keep their values and the host waits for nothing. Under FSDP2 each rank updates
     its shards; the norms are of whole tensors (one all-reduce of the shards' squared norms per step)."""
 
-    def __init__(self, params, *, lr: float, momentum: float, weight_decay: float, trust_coefficient: float,
-                 eps: float = 0.0, nesterov: bool = False) -> None:  # fmt: skip
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        eps=eps, nesterov=nesterov, lars=True)  # fmt: skip
+    def __init__(
+        self,
+        params,
+        *,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        trust_coefficient: float,
+        eps: float = 0.0,
+        nesterov: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            lars=True,
+        )
         super().__init__(params, defaults)
         zero_momentum(self)
 
@@ -114,9 +130,15 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     else:
         groups = [{"params": params}]
     if config.name == "lars":
-        return LARS(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                    trust_coefficient=config.trust_coefficient, eps=config.lars_eps,
-                    nesterov=config.nesterov)  # fmt: skip
+        return LARS(
+            groups,
+            lr=config.lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            trust_coefficient=config.trust_coefficient,
+            eps=config.lars_eps,
+            nesterov=config.nesterov,
+        )
     for group in groups:
         group.pop("lars", None)
     fused = not any(isinstance(p, DTensor) for p in params)

@@ -67,8 +67,11 @@ def batchnorm_groups(model: nn.Module) -> list[list[nn.Module]]:
     """The BatchNorms of each block as one group, and those outside the blocks (the stem's) as another: one
     all-gather and one reduce-scatter per block for them, not one per BatchNorm (ResNet-50: 17 groups, not 53;
     ResNet-152: 51, not 155), small collectives whose latency adds up."""
-    groups = [[m for m in block.modules() if isinstance(m, _BatchNorm)]
-              for block in model.modules() if isinstance(block, BasicBlock | Bottleneck)]  # fmt: skip
+    groups = [
+        [m for m in block.modules() if isinstance(m, _BatchNorm)]
+        for block in model.modules()
+        if isinstance(block, BasicBlock | Bottleneck)
+    ]
     grouped = {id(module) for group in groups for module in group}
     rest = [m for m in model.modules() if isinstance(m, _BatchNorm) and id(m) not in grouped]
     return [group for group in [*groups, rest] if group]

@@ -83,8 +83,10 @@ def plot(runs: list[RunHistory], out: Path) -> list[Path]:
     colours = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
     for dataset in sorted({run.dataset for run in runs}):
         chosen = [run for run in runs if run.dataset == dataset]
-        groups = [("plain", [r for r in chosen if r.model.startswith("plain")]),
-                  ("ResNet", [r for r in chosen if not r.model.startswith("plain")])]  # fmt: skip
+        groups = [
+            ("plain", [r for r in chosen if r.model.startswith("plain")]),
+            ("ResNet", [r for r in chosen if not r.model.startswith("plain")]),
+        ]
         groups = [(title, members) for title, members in groups if members]
         figure = Figure(figsize=(6 * len(groups), 4.2))  # no pyplot: no GUI backend, no global state
         axes = figure.subplots(1, len(groups), sharey=True, squeeze=False)
@@ -101,8 +103,9 @@ def plot(runs: list[RunHistory], out: Path) -> list[Path]:
             axis.grid(alpha=0.3)
             axis.legend(loc="upper right", fontsize=9)
         axes[0][0].set_ylabel("error (%)")
-        figure.text(0.5, -0.02, "thin: training error (running, top-1); bold: validation error (top-1)",
-                    ha="center", fontsize=9)  # fmt: skip
+        figure.text(
+            0.5, -0.02, "thin: training error (running, top-1); bold: validation error (top-1)", ha="center", fontsize=9
+        )
         figure.tight_layout()
         path = out / f"errors-{dataset}.png"
         figure.savefig(path, dpi=120, bbox_inches="tight")
@@ -144,8 +147,12 @@ def time_table(runs: list[RunHistory], targets: list[float] | None) -> str:
     if targets is None:
         return "No time-to-accuracy: some run's evaluations carry no time (runs before this version log none)."
     heads = " | ".join(f"to {target:.2f}%" for target in targets)
-    lines = ["Time to top-1 (wall-clock minutes, iteration; device-hours where several devices trained):", "",
-             f"| run | model | {heads} | best top-1 |", f"|---|---|{'---:|' * len(targets)}---:|"]  # fmt: skip
+    lines = [
+        "Time to top-1 (wall-clock minutes, iteration; device-hours where several devices trained):",
+        "",
+        f"| run | model | {heads} | best top-1 |",
+        f"|---|---|{'---:|' * len(targets)}---:|",
+    ]
     for run in runs:
         cells = [reached_cell(run, time_to_accuracy(run, target)) for target in targets]
         best = max(run.timed, key=lambda point: point[3], default=None)
@@ -197,6 +204,8 @@ def write_report(run_dirs: list[Path], out: Path, targets: list[float] | None = 
     figures = [*plot(runs, out), *plot_time(runs, out)]
     images = "\n".join(f"![{path.stem}]({path.name})" for path in figures)
     markdown = out / "report.md"
-    markdown.write_text(f"# Report\n\n{images}\n\n{table(runs)}\n\n{time_table(runs, targets)}\n\n"
-                        f"Runs: {', '.join(map(str, run_dirs))}\n")  # fmt: skip
+    markdown.write_text(
+        f"# Report\n\n{images}\n\n{table(runs)}\n\n{time_table(runs, targets)}\n\n"
+        f"Runs: {', '.join(map(str, run_dirs))}\n"
+    )
     return [*figures, markdown]

@@ -41,8 +41,11 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
         return report_user_error(error, launch)
     except KeyboardInterrupt:  # before the training loop, or in the final evaluation: no step to finish
         if launch.is_main:
-            print("residual: interrupted (Ctrl-C) before training or in the final evaluation; the checkpoints are "
-                  "kept; the same command again resumes", file=sys.stderr)  # fmt: skip
+            print(
+                "residual: interrupted (Ctrl-C) before training or in the final evaluation; the checkpoints are "
+                "kept; the same command again resumes",
+                file=sys.stderr,
+            )
         return INTERRUPT_EXIT_CODE
     finally:
         destroy_process_group()

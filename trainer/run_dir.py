@@ -85,11 +85,16 @@ def lock(run_dir: Path) -> tuple[IO[str] | None, str | None]:
         handle.seek(0)
         holder = handle.read().strip() or "a process that has not yet said who it is"
         handle.close()
-        return None, (f"{run_dir} is in use by another training ({holder}); stop that one first, or give this one "
-                      f"another train.run_name")  # fmt: skip
+        return None, (
+            f"{run_dir} is in use by another training ({holder}); stop that one first, or give this one "
+            f"another train.run_name"
+        )
     except OSError as error:
-        log.warning("%s: cannot lock (%s): nothing stops a second training from using this directory at the same "
-                    "time", run_dir / LOCK_FILE, error.strerror)  # fmt: skip
+        log.warning(
+            "%s: cannot lock (%s): nothing stops a second training from using this directory at the same time",
+            run_dir / LOCK_FILE,
+            error.strerror,
+        )
         handle.close()
         return None, None
     job = f", SLURM job {os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else ""
@@ -109,8 +114,9 @@ def use_run_tmpdir(run_dir: Path, launch: LaunchEnv) -> None:
     a socket path keeps $TMPDIR. For the whole process (``run_directory`` gives it back at the run's end)."""
     folder = run_dir.absolute() / "tmp" / f"rank{launch.rank}"
     if len(str(folder)) > UNIX_SOCKET_ROOM:
-        log.info("temporary files in %s (%s is too long a path for the sockets made there)", tempfile.gettempdir(),
-                 folder)  # fmt: skip
+        log.info(
+            "temporary files in %s (%s is too long a path for the sockets made there)", tempfile.gettempdir(), folder
+        )
         return
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)

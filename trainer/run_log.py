@@ -132,8 +132,10 @@ class RunLog:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        values = {key: value if isinstance(value, int | float | str | bool) else str(value)
-                  for key, value in flatten(config).items()}  # fmt: skip
+        values = {
+            key: value if isinstance(value, int | float | str | bool) else str(value)
+            for key, value in flatten(config).items()
+        }
         experiment, start, end = hparams(values, metrics)
         for summary in (experiment, start, end):
             self.writer.file_writer.add_summary(summary)

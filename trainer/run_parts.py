@@ -92,11 +92,22 @@ class Run:
         if self.tuner is None or (count := self.tuner.grow(data_wait)) is None:
             return False
         key = self.tuner.key
-        log.info("data.%s %d -> %d at iteration %d: the step waited for data %.0f%% of the last window", key,
-                 getattr(self.config.data, key), count, iteration, 100 * data_wait)  # fmt: skip
+        log.info(
+            "data.%s %d -> %d at iteration %d: the step waited for data %.0f%% of the last window",
+            key,
+            getattr(self.config.data, key),
+            count,
+            iteration,
+            100 * data_wait,
+        )
         self.config = replace(self.config, data=replace(self.config.data, **{key: count}))
-        self.loader = build_train_loader(self.config.data, rank=self.launch.rank, world_size=self.launch.world_size,
-                                         seed=self.config.train.seed, device=self.device)  # fmt: skip
+        self.loader = build_train_loader(
+            self.config.data,
+            rank=self.launch.rank,
+            world_size=self.launch.world_size,
+            seed=self.config.train.seed,
+            device=self.device,
+        )
         return True
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +124,7 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
     if launch.is_main and config.data.format == "imagefolder" and config.data.index_dir is not None:
         started = time.perf_counter()
         done = index_splits(config.data.root, config.data.index_dir)
-        log.info("data index: %s in %.1f s (%s)", "; ".join(done), time.perf_counter() - started,
-                 config.data.index_dir)  # fmt: skip
+        log.info("data index: %s in %.1f s (%s)", "; ".join(done), time.perf_counter() - started, config.data.index_dir)
     barrier()  # the other ranks read what rank 0 wrote
     loader = build_train_loader(
         config.data, rank=launch.rank, world_size=launch.world_size, seed=config.train.seed, device=device
@@ -133,8 +143,13 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
     stepper = build_stepper(config, launch, device)
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch
-    schedule = build_schedule(config.schedule, config.optim, global_batch=config.global_batch(),
-                              iterations_per_epoch=loader.batches_per_epoch, total_iterations=total)  # fmt: skip
+    schedule = build_schedule(
+        config.schedule,
+        config.optim,
+        global_batch=config.global_batch(),
+        iterations_per_epoch=loader.batches_per_epoch,
+        total_iterations=total,
+    )
     run_dir = Path(train.output_dir) / train.run_name
     mixer = BatchMixer(config.loss, num_classes=config.model.num_classes, seed=train.seed, rank=launch.rank)
     ema = build_weight_average(stepper.model, config.ema)
@@ -161,6 +176,8 @@ def describe(run: Run) -> None:
     config, launch, split = run.config, run.launch, run.config.train.accumulation
     where = config.dist.strategy if launch.distributed else "one process"
     per_rank = config.global_batch() // launch.world_size // split
-    log.info(f"{config.model.name}, {where}: global batch {config.global_batch()} ({per_rank} per rank x "
-             f"{launch.world_size} ranks x {split} accumulation), {run.total_iterations} iterations "
-             f"({run.loader.batches_per_epoch} per epoch), run directory {run.run_dir}")  # fmt: skip
+    log.info(
+        f"{config.model.name}, {where}: global batch {config.global_batch()} ({per_rank} per rank x "
+        f"{launch.world_size} ranks x {split} accumulation), {run.total_iterations} iterations "
+        f"({run.loader.batches_per_epoch} per epoch), run directory {run.run_dir}"
+    )

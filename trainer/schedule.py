@@ -94,8 +94,9 @@ class LRSchedule:
         return not any(at < iteration and error < shape.warmup_until_train_error for at, error in history.train_errors)
 
 
-def build_schedule(schedule: ScheduleConfig, optim: OptimConfig, *, global_batch: int, iterations_per_epoch: int,
-                   total_iterations: int) -> LRSchedule:  # fmt: skip
+def build_schedule(
+    schedule: ScheduleConfig, optim: OptimConfig, *, global_batch: int, iterations_per_epoch: int, total_iterations: int
+) -> LRSchedule:
     base_lr = optim.lr * global_batch / optim.base_batch if optim.linear_scaling else optim.lr
     if schedule.unit == "epoch":  # the same schedule, its lengths in iterations
         milestones = [m * iterations_per_epoch for m in schedule.milestones]

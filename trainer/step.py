@@ -154,5 +154,6 @@ def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> St
         wrapped = torch.compile(wrapped)
     optimizer = build_optimizer(model, config.optim)
     scaler = build_grad_scaler(device, train.precision)
-    return Stepper(model, wrapped, optimizer, scaler, device, train.precision, train.accumulation,
-                   config.loss.label_smoothing)  # fmt: skip
+    return Stepper(
+        model, wrapped, optimizer, scaler, device, train.precision, train.accumulation, config.loss.label_smoothing
+    )

@@ -56,8 +56,9 @@ def erase_windows(u: np.ndarray, side: int, probability: float) -> tuple[np.ndar
     return np.where(chosen, anchor, 0).astype(np.float32), np.where(chosen, box, 0).astype(np.float32)
 
 
-def train_parameters(config: DataConfig, seed: int, size: tuple[int, int] | None = None,
-                     crop: int | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+def train_parameters(
+    config: DataConfig, seed: int, size: tuple[int, int] | None = None, crop: int | None = None
+) -> dict[str, np.ndarray]:
     """One sample's augmentation (``batch_parameters`` of a batch of one)."""
     sizes = None if size is None else np.array([size])
     return {key: value[0] for key, value in batch_parameters(config, np.array([seed]), sizes, crop).items()}
@@ -100,13 +101,24 @@ def batch_parameters(
     else:
         shorter = config.scale_min + np.floor(u[:, 1] * (config.scale_max - config.scale_min + 1))
         scale = shorter / np.minimum(width, height)  # as torchvision's RandomShortestSize: the long side truncated
-        resized = np.stack([np.where(width <= height, shorter, np.floor(width * scale)),
-                            np.where(height <= width, shorter, np.floor(height * scale))], axis=1)  # fmt: skip
+        resized = np.stack(
+            [
+                np.where(width <= height, shorter, np.floor(width * scale)),
+                np.where(height <= width, shorter, np.floor(height * scale)),
+            ],
+            axis=1,
+        )
         corner = np.floor(u[:, 2:4] * (resized - crop + 1))  # RandomCrop's uniform integer corner
         anchor, shape = corner / scale[:, None], np.repeat((crop / scale)[:, None], 2, axis=1)
     size = np.full((len(seeds), 2), crop, dtype=np.float32)
-    return {"anchor": anchor.astype(np.float32), "shape": shape.astype(np.float32), "flip": flip, "mean": mean,
-            "size": size, **erase}  # fmt: skip
+    return {
+        "anchor": anchor.astype(np.float32),
+        "shape": shape.astype(np.float32),
+        "flip": flip,
+        "mean": mean,
+        "size": size,
+        **erase,
+    }
 
 
 def random_resized_windows(u: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -125,8 +137,13 @@ def random_resized_windows(u: np.ndarray, width: np.ndarray, height: np.ndarray)
     top = np.floor(tries[rows, first, 3] * (height - crop[:, 1] + 1))
     anchor = np.stack([left, top], axis=1)
     in_ratio = width / height  # no try fit: the center crop of the clamped aspect
-    center = np.stack([np.where(in_ratio < 3 / 4, width, np.where(in_ratio > 4 / 3, np.round(height * 4 / 3), width)),
-                       np.where(in_ratio < 3 / 4, np.round(width * 4 / 3), height)], axis=1)  # fmt: skip
+    center = np.stack(
+        [
+            np.where(in_ratio < 3 / 4, width, np.where(in_ratio > 4 / 3, np.round(height * 4 / 3), width)),
+            np.where(in_ratio < 3 / 4, np.round(width * 4 / 3), height),
+        ],
+        axis=1,
+    )
     center_anchor = np.floor((np.stack([width, height], axis=1) - center) / 2)
     missed = ~fits.any(axis=1)
     return np.where(missed[:, None], center_anchor, anchor), np.where(missed[:, None], center, crop)

@@ -50,8 +50,10 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
     names = ["data", "labels", *source.parameter_names()]
     # auto_aug chooses ops with DALI's conditionals; its generator's seed: the start's (epoch, batch)
     seed = sample_seed(source.sampler.seed, source.first_epoch, source.first_batch)
-    options = _pipeline_options(batch, device, config) | {"enable_conditionals": config.auto_augment != "none",
-                                                          "seed": seed % 2**31}  # fmt: skip
+    options = _pipeline_options(batch, device, config) | {
+        "enable_conditionals": config.auto_augment != "none",
+        "seed": seed % 2**31,
+    }
 
     @pipeline_def(**options)
     def pipeline():
@@ -70,20 +72,33 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
             images = given["data"].gpu() if device == "gpu" else given["data"]
             side = source.reader.side
             padded = fn.slice(  # a side x side window at (x, y) in -4..4 of the zero-padded image
-                images, start=given["offset"], shape=[side, side], axis_names="WH", out_of_bounds_policy="pad",
+                images,
+                start=given["offset"],
+                shape=[side, side],
+                axis_names="WH",
+                out_of_bounds_policy="pad",
                 fill_values=0,
-            )  # fmt: skip
+            )
             images = fn.crop_mirror_normalize(
-                auto_augment(padded, config), mirror=given["flip"], dtype=types.FLOAT, output_layout="CHW",
+                auto_augment(padded, config),
+                mirror=given["flip"],
+                dtype=types.FLOAT,
+                output_layout="CHW",
                 **_normalization(config),
-            )  # fmt: skip
+            )
         else:
             images = fn.decoders.image_slice(  # decodes the crop's window only
-                given["data"], given["anchor"], given["shape"], axis_names="WH", output_type=types.RGB,
-                normalized_anchor=False, normalized_shape=False, device="mixed" if device == "gpu" else "cpu",
+                given["data"],
+                given["anchor"],
+                given["shape"],
+                axis_names="WH",
+                output_type=types.RGB,
+                normalized_anchor=False,
+                normalized_shape=False,
+                device="mixed" if device == "gpu" else "cpu",
                 adjust_orientation=False,  # as torchvision (and Pillow's header size, the window's frame): no EXIF turn
                 jpeg_fancy_upsampling=True,  # the GPU's chroma upsampling as libjpeg-turbo's (Pillow, DALI's CPU)
-            )  # fmt: skip
+            )
             images = fn.resize(images, size=given["size"], antialias=True)
             images = fn.crop_mirror_normalize(
                 auto_augment(images, config),
@@ -94,8 +109,9 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
                 output_layout="CHW",
             )
         if config.random_erase > 0:
-            images = fn.erase(images, anchor=given["erase_anchor"], shape=given["erase_shape"], axis_names="HW",
-                              fill_value=0.0)  # fmt: skip
+            images = fn.erase(
+                images, anchor=given["erase_anchor"], shape=given["erase_shape"], axis_names="HW", fill_value=0.0
+            )
         return images, labels.gpu() if device == "gpu" else labels
 
     return pipeline()
@@ -127,22 +143,35 @@ def build_eval_pipeline(source: EvalSource, config: DataConfig, device: str, *, 
     @pipeline_def(**_pipeline_options(source.batch, device, config))
     def pipeline():
         layout = "HWC" if config.in_memory else ""
-        data, labels = fn.external_source(source=source, num_outputs=2, batch=True, batch_info=True,
-                                          layout=[layout, ""], **_external_source_options(config))  # fmt: skip
+        data, labels = fn.external_source(
+            source=source,
+            num_outputs=2,
+            batch=True,
+            batch_info=True,
+            layout=[layout, ""],
+            **_external_source_options(config),
+        )
         normalize = dict(dtype=types.FLOAT, output_layout="CHW", **_normalization(config))
         if config.in_memory:  # the test image as is
             images = fn.crop_mirror_normalize(data.gpu() if device == "gpu" else data, **normalize)
         else:
-            images = fn.decoders.image(data, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
-                                       adjust_orientation=False, jpeg_fancy_upsampling=True)  # fmt: skip
+            images = fn.decoders.image(
+                data,
+                device="mixed" if device == "gpu" else "cpu",
+                output_type=types.RGB,
+                adjust_orientation=False,
+                jpeg_fancy_upsampling=True,
+            )
             images = fn.resize(images, resize_shorter=config.val_resize, antialias=True)
             crop = (config.eval_crop, config.eval_crop)
             if protocol == "center":
                 images = fn.crop_mirror_normalize(images, crop=crop, **normalize)
             else:  # flip: B x 2 x 3 x crop x crop; tencrop: B x 10 x ...
                 windows = [(0.5, 0.5, 0), (0.5, 0.5, 1)] if protocol == "flip" else ten_crop_windows()
-                views = [fn.crop_mirror_normalize(images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, **normalize)
-                         for x, y, m in windows]  # fmt: skip
+                views = [
+                    fn.crop_mirror_normalize(images, crop=crop, crop_pos_x=x, crop_pos_y=y, mirror=m, **normalize)
+                    for x, y, m in windows
+                ]
                 images = fn.stack(*views, axis=0)
         return images, labels.gpu() if device == "gpu" else labels
 

@@ -22,8 +22,10 @@ CIFAR100_FILES, CIFAR100_META = {True: "train", False: "test"}, "meta"
 
 def _read_cifar_batch(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"{path}: CIFAR batch file missing (expected CIFAR-10's data_batch_1..5 and test_batch, or "
-                        f"CIFAR-100's train and test)")  # fmt: skip
+        raise UserError(
+            f"{path}: CIFAR batch file missing (expected CIFAR-10's data_batch_1..5 and test_batch, or "
+            f"CIFAR-100's train and test)"
+        )
     try:
         with open(path, "rb") as file:
             return pickle.load(file, encoding="bytes")
@@ -64,16 +66,19 @@ class CifarDataset(Dataset):
         data = np.concatenate([batch[b"data"] for batch in batches])
         self.images = torch.from_numpy(data.reshape(-1, 3, 32, 32))
         self.labels = torch.tensor([label for batch in batches for label in batch[key]], dtype=torch.int64)
-        meta, names_key = (root / CIFAR100_META, b"fine_label_names") if hundred else (root / "batches.meta",
-                                                                                       b"label_names")  # fmt: skip
+        meta, names_key = (
+            (root / CIFAR100_META, b"fine_label_names") if hundred else (root / "batches.meta", b"label_names")
+        )
         if meta.is_file():
             self.classes = [name.decode() for name in _read_cifar_batch(meta)[names_key]]
             files = np.repeat(np.arange(len(names)), [len(batch[key]) for batch in batches])
             index = first_outside(self.labels.numpy(), len(self.classes))
             if index is not None:
                 number = index - int(np.searchsorted(files, files[index]))
-                raise UserError(f"{root / names[files[index]]}: label {int(self.labels[index])} of image {number} is "
-                                f"{outside_the_classes(len(self.classes), meta)}")  # fmt: skip
+                raise UserError(
+                    f"{root / names[files[index]]}: label {int(self.labels[index])} of image {number} is "
+                    f"{outside_the_classes(len(self.classes), meta)}"
+                )
         else:
             self.classes = [str(i) for i in range(int(self.labels.max()) + 1)]
 

@@ -70,9 +70,17 @@ class FolderIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         with open(partial, "wb") as file:
-            np.savez(file, version=np.array(INDEX_VERSION), root=np.array(self.root), classes=np.array(self.classes),
-                     names=self.names, offsets=self.offsets, labels=self.labels, folders=np.array(self.folders),
-                     folder_times=self.folder_times)  # fmt: skip
+            np.savez(
+                file,
+                version=np.array(INDEX_VERSION),
+                root=np.array(self.root),
+                classes=np.array(self.classes),
+                names=self.names,
+                offsets=self.offsets,
+                labels=self.labels,
+                folders=np.array(self.folders),
+                folder_times=self.folder_times,
+            )
         os.replace(partial, path)
 
     @classmethod
@@ -82,8 +90,15 @@ class FolderIndex:
             with np.load(path, allow_pickle=False) as saved:
                 if int(saved["version"]) != INDEX_VERSION:
                     return None
-                return cls(str(saved["root"]), saved["classes"].tolist(), saved["names"], saved["offsets"],
-                           saved["labels"], saved["folders"].tolist(), saved["folder_times"])  # fmt: skip
+                return cls(
+                    str(saved["root"]),
+                    saved["classes"].tolist(),
+                    saved["names"],
+                    saved["offsets"],
+                    saved["labels"],
+                    saved["folders"].tolist(),
+                    saved["folder_times"],
+                )
         except (OSError, KeyError, ValueError):
             return None
 
@@ -117,8 +132,9 @@ def list_folder(root: Path) -> FolderIndex:
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     buffer = np.frombuffer(b"".join(names), dtype=np.uint8)
-    return FolderIndex(root_text, classes, buffer, offsets, np.concatenate(labels), folders,
-                       np.array(times, dtype=np.int64))  # fmt: skip
+    return FolderIndex(
+        root_text, classes, buffer, offsets, np.concatenate(labels), folders, np.array(times, dtype=np.int64)
+    )
 
 
 def saved_index(root: Path, saved: Path) -> FolderIndex | None:

@@ -37,8 +37,10 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if found != magic:
         shown = "none (under 4 bytes)" if found is None else f"0x{found:08x}"
-        raise UserError(f"{path}: magic number {shown}, expected 0x{magic:08x} (an IDX file of uint8 "
-                        f"{'images' if magic == IMAGES_MAGIC else 'labels'})")  # fmt: skip
+        raise UserError(
+            f"{path}: magic number {shown}, expected 0x{magic:08x} (an IDX file of uint8 "
+            f"{'images' if magic == IMAGES_MAGIC else 'labels'})"
+        )
     dimensions = magic & 0xFF
     header = 4 + 4 * dimensions
     if len(raw) < header:
@@ -57,9 +59,11 @@ def find_idx_file(root: Path, split: str, kind: str) -> Path:
     found = sorted(root.glob(f"*{split}-{kind}-idx?-ubyte")) + sorted(root.glob(f"*{split}-{kind}-idx?-ubyte.gz"))
     if len(found) != 1:
         what = "no file" if not found else f"{len(found)} files ({', '.join(path.name for path in found)})"
-        raise UserError(f"{root}: {what} matching *{split}-{kind}-idx?-ubyte[.gz]; an IDX data set holds the four "
-                        f"files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
-                        f"t10k-labels-idx1-ubyte (gzipped or not)")  # fmt: skip
+        raise UserError(
+            f"{root}: {what} matching *{split}-{kind}-idx?-ubyte[.gz]; an IDX data set holds the four "
+            f"files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+            f"t10k-labels-idx1-ubyte (gzipped or not)"
+        )
     return found[0]
 
 

@@ -41,8 +41,10 @@ class WebDatasetDataset(Dataset):
         if index is not None:
             shard = self.shard_of[index]
             number = index - int(np.searchsorted(self.shard_of, shard))
-            raise UserError(f"{self.shards[shard]}: sample {number} has label {self.labels[index]}, "
-                            f"{outside_the_classes(len(self.classes), classes)}")  # fmt: skip
+            raise UserError(
+                f"{self.shards[shard]}: sample {number} has label {self.labels[index]}, "
+                f"{outside_the_classes(len(self.classes), classes)}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)

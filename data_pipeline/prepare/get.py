@@ -64,8 +64,9 @@ def gather(published: PublishedDataSet, staging: Path, *, mirror: str | None, sy
     return ", ".join(used) + " (md5 verified)"
 
 
-def fetch_verified(addresses: list[str], download: Download, target: Path, published: PublishedDataSet,
-                   system: Path, out: Path) -> str:  # fmt: skip
+def fetch_verified(
+    addresses: list[str], download: Download, target: Path, published: PublishedDataSet, system: Path, out: Path
+) -> str:
     """The first address that answers, streamed to ``target`` and checked against its md5; that address."""
     failures = []
     for address in addresses:
@@ -78,8 +79,10 @@ def fetch_verified(addresses: list[str], download: Download, target: Path, publi
         if md5 != download.md5:
             raise UserError(f"{address}: md5 {md5}, the source publishes {download.md5}; nothing was written")
         return address
-    raise UserError(f"{published.name}: cannot download ({'; '.join(failures)}) and no local copy in "
-                    f"{system / published.name}: {ways_to_get(published, out)}")  # fmt: skip
+    raise UserError(
+        f"{published.name}: cannot download ({'; '.join(failures)}) and no local copy in "
+        f"{system / published.name}: {ways_to_get(published, out)}"
+    )
 
 
 def ways_to_get(published: PublishedDataSet, out: Path) -> str:

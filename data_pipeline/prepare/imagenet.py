@@ -34,8 +34,11 @@ def prepare_val(images: Path, out: Path, labels: dict[str, str], *, mode: str = 
     unlabelled = sorted(set(files) - set(labels))
     missing = sorted(set(labels) - set(files))
     if unlabelled or missing:
-        details = [f"{len(names)} {what} (first: {names[0]})" for what, names in
-                   (("images without a label", unlabelled), ("labels without an image", missing)) if names]  # fmt: skip
+        details = [
+            f"{len(names)} {what} (first: {names[0]})"
+            for what, names in (("images without a label", unlabelled), ("labels without an image", missing))
+            if names
+        ]
         raise UserError(f"{images}: {'; '.join(details)}")
     for stem, path in sorted(files.items()):
         target = out / labels[stem] / path.name

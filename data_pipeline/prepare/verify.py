@@ -39,7 +39,14 @@ def verify_images(root: Path, *, workers: int, progress: bool = False) -> tuple[
     files = image_files(root)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         decoded = pool.map(decode_error, files, chunksize=256)
-        shown = tqdm(decoded, total=len(files), unit="image", unit_scale=True, desc="verify", disable=not progress,
-                     mininterval=2.0)  # fmt: skip
+        shown = tqdm(
+            decoded,
+            total=len(files),
+            unit="image",
+            unit_scale=True,
+            desc="verify",
+            disable=not progress,
+            mininterval=2.0,
+        )
         errors = list(shown)
     return len(files), [(Path(path), error) for path, error in zip(files, errors, strict=True) if error is not None]

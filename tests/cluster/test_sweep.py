@@ -78,8 +78,14 @@ def test_an_asha_sweep_stops_the_worst_trials_and_writes_the_best_config(tmp_pat
 @pytest.mark.ray
 def test_an_interrupted_sweep_resumes_to_completion(tmp_path, cifar_root):
     sweep = write_sweep(tmp_path, cifar_root, 40)
-    driver = subprocess.Popen([RESIDUAL, "sweep", str(sweep)], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    driver = subprocess.Popen(
+        [RESIDUAL, "sweep", str(sweep)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     metrics = tmp_path / "lr/runs"
     deadline = time.monotonic() + 180
     while not any(metrics.glob("run_trial_*/checkpoints/ckpt-*")) and time.monotonic() < deadline:
@@ -128,13 +134,27 @@ def test_a_sweep_attaches_to_a_running_ray_cluster(tmp_path, cifar_root):
     # Loopback only; no token authentication (Ray 2.60's `ray start --head` turns it on and keeps the token in
     # ~/.ray, which a test should not touch); a short temp dir below (socket paths have a length limit).
     environ = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    head = [ray, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-            "--num-cpus=2", f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}"]  # fmt: skip
+    head = [
+        ray,
+        "start",
+        "--head",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=false",
+        "--num-cpus=2",
+        f"--temp-dir={tempfile.mkdtemp(prefix='ray', dir='/tmp')}",
+    ]
     subprocess.run(head, check=True, capture_output=True, env=environ, timeout=120)
     try:
         sweep = write_sweep(tmp_path, cifar_root, 10)
-        result = subprocess.run([RESIDUAL, "sweep", str(sweep), "--address", f"127.0.0.1:{port}"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=600, env=environ)  # fmt: skip
+        result = subprocess.run(
+            [RESIDUAL, "sweep", str(sweep), "--address", f"127.0.0.1:{port}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=environ,
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert len(trial_rows(result.stdout)) == 4 and (tmp_path / "lr/best.yaml").exists()
     finally:

@@ -25,8 +25,17 @@ def damaged(imagefolder_root, tmp_path):
 
 
 def config(root, backend: str, skip: bool, workers: int = 0) -> DataConfig:
-    return DataConfig(root=str(root), backend=backend, batch_size=12, workers=workers, skip_corrupt=skip,
-                      scale_min=40, scale_max=56, crop_size=32, val_resize=36)  # fmt: skip
+    return DataConfig(
+        root=str(root),
+        backend=backend,
+        batch_size=12,
+        workers=workers,
+        skip_corrupt=skip,
+        scale_min=40,
+        scale_max=56,
+        crop_size=32,
+        val_resize=36,
+    )
 
 
 def test_the_four_readers_find_the_same_files_damaged_for_the_same_reason(damaged, tmp_path):
@@ -141,12 +150,22 @@ def test_a_cifar_label_outside_the_classes_is_refused_at_start_in_one_line(cifar
     with open(root / "data_batch_3", "wb") as file:
         pickle.dump(batch, file)
     before = {path: path.read_bytes() for path in root.iterdir()}
-    command = [sys.executable, "-m", "trainer", "configs/quickstart.yaml", f"data.root={root}", "data.synthesize=null",
-               "log.progress=false", f"train.output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "configs/quickstart.yaml",
+        f"data.root={root}",
+        "data.synthesize=null",
+        "log.progress=false",
+        f"train.output_dir={tmp_path / 'runs'}",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.splitlines()[-1] == (f"residual: error: {root / 'data_batch_3'}: label 12 of image 5 is "
-                                              f"outside the 10 classes (0-9) of {root / 'batches.meta'}")  # fmt: skip
+    assert result.stderr.splitlines()[-1] == (
+        f"residual: error: {root / 'data_batch_3'}: label 12 of image 5 is "
+        f"outside the 10 classes (0-9) of {root / 'batches.meta'}"
+    )
     assert before == {path: path.read_bytes() for path in root.iterdir()}
     assert not list((tmp_path / "runs").rglob("*.pt"))
 

@@ -17,8 +17,9 @@ MEAN, STD = [0.45, 0.5, 0.55], [0.2, 0.25, 0.3]
 
 
 def cifar_config(root, **overrides) -> DataConfig:
-    return DataConfig(**{"root": str(root), "format": "cifar", "batch_size": 16, "workers": 0, "mean": MEAN,
-                         "std": STD, **overrides})  # fmt: skip
+    return DataConfig(
+        **{"root": str(root), "format": "cifar", "batch_size": 16, "workers": 0, "mean": MEAN, "std": STD, **overrides}
+    )
 
 
 def per_image_batch(config, sampler: ShardedEpochSampler, epoch: int, batch: int):

@@ -21,14 +21,16 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
 
 def cifar_config(root, **overrides) -> DataConfig:
-    return DataConfig(**{"root": str(root), "format": "cifar", "batch_size": 16, "workers": 0, "mean": MEAN,
-                         "std": STD, **overrides})  # fmt: skip
+    return DataConfig(
+        **{"root": str(root), "format": "cifar", "batch_size": 16, "workers": 0, "mean": MEAN, "std": STD, **overrides}
+    )
 
 
 def imagefolder_config(root, **overrides) -> DataConfig:
     sizes = dict(scale_min=40, scale_max=56, crop_size=32, val_resize=36)
-    return DataConfig(**{"root": str(root), "batch_size": 12, "workers": 0, "mean": MEAN, "std": STD, **sizes,
-                         **overrides})  # fmt: skip
+    return DataConfig(
+        **{"root": str(root), "batch_size": 12, "workers": 0, "mean": MEAN, "std": STD, **sizes, **overrides}
+    )
 
 
 def test_cifar_training_batches_are_the_specified_augmentation(cifar_root):
@@ -137,11 +139,13 @@ def test_an_epoch_left_unfinished_does_not_leak_into_the_next(cifar_root):
     first = next(loader.epoch(0))  # abandoned after one batch
     whole = list(loader.epoch(1))
     assert len(whole) == loader.batches_per_epoch
-    assert torch.equal(whole[0][0], next(build_dali_train_loader(cifar_config(cifar_root), rank=0, world_size=1,
-                                                                  seed=0).epoch(1))[0])  # fmt: skip
+    assert torch.equal(
+        whole[0][0], next(build_dali_train_loader(cifar_config(cifar_root), rank=0, world_size=1, seed=0).epoch(1))[0]
+    )
     assert not torch.equal(first[0], whole[0][0])
-    evaluation = build_dali_val_loader(cifar_config(cifar_root), rank=0, world_size=1, batch_per_rank=30,
-                                       protocol="center")  # fmt: skip
+    evaluation = build_dali_val_loader(
+        cifar_config(cifar_root), rank=0, world_size=1, batch_per_rank=30, protocol="center"
+    )
     next(iter(evaluation))
     assert sum(len(labels) for _, labels in evaluation) == 100  # a new pass after an unfinished one is whole
     assert sum(len(labels) for _, labels in evaluation) == 100
@@ -159,8 +163,9 @@ def test_random_resized_crop_windows_follow_torchvision(imagefolder_root):
     reference = [v2.RandomResizedCrop(32).make_params([torch.empty(3, 375, 500)]) for _ in range(4000)]
     reference_area = np.array([p["height"] * p["width"] for p in reference]) / (500 * 375)
     assert area.min() > 0.07 and area.max() <= 1.0
-    assert np.quantile(area, [0.25, 0.5, 0.75]) == pytest.approx(np.quantile(reference_area, [0.25, 0.5, 0.75]),
-                                                                abs=0.03)  # fmt: skip
+    assert np.quantile(area, [0.25, 0.5, 0.75]) == pytest.approx(
+        np.quantile(reference_area, [0.25, 0.5, 0.75]), abs=0.03
+    )
     ratio = shapes[:, 0] / shapes[:, 1]
     assert ratio.min() > 0.74 and ratio.max() < 1.35
     assert (corners >= 0).all() and (corners + shapes <= [500, 375]).all()
@@ -265,8 +270,20 @@ def test_header_sizes_are_pillows(tmp_path):
 def test_the_feeder_bench_prints_one_processs_rate(imagefolder_root):
     import subprocess
 
-    command = [RESIDUAL, "bench", "loader", "--data", str(imagefolder_root), "--feeder-only", "--batch", "8",
-               "--batches", "3", "--rounds", "2"]  # fmt: skip
+    command = [
+        RESIDUAL,
+        "bench",
+        "loader",
+        "--data",
+        str(imagefolder_root),
+        "--feeder-only",
+        "--batch",
+        "8",
+        "--batches",
+        "3",
+        "--rounds",
+        "2",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split()[1]) > 0 and "one DALI reader process's work, batch 8" in result.stdout

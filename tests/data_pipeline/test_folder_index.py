@@ -17,15 +17,24 @@ def make_tree(root, files):
         path.write_bytes(b"not decoded here")
 
 
-TREE = ["b/2.jpg", "b/1.JPEG", "b/notes.txt", "b/sub/3.png", "b/sub/deeper/4.jpg", "a/x.jpeg", "a/empty/.keep",
-        "c/\udcff-latin1.jpg"]  # fmt: skip
+TREE = [
+    "b/2.jpg",
+    "b/1.JPEG",
+    "b/notes.txt",
+    "b/sub/3.png",
+    "b/sub/deeper/4.jpg",
+    "a/x.jpeg",
+    "a/empty/.keep",
+    "c/\udcff-latin1.jpg",
+]
 
 
 def test_the_index_lists_what_torchvisions_image_folder_lists(tmp_path):
     make_tree(tmp_path, TREE)
     index = list_folder(tmp_path)
-    reference = torchvision.datasets.DatasetFolder(str(tmp_path), loader=None,
-                                                   extensions=torchvision.datasets.folder.IMG_EXTENSIONS)  # fmt: skip
+    reference = torchvision.datasets.DatasetFolder(
+        str(tmp_path), loader=None, extensions=torchvision.datasets.folder.IMG_EXTENSIONS
+    )
     assert index.classes == reference.classes == ["a", "b", "c"]
     assert list(index) == reference.samples  # the same order, paths and labels
     assert index[-1] == reference.samples[-1]

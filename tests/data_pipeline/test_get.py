@@ -86,8 +86,11 @@ def archive_of(members: dict[str, bytes]) -> bytes:
     return archive.getvalue()
 
 
-@pytest.mark.skipif(not DEBIAN_COPY.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (tools/test.sh "
-                    "installs it: apt-get install dataset-fashion-mnist)")  # fmt: skip
+@pytest.mark.skipif(
+    not DEBIAN_COPY.is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (tools/test.sh "
+    "installs it: apt-get install dataset-fashion-mnist)",
+)
 def test_debians_copy_is_taken_when_installed(tmp_path, capsys):
     assert main(["data", "get", "fashion-mnist", str(tmp_path / "fm")]) == 0
     assert "Debian's package dataset-fashion-mnist" in capsys.readouterr().out
@@ -109,8 +112,9 @@ def test_a_download_is_verified_then_placed(tmp_path, idx_files, monkeypatch):
 def test_cifar_archives_are_unpacked_to_the_batches(tmp_path, cifar_root, monkeypatch):
     members = {f"cifar-10-batches-py/{path.name}": path.read_bytes() for path in sorted(cifar_root.iterdir())}
     members["elsewhere/test_batch"] = b"a member outside the folder"
-    get_served(monkeypatch, tmp_path / "out", {"c.tar.gz": archive_of(members)}, "cifar",
-               archive_folder="cifar-10-batches-py")  # fmt: skip
+    get_served(
+        monkeypatch, tmp_path / "out", {"c.tar.gz": archive_of(members)}, "cifar", archive_folder="cifar-10-batches-py"
+    )
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(p.name for p in cifar_root.iterdir())
     assert len(open_dataset(tmp_path / "out", "cifar", train=False)) == 100
 
@@ -143,18 +147,10 @@ def test_an_interrupted_download_leaves_nothing_half_written(tmp_path, idx_files
 
 
 def test_offline_without_a_copy_names_both_ways_in_one_line(tmp_path, capsys):
+    nothing_listens = "http://127.0.0.1:9/"  # port 9, discard
     status = main(
-        [
-            "data",
-            "get",
-            "fashion-mnist",
-            str(tmp_path / "out"),
-            "--system",
-            str(tmp_path),
-            "--mirror",
-            "http://127.0.0.1:9/",
-        ]
-    )  # fmt: skip  (port 9, discard: nothing listens)
+        ["data", "get", "fashion-mnist", str(tmp_path / "out"), "--system", str(tmp_path), "--mirror", nothing_listens]
+    )
     error = capsys.readouterr().err.strip()
     assert status == 2 and len(error.splitlines()) == 1
     assert "apt-get install dataset-fashion-mnist" in error and "fashion-mnist.s3-website" in error
@@ -180,8 +176,13 @@ def test_cifar100s_layout_is_read_with_its_fine_labels(tmp_path, monkeypatch):
     members["cifar-100-python/meta"] = pickle.dumps(
         {b"fine_label_names": [f"class{i:02d}".encode() for i in range(100)]}
     )
-    get_served(monkeypatch, tmp_path / "out", {"cifar-100-python.tar.gz": archive_of(members)}, "cifar",
-               archive_folder="cifar-100-python")  # fmt: skip
+    get_served(
+        monkeypatch,
+        tmp_path / "out",
+        {"cifar-100-python.tar.gz": archive_of(members)},
+        "cifar",
+        archive_folder="cifar-100-python",
+    )
     train, test = (open_dataset(tmp_path / "out", "cifar", train=split) for split in (True, False))
     assert len(train) == 300 and len(test) == 100 and train.classes[99] == "class99" and len(test.classes) == 100
     assert test.labels[:3].tolist() == [0, 1, 2] and int(train.labels.max()) == 99

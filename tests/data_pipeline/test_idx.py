@@ -26,8 +26,9 @@ def idx_bytes(array: np.ndarray) -> bytes:
     return header + array.astype(np.uint8).tobytes()
 
 
-def write_idx_set(root: Path, *, train: int = 64, test: int = 24, classes: int = 10, gzipped: bool = True,
-                  seed: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
+def write_idx_set(
+    root: Path, *, train: int = 64, test: int = 24, classes: int = 10, gzipped: bool = True, seed: int = 0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (train, 28, 28), dtype=np.uint8),
@@ -43,8 +44,9 @@ def write_idx_set(root: Path, *, train: int = 64, test: int = 24, classes: int =
 
 
 def idx_config(root, **overrides) -> DataConfig:
-    return DataConfig(**{"root": str(root), "format": "idx", "batch_size": 16, "workers": 0, "mean": MEAN,
-                         "std": STD, **overrides})  # fmt: skip
+    return DataConfig(
+        **{"root": str(root), "format": "idx", "batch_size": 16, "workers": 0, "mean": MEAN, "std": STD, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")

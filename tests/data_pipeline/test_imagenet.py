@@ -39,8 +39,7 @@ def expected() -> dict[str, list[str]]:
 def test_from_the_devkit(tmp_path, val_images):
     truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
     truth.write_text("\n".join(map(str, TRUTH)) + "\n")
-    synsets = np.array([(ident, wnid) for ident, wnid in WNIDS.items()],
-                       dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])  # fmt: skip
+    synsets = np.array([(ident, wnid) for ident, wnid in WNIDS.items()], dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
     savemat(tmp_path / "meta.mat", {"synsets": synsets})
     result = prepare(str(val_images), str(tmp_path / "val"), "--devkit", str(truth), str(tmp_path / "meta.mat"))
     assert result.returncode == 0, result.stderr

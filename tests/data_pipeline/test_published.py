@@ -13,8 +13,9 @@ from tests.data_pipeline.test_idx import write_idx_set
 DEBIAN_COPY = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not DEBIAN_COPY.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (tools/test.sh "
-                    "installs it)")  # fmt: skip
+@pytest.mark.skipif(
+    not DEBIAN_COPY.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (tools/test.sh installs it)"
+)
 def test_fashion_mnist_is_recognized_by_its_test_labels(tmp_path):
     config = DataConfig(root=str(DEBIAN_COPY), format="idx", mean=[0.3], std=[0.35])
     assert identify(config, open_dataset(DEBIAN_COPY, "idx", train=True).classes) == "fashion-mnist"

@@ -16,8 +16,9 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
 def imagefolder_config(root, **overrides) -> DataConfig:
     sizes = dict(scale_min=40, scale_max=56, crop_size=32, val_resize=36, train_augment="random_resized_crop")
-    return DataConfig(**{"root": str(root), "batch_size": 8, "workers": 0, "mean": MEAN, "std": STD, **sizes,
-                         **overrides})  # fmt: skip
+    return DataConfig(
+        **{"root": str(root), "batch_size": 8, "workers": 0, "mean": MEAN, "std": STD, **sizes, **overrides}
+    )
 
 
 def test_the_ramp_is_ffcvs_get_resolution():
@@ -61,8 +62,10 @@ def test_erase_windows_follow_torchvision():
     from torchvision.transforms import v2
 
     torch.manual_seed(0)
-    reference = [v2.RandomErasing.get_params(torch.zeros(3, 32, 32), scale=(0.02, 0.33), ratio=(0.3, 3.3), value=[0])
-                 for _ in range(4000)]  # fmt: skip
+    reference = [
+        v2.RandomErasing.get_params(torch.zeros(3, 32, 32), scale=(0.02, 0.33), ratio=(0.3, 3.3), value=[0])
+        for _ in range(4000)
+    ]
     areas = np.array([h * w for _, _, h, w, _ in reference]) / 32**2
     ours = (shape[erased, 0] * shape[erased, 1]) / 32**2
     assert np.median(ours) == pytest.approx(np.median(areas), abs=0.02)
@@ -79,8 +82,9 @@ def test_random_erasing_zeroes_the_drawn_box(imagefolder_root, backend):
         source = build_dali_train_loader(config, rank=0, world_size=1, seed=0).source
         _, _, *values = source.batch(0, 0)
         parameters = dict(zip(source.parameter_names(), values, strict=True))
-        for image, (y, x), (h, w) in zip(images, parameters["erase_anchor"].astype(int),
-                                         parameters["erase_shape"].astype(int), strict=True):  # fmt: skip
+        for image, (y, x), (h, w) in zip(
+            images, parameters["erase_anchor"].astype(int), parameters["erase_shape"].astype(int), strict=True
+        ):
             assert h * w > 0 and (image[:, y : y + h, x : x + w] == 0).all()
             assert (image == 0).all(dim=0).sum() == h * w
 
@@ -102,8 +106,16 @@ def test_auto_augmentation_changes_images_per_sample(imagefolder_root, backend, 
 
 
 def test_cifar_tensors_augment_each_image_by_its_seed(cifar_root):
-    config = DataConfig(root=str(cifar_root), format="cifar", batch_size=16, workers=0, mean=MEAN, std=STD,
-                        auto_augment="trivial_augment_wide", random_erase=0.5)  # fmt: skip
+    config = DataConfig(
+        root=str(cifar_root),
+        format="cifar",
+        batch_size=16,
+        workers=0,
+        mean=MEAN,
+        std=STD,
+        auto_augment="trivial_augment_wide",
+        random_erase=0.5,
+    )
     loader = build_train_loader(config, rank=0, world_size=1, seed=0)
     a, b = next(iter(loader.epoch(0))), next(iter(loader.epoch(0)))
     assert torch.equal(a[0], b[0]) and a[0].shape == (16, 3, 32, 32)
@@ -112,8 +124,9 @@ def test_cifar_tensors_augment_each_image_by_its_seed(cifar_root):
 
 def test_cifar_erasing_is_the_same_on_dali_and_the_tensor_path(cifar_root):
     """Both draw each image's box from its seed's uniforms: the batches are equal, erased boxes and all."""
-    config = DataConfig(root=str(cifar_root), format="cifar", batch_size=16, workers=0, mean=MEAN, std=STD,
-                        random_erase=0.5)  # fmt: skip
+    config = DataConfig(
+        root=str(cifar_root), format="cifar", batch_size=16, workers=0, mean=MEAN, std=STD, random_erase=0.5
+    )
     tensors = next(iter(build_train_loader(config, rank=0, world_size=1, seed=0).epoch(1)))[0]
     dali = next(iter(build_dali_train_loader(config, rank=0, world_size=1, seed=0).epoch(1)))[0]
     torch.testing.assert_close(dali, tensors, atol=1e-5, rtol=0)

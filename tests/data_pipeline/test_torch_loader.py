@@ -105,8 +105,9 @@ def test_batch_larger_than_the_data_set(cifar_root, imagefolder_root):
 def test_workers_hand_over_uint8_and_the_whole_batch_is_normalized_as_each_image_was(imagefolder_root):
     from data_pipeline.torch_loader import AugmentedDataset
 
-    config = DataConfig(root=str(imagefolder_root), batch_size=4, workers=0, scale_min=40, scale_max=56, crop_size=32,
-                        lighting_std=0.0)  # fmt: skip
+    config = DataConfig(
+        root=str(imagefolder_root), batch_size=4, workers=0, scale_min=40, scale_max=56, crop_size=32, lighting_std=0.0
+    )
     loader = build_train_loader(config, rank=0, world_size=1, seed=7)
     keys = list(loader.loader.sampler)[:4]
     assert loader.loader.dataset[keys[0]][0].dtype == torch.uint8

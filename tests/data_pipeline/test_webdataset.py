@@ -18,8 +18,12 @@ from data_pipeline.prepare.shard import shard_imagefolder
 @pytest.fixture(scope="module")
 def shards(imagefolder_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    result = subprocess.run([RESIDUAL, "data", "shard", str(imagefolder_root), str(out), "--shard-size", "10"],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [RESIDUAL, "data", "shard", str(imagefolder_root), str(out), "--shard-size", "10"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "train: 5 shards, val: 2 shards" in result.stdout
     return out
@@ -56,8 +60,17 @@ def test_dali_reads_the_shards_with_their_indexes(shards, imagefolder_root):
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_both_backends_train_and_evaluate_on_shards(shards, backend):
-    config = DataConfig(root=str(shards), format="webdataset", backend=backend, batch_size=8, workers=0,
-                        scale_min=40, scale_max=56, crop_size=32, val_resize=36)  # fmt: skip
+    config = DataConfig(
+        root=str(shards),
+        format="webdataset",
+        backend=backend,
+        batch_size=8,
+        workers=0,
+        scale_min=40,
+        scale_max=56,
+        crop_size=32,
+        val_resize=36,
+    )
     images, labels = next(iter(build_train_loader(config, rank=0, world_size=1, seed=0).epoch(0)))
     assert images.shape == (8, 3, 32, 32) and labels.dtype == torch.int64
     counted = sum(len(labels) for _, labels in build_val_loader(config, rank=0, world_size=1, batch_per_rank=6))
@@ -94,5 +107,7 @@ def test_a_label_outside_the_classes_is_named_with_its_shard_and_sample(shards, 
     (broken / "shard-000001.labels").write_text("\n".join(labels) + "\n")
     with pytest.raises(UserError) as raised:
         open_dataset(tmp_path, "webdataset", train=True)
-    assert str(raised.value) == (f"{broken / 'shard-000001.tar'}: sample 7 has label 9, outside the 4 classes (0-3) "
-                                 f"of {tmp_path / 'classes.txt'}")  # fmt: skip
+    assert str(raised.value) == (
+        f"{broken / 'shard-000001.tar'}: sample 7 has label 9, outside the 4 classes (0-3) "
+        f"of {tmp_path / 'classes.txt'}"
+    )

@@ -307,8 +307,9 @@ def test_a_resume_that_changes_channels_last_gives_the_momentum_its_parameters_l
 
     def resumed_step(fused: bool) -> list[torch.Tensor]:
         model = create_model("resnet20", num_classes=10).to(memory_format=torch.channels_last)
-        resumed = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused or None,
-                                  foreach=not fused)  # fmt: skip
+        resumed = torch.optim.SGD(
+            model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused or None, foreach=not fused
+        )
         loaded = copy.deepcopy(checkpoint)  # as read from its file again: the optimizer keeps the loaded tensors
         load_model_and_optimizer(Path("ckpt.pt"), loaded, model, resumed, name="resnet20")
         model.zero_grad()

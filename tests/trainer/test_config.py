@@ -9,8 +9,11 @@ from trainer.config import load_config, to_yaml
 from trainer.models import list_models
 
 CONFIGS = ROOT / "configs"
-PAPER_CONFIGS = [path for path in sorted(CONFIGS.glob("imagenet/*.yaml")) + sorted(CONFIGS.glob("cifar10/*.yaml"))
-                 if f"{path.parent.name}/{path.stem}" not in RECIPES]  # fmt: skip
+PAPER_CONFIGS = [
+    path
+    for path in sorted(CONFIGS.glob("imagenet/*.yaml")) + sorted(CONFIGS.glob("cifar10/*.yaml"))
+    if f"{path.parent.name}/{path.stem}" not in RECIPES
+]
 
 
 def write_config(tmp_path: Path, text: str = "") -> Path:
@@ -175,7 +178,11 @@ def test_fashion_mnist_configs_carry_the_papers_cifar_recipe_over(path):
         True,
     )
     assert (config.optim.momentum, config.optim.weight_decay, config.optim.lr, config.data.batch_size) == (
-        0.9, 1e-4, 0.1, 128)  # fmt: skip
+        0.9,
+        1e-4,
+        0.1,
+        128,
+    )
     if path.stem in ("resnet20", "resnet56", "plain20", "plain56"):
         assert (config.train.epochs, config.schedule.unit, config.schedule.milestones) == (164, "epoch", [82, 123])
         assert config.model.name == path.stem and not config.optim.nesterov and config.loss.label_smoothing == 0

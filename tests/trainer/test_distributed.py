@@ -117,8 +117,18 @@ def test_an_error_every_rank_meets_is_said_once_under_torchrun(tmp_path, cifar_r
 
     torch.save(create_model("resnet20").state_dict(), tmp_path / "resnet20.pt")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--log-dir={tmp_path}/logs"]
-    evaluation = ["-m", "trainer.cli", "eval", str(tmp_path / "resnet20.pt"), "--model", "resnet20",
-                  "--data", str(cifar_root), "--batch", "63"]  # fmt: skip
+    evaluation = [
+        "-m",
+        "trainer.cli",
+        "eval",
+        str(tmp_path / "resnet20.pt"),
+        "--model",
+        "resnet20",
+        "--data",
+        str(cifar_root),
+        "--batch",
+        "63",
+    ]
     training = ["-m", "trainer", *quickstart_on_cifar, "optim.lr=-1"]
     for command, message in [
         (evaluation, "residual: error: --batch 63: not divisible by the world size 2\n"),
@@ -137,8 +147,9 @@ def evaluate_sharded_on_rank(rank: int, init_file: str, results) -> None:
     from trainer.eval.evaluate import evaluate
     from trainer.parallel import shard_fully
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+    )
     torch.manual_seed(0)
     model = create_model("resnet20")
     images, labels = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(9) % 10
@@ -182,8 +193,7 @@ def test_a_ddp_step_over_nccl_on_one_gpu(tmp_path):
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1,
-                            device_id=device)  # fmt: skip
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1, device_id=device)
     try:
         model = create_model("resnet20").to(device)
         wrapped = parallelize(model, DistConfig(), precision="bf16", device=device, world_size=2)  # DDP, not bypassed
@@ -205,8 +215,10 @@ def multiscale_views(rank: int):
 
     generator = torch.Generator().manual_seed(rank)
     aspects = [(1, 1), (1, 1)] if rank == 0 else [(1, 1), (2, 3)]
-    views = [[torch.randn(2, 3, scale * h // w if h < w else scale, scale, generator=generator) for scale in (32, 40)]
-             for h, w in aspects]  # fmt: skip
+    views = [
+        [torch.randn(2, 3, scale * h // w if h < w else scale, scale, generator=generator) for scale in (32, 40)]
+        for h, w in aspects
+    ]
     return views, torch.tensor([rank, 3])
 
 
@@ -219,8 +231,9 @@ def evaluate_multiscale_on_rank(rank: int, init_file: str, results) -> None:
     from trainer.eval.evaluate import evaluate
     from trainer.parallel import shard_fully
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=30))  # fmt: skip
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
+    )
     torch.manual_seed(0)
     model = create_model("resnet20")
     shard_fully(model, device=torch.device("cpu"), world_size=2, precision="fp32", config=DistConfig(strategy="fsdp"))
@@ -262,8 +275,9 @@ def save_ema_on_rank(rank: int, init_file: str, run_dir: str, results) -> None:
     ema.update(1)
     name = "bn1.running_mean"
     before = ema.average[name].clone()
-    save_checkpoint(Path(run_dir), 1, model, optimizer, {"iteration": 1}, ema=ema, sharded=False, keep=2,
-                    is_main=rank == 0)  # fmt: skip
+    save_checkpoint(
+        Path(run_dir), 1, model, optimizer, {"iteration": 1}, ema=ema, sharded=False, keep=2, is_main=rank == 0
+    )
     results[rank] = (before, ema.average[name].clone())
     dist.destroy_process_group()
 
@@ -340,8 +354,10 @@ def count_fsdp_collectives_on_rank(rank: int, init_file: str, results) -> None:
     with profile() as profiler, torch.autocast("cpu", dtype=torch.bfloat16):
         model(images).float().sum().backward()
     names = [event.name for event in profiler.events()]
-    results[rank] = (sum(name.startswith("FSDP::all_gather (") or name == "FSDP::all_gather" for name in names),
-                     sum(name.startswith("FSDP::post_backward_reduce") for name in names))  # fmt: skip
+    results[rank] = (
+        sum(name.startswith("FSDP::all_gather (") or name == "FSDP::all_gather" for name in names),
+        sum(name.startswith("FSDP::post_backward_reduce") for name in names),
+    )
     dist.destroy_process_group()
 
 

@@ -73,14 +73,28 @@ def test_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tmp_path, cifar_root, 
         "dataloader": [f"data.root={imagefolder_root}", "data.format=imagefolder", "data.workers=1"],
         "dali": [f"data.root={imagefolder_root}", "data.format=imagefolder", "data.backend=dali", "data.workers=1"],
     }[path]
-    command = [sys.executable, "-m", "trainer", "configs/quickstart.yaml", *data, "data.synthesize=null",
-               "log.progress=false", "data.batch_size=8", "train.iterations=10000", "log.every=2",
-               "eval.every=5000", "checkpoint.every=5000", "eval.batch_size=10", "model.num_classes=4",
-               f"train.output_dir={tmp_path}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        "configs/quickstart.yaml",
+        *data,
+        "data.synthesize=null",
+        "log.progress=false",
+        "data.batch_size=8",
+        "train.iterations=10000",
+        "log.every=2",
+        "eval.every=5000",
+        "checkpoint.every=5000",
+        "eval.batch_size=10",
+        "model.num_classes=4",
+        f"train.output_dir={tmp_path}",
+    ]
     if path == "tensors":
         command[-2] = "model.num_classes=10"
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     wait_for_progress(tmp_path / "quickstart/metrics.jsonl", process)
     ctrl_c(process)
     _, stderr = process.communicate(timeout=120)
@@ -91,8 +105,9 @@ def test_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tmp_path, cifar_root, 
     stopped_at = load_checkpoint(latest_checkpoint(tmp_path / "quickstart"))["iteration"]
     assert f"at iteration {stopped_at} of 10000; checkpoint written" in last
 
-    resumed = subprocess.run([*command, f"train.iterations={stopped_at + 2}"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        [*command, f"train.iterations={stopped_at + 2}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
 
 
@@ -112,8 +127,7 @@ with StopSignals() as signals:
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback():
-    result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == INTERRUPT_EXIT_CODE
     assert result.stdout == "finishing the step after Ctrl-C (SIGINT)\n"
     assert result.stderr == "residual: stopped at once by a second Ctrl-C; the last checkpoint is kept\n"
@@ -122,10 +136,21 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback():
 @pytest.mark.slow
 def test_ctrl_c_under_torchrun_checkpoints_every_rank(tmp_path, quickstart_on_cifar):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--log-dir={tmp_path}/logs"]
-    command = [*torchrun, "-m", "trainer", *quickstart_on_cifar, "data.batch_size=20", "train.iterations=10000",
-               "log.every=2", "eval.every=5000", "checkpoint.every=5000", f"train.output_dir={tmp_path}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)  # fmt: skip
+    command = [
+        *torchrun,
+        "-m",
+        "trainer",
+        *quickstart_on_cifar,
+        "data.batch_size=20",
+        "train.iterations=10000",
+        "log.every=2",
+        "eval.every=5000",
+        "checkpoint.every=5000",
+        f"train.output_dir={tmp_path}",
+    ]
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     wait_for_progress(tmp_path / "quickstart/metrics.jsonl", process)
     ctrl_c(process)  # the agent forwards it to the ranks as well: each rank gets it twice, as one
     _, stderr = process.communicate(timeout=120)
@@ -145,19 +170,35 @@ def test_a_run_directory_that_is_a_file_is_refused_in_one_line(tmp_path, quickst
         output_dir.mkdir()
         (output_dir / "quickstart").write_text("notes\n")
         expected = f"residual: error: train.run_name=quickstart: {output_dir / 'quickstart'} is a file, not a folder"
-    result = subprocess.run([sys.executable, "-m", "trainer", *quickstart_on_cifar, f"train.output_dir={output_dir}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", *quickstart_on_cifar, f"train.output_dir={output_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert result.stderr.startswith(expected)
-    assert sorted(path.name for path in tmp_path.rglob("*")) == (["runs"] if which == "output_dir" else
-                                                                 ["quickstart", "runs"])  # fmt: skip
+    assert sorted(path.name for path in tmp_path.rglob("*")) == (
+        ["runs"] if which == "output_dir" else ["quickstart", "runs"]
+    )
     assert (output_dir if which == "output_dir" else output_dir / "quickstart").read_text() == "notes\n"
 
 
 @pytest.mark.slow
 def test_a_second_training_on_one_run_directory_is_refused_and_a_dead_ones_lock_is_not(tmp_path, quickstart_on_cifar):
-    command = [sys.executable, "-m", "trainer", *quickstart_on_cifar, "data.batch_size=20", "train.iterations=10000",
-               "log.every=2", "eval.every=5000", "checkpoint.every=4", f"train.output_dir={tmp_path}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        *quickstart_on_cifar,
+        "data.batch_size=20",
+        "train.iterations=10000",
+        "log.every=2",
+        "eval.every=5000",
+        "checkpoint.every=4",
+        f"train.output_dir={tmp_path}",
+    ]
     first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "quickstart"
     try:
@@ -176,11 +217,13 @@ def test_a_second_training_on_one_run_directory_is_refused_and_a_dead_ones_lock_
         first.kill()  # as kill -9: the lock is left on a dead process
         first.communicate()
     kept = load_checkpoint(latest_checkpoint(run_dir))["iteration"]
-    shortened = subprocess.run([*command, f"train.iterations={kept - 1}"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
+    shortened = subprocess.run(
+        [*command, f"train.iterations={kept - 1}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert shortened.returncode == 2, shortened.stderr[-2000:]  # a run cut shorter than its checkpoint: refused
     assert f"train.iterations={kept - 1}: the run's checkpoint is at iteration {kept}, past it" in shortened.stderr
-    restarted = subprocess.run([*command, f"train.iterations={kept + 2}"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=300)  # fmt: skip
+    restarted = subprocess.run(
+        [*command, f"train.iterations={kept + 2}"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     assert "resumed from" in restarted.stderr

@@ -62,7 +62,7 @@ def launch_from(environ: dict[str, str]) -> LaunchEnv:
             },
             32,
             6,
-        ),  # fmt: skip
+        ),
         (  # SLURM without --cpus-per-task: the tasks of the node share its cores
             {
                 "SLURM_PROCID": "0",
@@ -73,7 +73,7 @@ def launch_from(environ: dict[str, str]) -> LaunchEnv:
             },
             8,
             4,
-        ),  # fmt: skip
+        ),
         ({"RESIDUAL_TRIAL_CPUS": "3"}, 16, 3),  # a Ray trial of 3 CPUs, one process
         (
             {"RESIDUAL_TRIAL_CPUS": "4", "RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"},
@@ -154,8 +154,9 @@ print(faults)
 
 
 def test_on_a_cpu_a_steps_activations_reuse_freed_memory_instead_of_faulting_in_new_pages():
-    result = subprocess.run([sys.executable, "-c", FAULTS_PER_STEP, "resolved"], capture_output=True, text=True,
-                            check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS_PER_STEP, "resolved"], capture_output=True, text=True, check=True
+    )
     assert "malloc: freed blocks up to 32 MB are kept for reuse" in result.stdout
     faults = json.loads(result.stdout.splitlines()[-1])
     # Kept, the activations land in memory already mapped after two steps: 3,000-6,000 faults in all over the ten
@@ -179,14 +180,16 @@ def test_residual_env_says_what_auto_picks_here():
 def test_auto_decides_from_what_torch_will_run_not_from_the_cpus_flags():
     """A container or an administrator capping the ISA: the CPU has AVX512-BF16, torch will not use it."""
     capped = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    result = subprocess.run([sys.executable, "-m", "trainer.cli", "env", "--json"], capture_output=True, text=True,
-                            check=True, env=capped)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "env", "--json"], capture_output=True, text=True, check=True, env=capped
+    )
     facts = json.loads(result.stdout)
     assert facts["cpu"]["isa"] == "AVX2" and facts["cpu"]["bf16_native"] is False
     assert facts["cpu"]["bf16_flags"] == detect_cpu().bf16_flags  # the instructions are still there
     assert facts["auto_precision"]["precision"] == "fp32"
-    text = subprocess.run([sys.executable, "-m", "trainer.cli", "env"], capture_output=True, text=True, check=True,
-                          env=capped).stdout  # fmt: skip
+    text = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "env"], capture_output=True, text=True, check=True, env=capped
+    ).stdout
     instructions = "yes" if detect_cpu().bf16_flags else "no"
     assert f"bf16 not native (instructions {instructions}, used by torch no)" in text
 
@@ -199,8 +202,16 @@ def test_auto_names_an_isa_cap_when_the_instructions_are_there_but_unused():
 
 def test_with_dali_the_readers_take_a_quarter_and_dalis_threads_decode_beside_torch():
     def plan(cores: int, on_gpu: bool, **config):
-        found = plan_threads(cores=cores, cores_source="test", threads=None, workers=None, loader_processes=True,
-                             on_gpu=on_gpu, dali=True, **config)  # fmt: skip
+        found = plan_threads(
+            cores=cores,
+            cores_source="test",
+            threads=None,
+            workers=None,
+            loader_processes=True,
+            on_gpu=on_gpu,
+            dali=True,
+            **config,
+        )
         return found.threads, found.workers, found.dali_threads
 
     assert plan(16, on_gpu=True) == (1, 4, 12)  # the GPU rank's thread launches kernels; DALI's threads decode

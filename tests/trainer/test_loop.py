@@ -238,17 +238,20 @@ def test_dali_on_the_gpu_trains_through_its_evaluations(tmp_path, imagefolder_ro
     assert train(torch_path, LaunchEnv())[0].count == result.count  # the torch path counts the same images
 
 
-def test_a_loader_that_keeps_the_step_waiting_gets_more_workers_and_the_same_batches(tmp_path, imagefolder_root,
-                                                                                    monkeypatch, caplog):  # fmt: skip
+def test_a_loader_that_keeps_the_step_waiting_gets_more_workers_and_the_same_batches(
+    tmp_path, imagefolder_root, monkeypatch, caplog
+):
     """data.workers=auto grows while the step waits for data (here every window is taken to wait): the loader is
     built again with one more process and the epoch goes on at the next batch, so the run sees the batches a run
     with a fixed count sees."""
-    fixed = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=1",
-                            "train.run_name=fixed")  # fmt: skip
+    fixed = imagefolder_run(
+        tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=1", "train.run_name=fixed"
+    )
     train(fixed, LaunchEnv())
     monkeypatch.setattr("trainer.auto.DATA_WAIT_LIMIT", -1.0)
-    grown = imagefolder_run(tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=auto",
-                            "train.run_name=grown")  # fmt: skip
+    grown = imagefolder_run(
+        tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=auto", "train.run_name=grown"
+    )
     with caplog.at_level(logging.INFO, logger="trainer"):
         train(grown, LaunchEnv())
     cores = LaunchEnv().rank_cores(usable_cores())[0]

@@ -86,9 +86,19 @@ def get_json(url: str):
 
 
 def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=15000"]  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,900",
+        "--virtual-time-budget=15000",
+    ]
     return subprocess.run([shutil.which("chromium"), *flags, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -99,8 +109,12 @@ def test_tensorboard_renders_the_run_and_its_charts_in_a_browser(tmp_path, cifar
         pytest.skip("no chromium: `apt-get install chromium` (tools/test.sh installs it)")
     short_run(tmp_path / "runs", cifar_root, "quickstart")
     port = free_port()
-    board = subprocess.Popen([RESIDUAL, "tensorboard", str(tmp_path / "runs"), "--port", str(port)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    board = subprocess.Popen(
+        [RESIDUAL, "tensorboard", str(tmp_path / "runs"), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -140,8 +154,12 @@ def test_tensorboard_on_a_port_in_use_says_so_in_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([RESIDUAL, "tensorboard", str(tmp_path / "runs"), "--port", str(port)],
-                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        result = subprocess.run(
+            [RESIDUAL, "tensorboard", str(tmp_path / "runs"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert result.returncode == 2 and result.stdout == "", result.stdout  # no URL of a port it cannot serve
     assert result.stderr == f"residual: error: --port {port}: cannot listen on 127.0.0.1 (Address already in use)\n"
 
@@ -152,8 +170,18 @@ EVAL_LINE = r"^\[8/8\] epoch 0  evaluation \(center, 100 images\): top-1 \d+\.\d
 
 def logged_training(tmp_path: Path, quickstart_on_cifar: list[str], *, terminal: bool) -> str:
     """A short training's whole output (stdout and stderr), into a file or a terminal (a pty)."""
-    command = [sys.executable, "-m", "trainer", *quickstart_on_cifar, "log.progress=true", "data.batch_size=20",
-               "train.iterations=8", "log.every=2", "eval.every=8", f"train.output_dir={tmp_path}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        *quickstart_on_cifar,
+        "log.progress=true",
+        "data.batch_size=20",
+        "train.iterations=8",
+        "log.every=2",
+        "eval.every=8",
+        f"train.output_dir={tmp_path}",
+    ]
     if not terminal:
         with open(tmp_path / "job.out", "w") as out:
             subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=300, check=True)

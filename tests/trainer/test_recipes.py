@@ -34,8 +34,9 @@ def test_lars_updates_as_computed_by_hand(gathered, monkeypatch):
     them (per tensor) and as a GPU does (gathered)."""
     monkeypatch.setattr("trainer.optim.gathers_scales", lambda device: gathered)
     model, eta, decay, momentum, lr = two_layers(), 0.001, 5e-5, 0.9, 2.0
-    config = OptimConfig(name="lars", lr=lr, momentum=momentum, weight_decay=decay, trust_coefficient=eta,
-                         no_decay_bn_bias=True)  # fmt: skip
+    config = OptimConfig(
+        name="lars", lr=lr, momentum=momentum, weight_decay=decay, trust_coefficient=eta, no_decay_bn_bias=True
+    )
     optimizer = build_optimizer(model, config)
     assert isinstance(optimizer, LARS)
     expected = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -89,10 +90,15 @@ class LaunchCounter(TorchDispatchMode):
         if not func.is_view and not name.startswith("_record_function"):  # neither launches a kernel
             self.ops.append(name)
         lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
-        if name.startswith("_foreach") and not name.startswith("_foreach_norm") and any(
-            (x.shape, x.stride()) != (y.shape, y.stride()) or x.stride() != torch.empty_like(x).stride()
-            for other in lists[1:] for x, y in zip(lists[0], other, strict=True)
-        ):  # fmt: skip
+        if (
+            name.startswith("_foreach")
+            and not name.startswith("_foreach_norm")
+            and any(
+                (x.shape, x.stride()) != (y.shape, y.stride()) or x.stride() != torch.empty_like(x).stride()
+                for other in lists[1:]
+                for x, y in zip(lists[0], other, strict=True)
+            )
+        ):
             self.per_tensor.append(name)
         return func(*args, **(kwargs or {}))
 
@@ -186,8 +192,14 @@ def test_the_ema_averages_as_its_formula():
 
 # (A cosine schedule's rates depend on train.iterations, which the resume below changes: the schedules' tests show
 # their rates are functions of the iteration alone.)
-EMA = ("ema.decay=0.8", "ema.every=2", "eval.weights=both", "loss.label_smoothing=0.1", "loss.mixup_alpha=0.2",
-       "loss.cutmix_alpha=1.0")  # fmt: skip
+EMA = (
+    "ema.decay=0.8",
+    "ema.every=2",
+    "eval.weights=both",
+    "loss.label_smoothing=0.1",
+    "loss.mixup_alpha=0.2",
+    "loss.cutmix_alpha=1.0",
+)
 
 
 def test_ema_and_mixing_resume_bit_exact(tmp_path, cifar_root):
@@ -221,8 +233,10 @@ def test_eval_and_export_choose_the_ema(tmp_path, cifar_root):
     )
     from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
 
-    results = {which: evaluate_checkpoint(EvalRequest(checkpoint, cifar_root, weights=which, workers=0), LaunchEnv())[0]
-               for which in ("raw", "ema")}  # fmt: skip
+    results = {
+        which: evaluate_checkpoint(EvalRequest(checkpoint, cifar_root, weights=which, workers=0), LaunchEnv())[0]
+        for which in ("raw", "ema")
+    }
     final = [r for r in metrics(tmp_path / "run", "eval") if r["iteration"] == 6]
     assert {r["protocol"]: r["correct1"] for r in final} == {
         "center": results["raw"].correct1,
@@ -260,10 +274,22 @@ def test_each_recipe_config_runs_three_steps(tmp_path, cifar_root, imagefolder_r
     small fixtures: ImageNet recipes with 8 images a step on the ImageFolder set, the CIFAR one on the CIFAR set."""
     from trainer.config import load_config
 
-    data = ([f"data.root={cifar_root}"] if recipe.startswith("cifar")
-            else [f"data.root={imagefolder_root}", "model.num_classes=4", "data.ra_reps=2"])  # fmt: skip
-    overrides = [*data, "data.batch_size=8", "data.workers=0", "train.epochs=null", "train.iterations=3",
-                 "eval.batch_size=10", "log.progress=false", "log.every=1", f"train.output_dir={tmp_path}"]  # fmt: skip
+    data = (
+        [f"data.root={cifar_root}"]
+        if recipe.startswith("cifar")
+        else [f"data.root={imagefolder_root}", "model.num_classes=4", "data.ra_reps=2"]
+    )
+    overrides = [
+        *data,
+        "data.batch_size=8",
+        "data.workers=0",
+        "train.epochs=null",
+        "train.iterations=3",
+        "eval.batch_size=10",
+        "log.progress=false",
+        "log.every=1",
+        f"train.output_dir={tmp_path}",
+    ]
     config = load_config(ROOT / "configs" / f"{recipe}.yaml", overrides)
     result, _ = train(config, LaunchEnv())
     assert result.count in (20, 100)
@@ -279,9 +305,18 @@ def test_the_fashion_mnist_recipes_run_three_steps(tmp_path, name):
     from trainer.config import load_config
 
     write_idx_set(tmp_path / "data", train=64, test=24)
-    overrides = [f"data.root={tmp_path / 'data'}", "data.batch_size=8", "train.epochs=null", "train.iterations=3",
-                 "schedule.unit=iteration", "schedule.warmup_length=1", "eval.batch_size=12", "log.progress=false",
-                 "log.every=1", f"train.output_dir={tmp_path}"]  # fmt: skip
+    overrides = [
+        f"data.root={tmp_path / 'data'}",
+        "data.batch_size=8",
+        "train.epochs=null",
+        "train.iterations=3",
+        "schedule.unit=iteration",
+        "schedule.warmup_length=1",
+        "eval.batch_size=12",
+        "log.progress=false",
+        "log.every=1",
+        f"train.output_dir={tmp_path}",
+    ]
     config = load_config(ROOT / "configs/fashion-mnist" / f"{name}.yaml", overrides)
     result, _ = train(config, LaunchEnv())
     assert result.count == 24
@@ -296,9 +331,19 @@ def test_a_recipe_runs_on_dali(tmp_path, imagefolder_root):
     boxes, repeated augmentation, the 176 crop and the 232/224 evaluation."""
     from trainer.config import load_config
 
-    overrides = [f"data.root={imagefolder_root}", "data.backend=dali", "model.num_classes=4", "data.batch_size=8",
-                 "data.ra_reps=2", "data.workers=0", "train.epochs=null", "train.iterations=3", "eval.batch_size=10",
-                 "log.progress=false", f"train.output_dir={tmp_path}"]  # fmt: skip
+    overrides = [
+        f"data.root={imagefolder_root}",
+        "data.backend=dali",
+        "model.num_classes=4",
+        "data.batch_size=8",
+        "data.ra_reps=2",
+        "data.workers=0",
+        "train.epochs=null",
+        "train.iterations=3",
+        "eval.batch_size=10",
+        "log.progress=false",
+        f"train.output_dir={tmp_path}",
+    ]
     config = load_config(ROOT / "configs/imagenet/resnet50-torchvision-v2.yaml", overrides)
     result, _ = train(config, LaunchEnv())
     assert result.count == 20

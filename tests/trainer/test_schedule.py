@@ -88,15 +88,18 @@ def test_cosine_after_linear_warmup_follows_torchvision_v2():
     rest, eta_min); torch's schedulers stepped once per iteration give the anchor's values."""
     warmup, total, base, floor = 5, 40, 0.5, 1e-3
     config = ScheduleConfig(decay="cosine", warmup="linear", warmup_lr=0.01 * base, warmup_length=warmup, min_lr=floor)
-    schedule = build_schedule(config, OptimConfig(lr=base), global_batch=1024, iterations_per_epoch=1,
-                              total_iterations=total)  # fmt: skip
+    schedule = build_schedule(
+        config, OptimConfig(lr=base), global_batch=1024, iterations_per_epoch=1, total_iterations=total
+    )
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
     anchor = torch.optim.lr_scheduler.SequentialLR(
         optimizer,
-        [torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
-         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=floor)],
+        [
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+            torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=floor),
+        ],
         milestones=[warmup],
-    )  # fmt: skip
+    )
     for iteration in range(total + 1):
         assert schedule.lr(iteration) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9), iteration
         optimizer.step()
@@ -109,8 +112,13 @@ def test_ffcv_ramps_up_and_down_as_its_cyclic_schedule():
     within each epoch."""
     lr, peak, epochs, per_epoch = 1.7, 2, 16, 10
     config = ScheduleConfig(unit="epoch", decay="linear", warmup="linear", warmup_lr=1e-4 * lr, warmup_length=peak)
-    schedule = build_schedule(config, OptimConfig(lr=lr), global_batch=1024, iterations_per_epoch=per_epoch,
-                              total_iterations=epochs * per_epoch)  # fmt: skip
+    schedule = build_schedule(
+        config,
+        OptimConfig(lr=lr),
+        global_batch=1024,
+        iterations_per_epoch=per_epoch,
+        total_iterations=epochs * per_epoch,
+    )
     for iteration in range(epochs * per_epoch):
         epoch = iteration // per_epoch
         start, end = (np.interp([e], [0, peak, epochs], [1e-4 * lr, lr, 0])[0] for e in (epoch, epoch + 1))
@@ -123,11 +131,19 @@ def test_mlperf_polynomial_decay_after_warmup_from_zero():
     end_lr + (base_lr - end_lr) (1 - min(step - warmup, decay_steps) / decay_steps)^2, decay_steps = train_steps -
     warmup_steps + 1, end_lr 1e-4."""
     base, end, per_epoch, warmup_epochs, epochs = 10.5, 1e-4, 8, 2, 37
-    config = ScheduleConfig(unit="epoch", decay="poly", poly_power=2, warmup="linear", warmup_lr=0.0,
-                            warmup_length=warmup_epochs, min_lr=end)  # fmt: skip
+    config = ScheduleConfig(
+        unit="epoch",
+        decay="poly",
+        poly_power=2,
+        warmup="linear",
+        warmup_lr=0.0,
+        warmup_length=warmup_epochs,
+        min_lr=end,
+    )
     total = epochs * per_epoch
-    schedule = build_schedule(config, OptimConfig(lr=base), global_batch=3264, iterations_per_epoch=per_epoch,
-                              total_iterations=total)  # fmt: skip
+    schedule = build_schedule(
+        config, OptimConfig(lr=base), global_batch=3264, iterations_per_epoch=per_epoch, total_iterations=total
+    )
     warmup_steps, decay_steps = warmup_epochs * per_epoch, total - warmup_epochs * per_epoch + 1
     for step in range(total):
         if step <= warmup_steps:

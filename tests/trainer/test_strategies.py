@@ -25,8 +25,16 @@ def trainer_command(ranks: int, *, max_restarts: int = 0) -> list[str]:
     if ranks == 1:
         return [sys.executable, "-m", "trainer"]
     restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *restarts,
-            "-m", "trainer"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        *restarts,
+        "-m",
+        "trainer",
+    ]
 
 
 def run_trainer(ranks: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -126,12 +134,16 @@ def test_ema_and_lars_under_fsdp_follow_one_process(tmp_path, short):
     one process updates them once per micro-batch (so the EMA's evaluations are not compared, only made)."""
     common = [*short, "ema.decay=0.5", "ema.every=2", "eval.weights=both", "eval.every=6", "checkpoint.every=6"]
     lars = ["optim.name=lars", "optim.lr=0.2", "optim.no_decay_bn_bias=true", "train.iterations=3"]
-    for name, keys, tolerance in [("sgd", ["train.iterations=6"], 1e-6), ("sgd", ["train.iterations=10"], 1e-6),
-                                  ("lars", lars, 1e-4)]:  # fmt: skip
+    for name, keys, tolerance in [
+        ("sgd", ["train.iterations=6"], 1e-6),
+        ("sgd", ["train.iterations=10"], 1e-6),
+        ("lars", lars, 1e-4),
+    ]:
         run_trainer(1, [*common, *keys, "train.accumulation=2", f"train.run_name={name}-one"])
         run_trainer(2, [*common, *keys, "dist.strategy=fsdp", f"train.run_name={name}-fsdp"])
-        one, fsdp = (read_weights(latest_checkpoint(tmp_path / f"{name}-{kind}"), "ema").state_dict
-                     for kind in ("one", "fsdp"))  # fmt: skip
+        one, fsdp = (
+            read_weights(latest_checkpoint(tmp_path / f"{name}-{kind}"), "ema").state_dict for kind in ("one", "fsdp")
+        )
         raw = read_weights(latest_checkpoint(tmp_path / f"{name}-one")).state_dict
         assert not torch.equal(one["conv1.weight"], raw["conv1.weight"])  # an average, not the weights
         for key in (key for key in one if "running_" not in key and one[key].is_floating_point()):
@@ -144,13 +156,25 @@ def test_the_recipe_pieces_under_ddp_resume_bit_exact_after_kill_9(tmp_path, sho
     """Two DDP ranks with Mixup/CutMix (each rank its own draws), label smoothing, LARS, a cosine schedule over the
     whole run and the EMA: 24 steps straight equal 12, kill -9, a new start, 12 more: weights, average and losses
     bit for bit."""
-    args = [*short, "loss.mixup_alpha=0.2", "loss.cutmix_alpha=1.0", "loss.label_smoothing=0.1", "optim.name=lars",
-            "optim.lr=0.5", "schedule.decay=cosine", "ema.decay=0.9", "eval.weights=both", "train.iterations=24",
-            "checkpoint.every=12", "dist.strategy=ddp"]  # fmt: skip
+    args = [
+        *short,
+        "loss.mixup_alpha=0.2",
+        "loss.cutmix_alpha=1.0",
+        "loss.label_smoothing=0.1",
+        "optim.name=lars",
+        "optim.lr=0.5",
+        "schedule.decay=cosine",
+        "ema.decay=0.9",
+        "eval.weights=both",
+        "train.iterations=24",
+        "checkpoint.every=12",
+        "dist.strategy=ddp",
+    ]
     run_trainer(2, [*args, "train.run_name=straight"])
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    process = subprocess.Popen([*trainer_command(2), *args, "train.run_name=killed"], cwd=ROOT, **quiet,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        [*trainer_command(2), *args, "train.run_name=killed"], cwd=ROOT, **quiet, start_new_session=True
+    )
     wait_until(lambda: list_checkpoints(tmp_path / "killed"), process)
     assert process.poll() is None, "the run finished before it could be killed"
     kill_tree(process.pid)
@@ -158,8 +182,9 @@ def test_the_recipe_pieces_under_ddp_resume_bit_exact_after_kill_9(tmp_path, sho
     resumed = run_trainer(2, [*args, "train.run_name=killed"])
     assert "at iteration 12" in resumed.stderr, resumed.stderr[-3000:]
     for which in ("raw", "ema"):
-        straight, killed = (read_weights(latest_checkpoint(tmp_path / name), which).state_dict
-                            for name in ("straight", "killed"))  # fmt: skip
+        straight, killed = (
+            read_weights(latest_checkpoint(tmp_path / name), which).state_dict for name in ("straight", "killed")
+        )
         assert all(torch.equal(straight[name], killed[name]) for name in straight), which
     assert losses(tmp_path / "straight") == losses(tmp_path / "killed")
 

@@ -9,8 +9,13 @@ from checkout import QUICKSTART
 from trainer.config import load_config
 
 # The recipes beside the paper's (issue 15): configs/<these>.yaml, which the paper-config checks leave out.
-RECIPES = ["imagenet/resnet50-torchvision-v2", "imagenet/resnet50-ffcv-16ep", "imagenet/resnet50-ffcv-88ep",
-           "imagenet/resnet50-mlperf", "cifar10/resnet56-modern"]  # fmt: skip
+RECIPES = [
+    "imagenet/resnet50-torchvision-v2",
+    "imagenet/resnet50-ffcv-16ep",
+    "imagenet/resnet50-ffcv-88ep",
+    "imagenet/resnet50-mlperf",
+    "cifar10/resnet56-modern",
+]
 
 
 def small_run(tmp_path: Path, cifar_root: Path, *overrides: str):

@@ -15,42 +15,49 @@ from data_pipeline.errors import UserError
 def gpu_checklist(*, out: Path, gpus: int) -> list[tuple[str, list[str]]]:
     """The first figures that matter on a new GPU node, as the commands that measure them (each prints its device
     and versions, or ``residual env`` does): (title, argv) in order."""
-    residual, data = [sys.executable, "-m", "trainer.cli"], str(out / "data")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}",
-                f"--log-dir={out / 'torchrun'}", "-m", "trainer.cli"]  # fmt: skip
-    dali_run = [*residual, "train", "configs/imagenet/resnet50.yaml", f"data.root={data}", "data.backend=dali",
-                "data.device=gpu", "model.num_classes=10", "data.batch_size=64", "eval.batch_size=64",
-                "train.iterations=60", "eval.every=20", "checkpoint.every=60", "log.every=10",
-                f"train.output_dir={out / 'runs'}", "train.run_name=dali-gpu", "log.progress=false"]  # fmt: skip
-    steps = [
-        ("this machine", [*residual, "env"]),
-        ("synthetic ImageNet-like data (500x375 JPEGs)",
-         [*residual, "data", "synth", data, "--classes", "10", "--per-class", "320", "--size", "500x375"]),
-        ("a DALI run on the GPU: an epoch of 50 batches and 10 more, 3 evaluations, memory", dali_run),
-        ("the gpu-marked tests: the CIFAR path builds batches without waiting, DALI's pixels against the torch path's",
-         [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "tests"]),
-        ("trainer step / minimal step and MFU: ResNet-50", [*residual, "bench", "train", "--model", "resnet50",
-                                                           "--batch", "256"]),
-        ("the same without cuDNN's autotuning", [*residual, "bench", "train", "--model", "resnet50", "--batch", "256",
-                                                 "--cudnn-benchmark", "off"]),
-        ("optimizer step: fused SGD and LARS on ResNet-50", [*residual, "bench", "optim", "--model", "resnet50"]),
-        ("trainer step / minimal step and MFU: ResNet-20", [*residual, "bench", "train", "--model", "resnet20",
-                                                           "--batch", "128"]),
-        ("the DALI loader at 1 reader process", [*residual, "bench", "loader", "--data", data, "--backend", "dali",
-                                                 "--workers", "1", "--batch", "256"]),
-        ("the DALI loader at 8 reader processes", [*residual, "bench", "loader", "--data", data, "--backend",
-                                                   "dali", "--workers", "8", "--batch", "256"]),
-        ("one DALI reader process's work", [*residual, "bench", "loader", "--data", data, "--feeder-only",
-                                            "--batch", "256"]),
-        ("evaluation images/s: center crop and 10-crop", [*residual, "bench", "eval", "--model", "resnet50",
-                                                          "--batch", "256"]),
-    ]  # fmt: skip
+    data, runs = shlex.quote(str(out / "data")), shlex.quote(str(out / "runs"))
+    torchrun = (
+        f"torch.distributed.run --standalone --nproc_per_node={gpus} --log-dir={shlex.quote(str(out / 'torchrun'))}"
+    )
+    dali_run = (
+        f"train configs/imagenet/resnet50.yaml data.root={data} data.backend=dali data.device=gpu model.num_classes=10 "
+        f"data.batch_size=64 eval.batch_size=64 train.iterations=60 eval.every=20 checkpoint.every=60 log.every=10 "
+        f"train.output_dir={runs} train.run_name=dali-gpu log.progress=false"
+    )
+    loader = f"bench loader --data {data} --batch 256"
+    steps = [  # (title, a module and its arguments)
+        ("this machine", "trainer.cli env"),
+        (
+            "synthetic ImageNet-like data (500x375 JPEGs)",
+            f"trainer.cli data synth {data} --classes 10 --per-class 320 --size 500x375",
+        ),
+        ("a DALI run on the GPU: an epoch of 50 batches and 10 more, 3 evaluations, memory", f"trainer.cli {dali_run}"),
+        (
+            "the gpu-marked tests: the CIFAR path builds batches without waiting, DALI's pixels against the torch "
+            "path's",
+            "pytest -m gpu -q tests",
+        ),
+        ("trainer step / minimal step and MFU: ResNet-50", "trainer.cli bench train --model resnet50 --batch 256"),
+        (
+            "the same without cuDNN's autotuning",
+            "trainer.cli bench train --model resnet50 --batch 256 --cudnn-benchmark off",
+        ),
+        ("optimizer step: fused SGD and LARS on ResNet-50", "trainer.cli bench optim --model resnet50"),
+        ("trainer step / minimal step and MFU: ResNet-20", "trainer.cli bench train --model resnet20 --batch 128"),
+        ("the DALI loader at 1 reader process", f"trainer.cli {loader} --backend dali --workers 1"),
+        ("the DALI loader at 8 reader processes", f"trainer.cli {loader} --backend dali --workers 8"),
+        ("one DALI reader process's work", f"trainer.cli {loader} --feeder-only"),
+        ("evaluation images/s: center crop and 10-crop", "trainer.cli bench eval --model resnet50 --batch 256"),
+    ]
     if gpus > 1:
-        for strategy in ("ddp", "fsdp"):
-            steps.append((f"{strategy.upper()} over the node's {gpus} GPUs: ResNet-50",
-                          [*torchrun, "bench", "train", "--model", "resnet50", "--batch", "256", "--strategy",
-                           strategy]))  # fmt: skip
-    return steps
+        steps += [
+            (
+                f"{strategy.upper()} over the node's {gpus} GPUs: ResNet-50",
+                f"{torchrun} -m trainer.cli bench train --model resnet50 --batch 256 --strategy {strategy}",
+            )
+            for strategy in ("ddp", "fsdp")
+        ]
+    return [(title, [sys.executable, "-m", *shlex.split(command)]) for title, command in steps]
 
 
 def bench_gpu(*, out: Path) -> int:

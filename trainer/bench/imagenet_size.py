@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -131,28 +132,48 @@ def last_iteration(metrics: Path) -> int:
     return max((record["iteration"] for record in lines if record["kind"] == "train"), default=0)
 
 
-def start_training(tree: Path, scratch: Path, *, backend: str, ranks: int, workers: int, batch: int, classes: int,
-                   run_name: str, seconds: float) -> dict:  # fmt: skip
+def training_command(
+    tree: Path, scratch: Path, backend: str, ranks: int, workers: int, batch: int, classes: int, run_name: str
+) -> list[str]:
+    """ResNet-18's ImageNet recipe on the tree at 32x32 crops, its loader on the CPU, never evaluating or
+    checkpointing; under torchrun when ``ranks`` > 1."""
+    launcher = "trainer.cli"
+    if ranks > 1:
+        launcher = f"torch.distributed.run --standalone --nproc_per_node={ranks} -m trainer.cli"
+    recipe, tree, scratch = (
+        shlex.quote(str(path)) for path in (RESIDUAL / "configs/imagenet/resnet18.yaml", tree, scratch)
+    )
+    arguments = (
+        f"{launcher} train {recipe} data.root={tree} data.backend={backend} data.device=cpu data.workers={workers} "
+        f"data.batch_size={batch * ranks} data.scale_min=40 data.scale_max=48 data.crop_size=32 data.val_resize=36 "
+        f"data.index_dir={scratch}/index model.num_classes={classes} train.iterations=100000000 "
+        f"eval.every=100000000 checkpoint.every=100000000 log.every=1 log.progress=false "
+        f"train.output_dir={scratch}/runs train.run_name={run_name} checkpoint.resume=never"
+    )
+    return [sys.executable, "-m", *shlex.split(arguments)]
+
+
+def start_training(
+    tree: Path,
+    scratch: Path,
+    *,
+    backend: str,
+    ranks: int,
+    workers: int,
+    batch: int,
+    classes: int,
+    run_name: str,
+    seconds: float,
+) -> dict:
     """One start: its time to the first step, the private memory of each process then and ``seconds`` later, and
     the samples each rank's loader went through by then."""
-    overrides = [f"data.root={tree}", f"data.backend={backend}", "data.device=cpu", f"data.workers={workers}",
-                 f"data.batch_size={batch * ranks}", "data.scale_min=40", "data.scale_max=48", "data.crop_size=32",
-                 "data.val_resize=36", f"data.index_dir={scratch / 'index'}", f"model.num_classes={classes}",
-                 "train.iterations=100000000", "eval.every=100000000", "checkpoint.every=100000000", "log.every=1",
-                 "log.progress=false", f"train.output_dir={scratch / 'runs'}", f"train.run_name={run_name}",
-                 "checkpoint.resume=never"]  # fmt: skip
-    residual = [sys.executable, "-m", "trainer.cli"]
-    if ranks > 1:
-        residual = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-                    "-m", "trainer.cli"]  # fmt: skip
-    command = [*residual, "train", str(RESIDUAL / "configs/imagenet/resnet18.yaml"), *overrides]
+    command = training_command(tree, scratch, backend, ranks, workers, batch, classes, run_name)
     metrics = scratch / "runs" / run_name / "metrics.jsonl"
     shutil.rmtree(metrics.parent, ignore_errors=True)
     log_path = scratch / f"{run_name}.log"
     with open(log_path, "w") as log:
         started = time.monotonic()
-        process = subprocess.Popen(command, cwd=RESIDUAL, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen(command, cwd=RESIDUAL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while (record := first_train_record(metrics, 0)) is None:
             if process.poll() is not None:
@@ -171,10 +192,18 @@ def start_training(tree: Path, scratch: Path, *, backend: str, ranks: int, worke
                 process.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-    listing = next((line.split("data index: ", 1)[1] for line in log_path.read_text().splitlines()
-                    if "data index: " in line), None)  # fmt: skip
-    return {"first_step": first_step, "before": before, "after": after, "iterations": iterations,
-            "samples_per_rank": iterations * batch, "index": listing, "record": record}  # fmt: skip
+    listing = next(
+        (line.split("data index: ", 1)[1] for line in log_path.read_text().splitlines() if "data index: " in line), None
+    )
+    return {
+        "first_step": first_step,
+        "before": before,
+        "after": after,
+        "iterations": iterations,
+        "samples_per_rank": iterations * batch,
+        "index": listing,
+        "record": record,
+    }
 
 
 class SampleTable(Dataset):
@@ -197,8 +226,13 @@ def walk_sample_table(tree: Path, index_dir: Path, workers: int, readings: int =
     label once."""
     dataset = open_dataset(tree, "imagefolder", train=True, index_dir=index_dir)
     batch = max(1, min(4096, len(dataset) // (4 * readings)))  # a few batches per reading on a small tree
-    loader = DataLoader(SampleTable(dataset), batch_size=batch, shuffle=True, num_workers=workers,
-                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    loader = DataLoader(
+        SampleTable(dataset),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
+    )
     iterator = iter(loader)
     pids = [worker.pid for worker in iterator._workers]
     marks = {1} | {round(len(loader) * (n + 1) / readings) for n in range(readings)}
@@ -209,20 +243,43 @@ def walk_sample_table(tree: Path, index_dir: Path, workers: int, readings: int =
     return seen
 
 
-def bench_imagenet_size(*, scratch: Path, classes: int, per_class: int, val_per_class: int, backend: str, ranks: int,
-                        workers: int, batch: int, seconds: float) -> None:  # fmt: skip
+def bench_imagenet_size(
+    *,
+    scratch: Path,
+    classes: int,
+    per_class: int,
+    val_per_class: int,
+    backend: str,
+    ranks: int,
+    workers: int,
+    batch: int,
+    seconds: float,
+) -> None:
     tree = scratch / "imagenet"
     started = time.monotonic()
     files = build_tree(tree, classes=classes, per_class=per_class, val_per_class=val_per_class)
-    print(f"tree: {classes * per_class:,} train + {classes * val_per_class:,} val files in {classes} class folders "
-          f"({files:,} hard links), ready in {time.monotonic() - started:.1f} s at {tree}")  # fmt: skip
+    print(
+        f"tree: {classes * per_class:,} train + {classes * val_per_class:,} val files in {classes} class folders "
+        f"({files:,} hard links), ready in {time.monotonic() - started:.1f} s at {tree}"
+    )
     shutil.rmtree(scratch / "index", ignore_errors=True)
     epoch = classes * per_class
     for start in range(2):  # the index listed by rank 0, then read
-        result = start_training(tree, scratch, backend=backend, ranks=ranks, workers=workers, batch=batch,
-                                classes=classes, run_name=f"{backend}-{ranks}-{start}", seconds=seconds)  # fmt: skip
-        print(f"start {start + 1} ({result['index'] or 'no index line'}): first step "
-              f"{result['first_step']:.1f} s after the command")  # fmt: skip
+        result = start_training(
+            tree,
+            scratch,
+            backend=backend,
+            ranks=ranks,
+            workers=workers,
+            batch=batch,
+            classes=classes,
+            run_name=f"{backend}-{ranks}-{start}",
+            seconds=seconds,
+        )
+        print(
+            f"start {start + 1} ({result['index'] or 'no index line'}): first step "
+            f"{result['first_step']:.1f} s after the command"
+        )
         share = result["samples_per_rank"] / (epoch / ranks)
         print(
             f"  private memory, MB, at the first step -> {seconds:.0f} s later ({result['iterations']} iterations: "
@@ -233,10 +290,14 @@ def bench_imagenet_size(*, scratch: Path, classes: int, per_class: int, val_per_
             print(f"  {role:<32} {mb:8.1f} -> " + (f"{later:8.1f}" if later is not None else "exited"))
     if backend == "torch":
         readings = walk_sample_table(tree, scratch / "index", workers)
-        print(f"the sample table read in full by {workers} forked loader processes (path and label of every "
-              f"training sample, shuffled, not decoded); private memory, MB, at "
-              f"{', '.join(f'{100 * share:.0f}%' for share, _ in readings)} of the epoch:")  # fmt: skip
+        print(
+            f"the sample table read in full by {workers} forked loader processes (path and label of every "
+            f"training sample, shuffled, not decoded); private memory, MB, at "
+            f"{', '.join(f'{100 * share:.0f}%' for share, _ in readings)} of the epoch:"
+        )
         for worker in range(workers):
             print(f"    loader worker {worker}: " + " -> ".join(f"{mb[worker]:.1f}" for _, mb in readings))
-    print(f"[{backend} path, {ranks} rank{'s' * (ranks > 1)}, {workers} loader processes per rank, batch {batch} per "
-          f"rank, ResNet-18 at 32x32, {os.cpu_count()} CPUs]")  # fmt: skip
+    print(
+        f"[{backend} path, {ranks} rank{'s' * (ranks > 1)}, {workers} loader processes per rank, batch {batch} per "
+        f"rank, ResNet-18 at 32x32, {os.cpu_count()} CPUs]"
+    )

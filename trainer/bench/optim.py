@@ -24,8 +24,9 @@ def bench_optim(*, model_name: str, steps: int, rounds: int) -> None:
     for parameter in model.parameters():
         parameter.grad = torch.empty_like(parameter).normal_(generator=generator)  # the parameter's layout
     found_inf = torch.zeros((), device=device)
-    optimizers = {name: build_optimizer(model, OptimConfig(name=name, no_decay_bn_bias=True, lr=0.01))
-                  for name in ("sgd", "lars")}  # fmt: skip
+    optimizers = {
+        name: build_optimizer(model, OptimConfig(name=name, no_decay_bn_bias=True, lr=0.01)) for name in ("sgd", "lars")
+    }
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for round_index in range(rounds + 1):  # round 0 warms up
         for name, optimizer in optimizers.items():
@@ -38,5 +39,7 @@ def bench_optim(*, model_name: str, steps: int, rounds: int) -> None:
     tensors = len(list(model.parameters()))
     print(f"sgd   {sgd:8.2f} ms/step   (rounds: {', '.join(f'{t:.2f}' for t in times['sgd'])})")
     print(f"lars  {lars:8.2f} ms/step   (rounds: {', '.join(f'{t:.2f}' for t in times['lars'])})")
-    print(f"lars / sgd = {lars / sgd:.2f}  [{model_name}, {tensors} parameter tensors, {where}, "
-          f"torch {torch.__version__}, medians of {rounds} rounds of {steps} steps]")  # fmt: skip
+    print(
+        f"lars / sgd = {lars / sgd:.2f}  [{model_name}, {tensors} parameter tensors, {where}, "
+        f"torch {torch.__version__}, medians of {rounds} rounds of {steps} steps]"
+    )

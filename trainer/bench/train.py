@@ -108,8 +108,16 @@ def bench_train(
         print(f"model FLOP utilization {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s per GPU")
 
 
-def minimal_step(name: str, classes: int, precision: str, strategy: str, launch: LaunchEnv, device: torch.device,
-                 images: torch.Tensor, labels: torch.Tensor):  # fmt: skip
+def minimal_step(
+    name: str,
+    classes: int,
+    precision: str,
+    strategy: str,
+    launch: LaunchEnv,
+    device: torch.device,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+):
     """The textbook loop: channels-last model, autocast, cross-entropy, backward, SGD; DDP or one FSDP2 root."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=classes).to(device)
@@ -157,8 +165,14 @@ def bench_end_to_end(*, config_path: str, precision: str, iterations: int, round
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "data"
         synthesize_cifar(root, classes=10, train_per_class=per_class, val_per_class=max(1, per_class // 5), seed=0)
-        overrides = [f"data.root={root}", "data.synthesize=null", f"train.precision={precision}",
-                     f"train.output_dir={scratch}/runs", "log.progress=false", "checkpoint.resume=never"]  # fmt: skip
+        overrides = [
+            f"data.root={root}",
+            "data.synthesize=null",
+            f"train.precision={precision}",
+            f"train.output_dir={scratch}/runs",
+            "log.progress=false",
+            "checkpoint.resume=never",
+        ]
         # the paper's two decays at the same shares of this shorter run: a final top-1 taken at the full lr swings
         # by points from one iteration to the next, and a comparison of two runs needs a settled one
         overrides.append(f"schedule.milestones=[{iterations // 2},{iterations * 3 // 4}]")
@@ -211,8 +225,9 @@ RECIPE_PIECES = {
 }
 
 
-def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int,
-                  pieces: list[str] | None = None) -> None:  # fmt: skip
+def bench_recipes(
+    *, config_path: str, precision: str, iterations: int, rounds: int, per_class: int, pieces: list[str] | None = None
+) -> None:
     """The cost per training step of each recipe piece (``RECIPE_PIECES``, or the ``pieces`` named; the paper's
     recipe always) on top of the config, as the ratio of the paper recipe's images/s to the piece's: the trainer's
     own logged images/s (data and step, no evaluation), the median of its log windows after the first, each piece
@@ -224,10 +239,19 @@ def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "data"
         synthesize_cifar(root, classes=10, train_per_class=per_class, val_per_class=10, seed=0)
-        overrides = [f"data.root={root}", "data.synthesize=null", f"train.precision={precision}", "log.every=10",
-                     f"train.output_dir={scratch}/runs", "log.progress=false", "checkpoint.resume=never",
-                     f"train.iterations={iterations}", f"eval.every={iterations}", f"checkpoint.every={iterations}",
-                     "eval.batch_size=100"]  # fmt: skip
+        overrides = [
+            f"data.root={root}",
+            "data.synthesize=null",
+            f"train.precision={precision}",
+            "log.every=10",
+            f"train.output_dir={scratch}/runs",
+            "log.progress=false",
+            "checkpoint.resume=never",
+            f"train.iterations={iterations}",
+            f"eval.every={iterations}",
+            f"checkpoint.every={iterations}",
+            "eval.batch_size=100",
+        ]
         config = load_config(config_path, overrides)
         precision, _ = resolve_precision(config.train.precision, pick_device(config.train.device, LaunchEnv()))
         chosen = {name: piece for name, piece in RECIPE_PIECES.items() if name == "paper" or name in (pieces or [name])}
@@ -242,9 +266,11 @@ def bench_recipes(*, config_path: str, precision: str, iterations: int, rounds: 
                     speeds[name].append(statistics.median(windows))
                     print(f"round {round_index} {name:<22} {speeds[name][-1]:8.1f} images/s", flush=True)
     paper = statistics.median(speeds["paper"])
-    print(f"cost per step against the paper recipe [{config_path}, {iterations} iterations of "
-          f"{config.data.batch_size}, {precision}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, medians of {rounds} rounds]:")  # fmt: skip
+    print(
+        f"cost per step against the paper recipe [{config_path}, {iterations} iterations of "
+        f"{config.data.batch_size}, {precision}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, medians of {rounds} rounds]:"
+    )
     for name, values in speeds.items():
         print(f"  {name:<22} {paper / statistics.median(values):5.2f}x  ({statistics.median(values):.0f} images/s)")
 
@@ -272,14 +298,19 @@ def bare_loop(config: Config, precision: str, *, iterations: int) -> float:
         if position == 0:
             order = sampler.epoch_order(epoch)
         indices = order[position * batch : (position + 1) * batch]
-        left, top, flip = map(torch.from_numpy, cifar_crop_flip(sample_seeds(seed, epoch, position * batch +
-                                                                             np.arange(batch))))  # fmt: skip
+        left, top, flip = map(
+            torch.from_numpy, cifar_crop_flip(sample_seeds(seed, epoch, position * batch + np.arange(batch)))
+        )
         images = torch.nn.functional.pad(train_set.images[indices], [4] * 4)
         steps = torch.arange(32)
         rows = (top[:, None] + steps)[:, None, :, None]
         columns = left[:, None] + torch.where(flip[:, None].bool(), steps.flip(0), steps)
-        images = images[torch.arange(batch)[:, None, None, None], torch.arange(3)[None, :, None, None], rows,
-                        columns[:, None, None, :]]  # fmt: skip
+        images = images[
+            torch.arange(batch)[:, None, None, None],
+            torch.arange(3)[None, :, None, None],
+            rows,
+            columns[:, None, None, :],
+        ]
         images = ((images.float() - mean) / std).contiguous(memory_format=torch.channels_last)
         with maybe_autocast(device, precision):
             loss = F.cross_entropy(model(images).float(), train_set.labels[indices])

@@ -25,16 +25,28 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
         bench_feeder(data=args.data, batch=args.batch, batches=args.batches, rounds=args.rounds)
         return
     backends = ["dali", "torch"] if args.backend == "both" else [args.backend]
-    bench_loader(data=args.data, backends=backends, pipeline=args.pipeline, batch=args.batch, batches=args.batches,
-                 rounds=args.rounds, workers=args.workers)  # fmt: skip
+    bench_loader(
+        data=args.data,
+        backends=backends,
+        pipeline=args.pipeline,
+        batch=args.batch,
+        batches=args.batches,
+        rounds=args.rounds,
+        workers=args.workers,
+    )
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
     from trainer.bench.train import bench_end_to_end, bench_train
 
     if args.end_to_end:
-        bench_end_to_end(config_path=args.config, precision=args.precision, iterations=args.iterations,
-                         rounds=args.rounds, per_class=args.per_class)  # fmt: skip
+        bench_end_to_end(
+            config_path=args.config,
+            precision=args.precision,
+            iterations=args.iterations,
+            rounds=args.rounds,
+            per_class=args.per_class,
+        )
         return
     bench_train(
         model_name=args.model,
@@ -57,16 +69,30 @@ def cmd_bench_optim(args: argparse.Namespace) -> None:
 def cmd_bench_recipes(args: argparse.Namespace) -> None:
     from trainer.bench.train import bench_recipes
 
-    bench_recipes(config_path=args.config, precision=args.precision, iterations=args.iterations, rounds=args.rounds,
-                  per_class=args.per_class, pieces=args.pieces.split(",") if args.pieces else None)  # fmt: skip
+    bench_recipes(
+        config_path=args.config,
+        precision=args.precision,
+        iterations=args.iterations,
+        rounds=args.rounds,
+        per_class=args.per_class,
+        pieces=args.pieces.split(",") if args.pieces else None,
+    )
 
 
 def cmd_bench_imagenet_size(args: argparse.Namespace) -> None:
     from trainer.bench.imagenet_size import bench_imagenet_size
 
-    bench_imagenet_size(scratch=Path(args.scratch), classes=args.classes, per_class=args.per_class,
-                        val_per_class=args.val_per_class, backend=args.backend, ranks=args.ranks,
-                        workers=args.workers, batch=args.batch, seconds=args.seconds)  # fmt: skip
+    bench_imagenet_size(
+        scratch=Path(args.scratch),
+        classes=args.classes,
+        per_class=args.per_class,
+        val_per_class=args.val_per_class,
+        backend=args.backend,
+        ranks=args.ranks,
+        workers=args.workers,
+        batch=args.batch,
+        seconds=args.seconds,
+    )
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
@@ -103,8 +129,12 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     bench_train.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
     bench_train.add_argument("--precision", choices=PRECISIONS, default="auto")
     bench_train.add_argument("--fsdp-mixed-precision", choices=("policy", "autocast"), default="policy")
-    bench_train.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
-                             help="cuDNN's autotuning (a training run turns it on for fixed shapes)")  # fmt: skip
+    bench_train.add_argument(
+        "--cudnn-benchmark",
+        choices=("on", "off"),
+        default="on",
+        help="cuDNN's autotuning (a training run turns it on for fixed shapes)",
+    )
     bench_train.add_argument("--steps", type=int, default=10, help="steps per timed round")
     bench_train.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
     bench_train.add_argument(
@@ -130,12 +160,14 @@ def add_bench(commands: argparse._SubParsersAction) -> None:
     recipes.add_argument("--pieces", help="comma-separated pieces to measure (default: all of bench.train's list)")
     recipes.set_defaults(run=cmd_bench_recipes)
 
-    size = bench.add_parser("imagenet-size", help="time to the first step and memory per process on a tree of "
-                                                  "ImageNet's shape (hard links)")  # fmt: skip
+    size = bench.add_parser(
+        "imagenet-size", help="time to the first step and memory per process on a tree of ImageNet's shape (hard links)"
+    )
     size.add_argument("--scratch", default="bench-imagenet-size", help="folder for the tree, the index and the runs")
     size.add_argument("--classes", type=int, default=1000)
-    size.add_argument("--per-class", type=int, default=1281, help="training files per class (ImageNet: 1,281,167 "
-                                                                  "in all)")  # fmt: skip
+    size.add_argument(
+        "--per-class", type=int, default=1281, help="training files per class (ImageNet: 1,281,167 in all)"
+    )
     size.add_argument("--val-per-class", type=int, default=50)
     size.add_argument("--backend", choices=("torch", "dali"), default="torch")
     size.add_argument("--ranks", type=int, default=1, help="training processes (torchrun) on this node")

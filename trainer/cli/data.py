@@ -98,8 +98,12 @@ def add_data(commands: argparse._SubParsersAction) -> None:
     imagenet.add_argument("images", help="the folder of ILSVRC2012_val_*.JPEG")
     imagenet.add_argument("out", help="the val/ folder to write (next to train/)")
     truth = imagenet.add_mutually_exclusive_group(required=True)
-    truth.add_argument("--devkit", nargs=2, metavar=("GROUND_TRUTH_TXT", "META_MAT"),
-                       help="ILSVRC2012_validation_ground_truth.txt and the devkit's meta.mat")  # fmt: skip
+    truth.add_argument(
+        "--devkit",
+        nargs=2,
+        metavar=("GROUND_TRUTH_TXT", "META_MAT"),
+        help="ILSVRC2012_validation_ground_truth.txt and the devkit's meta.mat",
+    )
     truth.add_argument("--solution", metavar="LOC_VAL_SOLUTION_CSV", help="Kaggle's LOC_val_solution.csv")
     imagenet.add_argument("--mode", choices=("link", "copy", "move"), default="link")
     imagenet.set_defaults(run=cmd_prepare_imagenet)

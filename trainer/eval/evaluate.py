@@ -64,8 +64,9 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = 
 class ViewScorer:
     """Class probabilities of a batch of views, averaged over each image's views."""
 
-    def __init__(self, model: nn.Module, *, device: torch.device, precision: str, channels_last: bool,
-                 sharded: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, *, device: torch.device, precision: str, channels_last: bool, sharded: bool = False
+    ) -> None:
         self.model = model
         self.device = device
         self.sharded = sharded  # the forward is a collective (FSDP2): every rank must run as many

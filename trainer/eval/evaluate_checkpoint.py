@@ -85,8 +85,9 @@ def build_data_config(weights: Weights, model_name: str, request: EvalRequest) -
     given = {"mean": request.mean, "std": request.std, "val_resize": request.resize, "val_crop": request.crop}
     given = {key: value for key, value in given.items() if value is not None}
     try:
-        return replace(config, **given, root=str(request.data), format=data_format, workers=request.workers,
-                       synthesize=None)  # fmt: skip
+        return replace(
+            config, **given, root=str(request.data), format=data_format, workers=request.workers, synthesize=None
+        )
     except UserError as error:  # DataConfig's own checks (a crop larger than the resize, say)
         raise UserError(f"{error} (from the checkpoint or --mean/--std/--resize/--crop)") from None
 
@@ -119,8 +120,13 @@ def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalRe
     model_name = request.model or weights.model_name
     data = build_data_config(weights, model_name, request)
     scales = list(request.scales) if request.protocol == "multiscale" else []  # used by multiscale alone
-    check_evaluation(data, {"--protocol": request.protocol}, ("--scales", scales), ("--batch", request.batch_size),
-                     world_size=launch.world_size)  # fmt: skip
+    check_evaluation(
+        data,
+        {"--protocol": request.protocol},
+        ("--scales", scales),
+        ("--batch", request.batch_size),
+        world_size=launch.world_size,
+    )
     dataset = open_eval_dataset(data)
     check_classes(weights, dataset.classes, model.fc.out_features, data.root)
     device = pick_device("auto", launch)
