@@ -14,6 +14,8 @@ from checkout import ROOT
 from trainer.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.faults import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 
+UNTIL_STOPPED = ["train.iterations=10000", "log.every=2", "eval.every=5000"]  # the test stops it; no evaluation
+
 
 def wait_for_progress(metrics: Path, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
@@ -33,9 +35,7 @@ def test_stop_signal_checkpoints_and_exits_for_requeue(tmp_path, quickstart_on_c
         "trainer",
         *quickstart_on_cifar,
         "data.batch_size=20",
-        "train.iterations=10000",
-        "log.every=2",
-        "eval.every=5000",
+        *UNTIL_STOPPED,
         "checkpoint.every=5000",
         f"train.output_dir={tmp_path}",
         "eval.batch_size=100",
@@ -82,9 +82,7 @@ def test_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tmp_path, cifar_root, 
         "data.synthesize=null",
         "log.progress=false",
         "data.batch_size=8",
-        "train.iterations=10000",
-        "log.every=2",
-        "eval.every=5000",
+        *UNTIL_STOPPED,
         "checkpoint.every=5000",
         "eval.batch_size=10",
         "model.num_classes=4",
@@ -142,9 +140,7 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank(tmp_path, quickstart_on_ci
         "trainer",
         *quickstart_on_cifar,
         "data.batch_size=20",
-        "train.iterations=10000",
-        "log.every=2",
-        "eval.every=5000",
+        *UNTIL_STOPPED,
         "checkpoint.every=5000",
         f"train.output_dir={tmp_path}",
     ]
@@ -193,9 +189,7 @@ def test_a_second_training_on_one_run_directory_is_refused_and_a_dead_ones_lock_
         "trainer",
         *quickstart_on_cifar,
         "data.batch_size=20",
-        "train.iterations=10000",
-        "log.every=2",
-        "eval.every=5000",
+        *UNTIL_STOPPED,
         "checkpoint.every=4",
         f"train.output_dir={tmp_path}",
     ]
