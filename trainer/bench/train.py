@@ -25,7 +25,7 @@ from trainer.distributed import LaunchEnv, destroy_process_group, init_process_g
 from trainer.metrics import TrainWindow
 from trainer.models import create_model, get_model_spec
 from trainer.precision import maybe_autocast
-from trainer.step import LateFlags, build_stepper
+from trainer.step import LateFlags, Stepper, build_stepper
 from trainer.throughput import peak_flops, training_flops_per_image
 
 
@@ -66,24 +66,13 @@ def bench_train(
     images = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=generator)
     images = images.to(device, memory_format=torch.channels_last)
     labels = torch.randint(0, classes, (batch,), generator=generator).to(device)
-    stepper = build_stepper(config, launch, device)
-    minimal = minimal_step(model_name, classes, precision, strategy, launch, device, images, labels)
-
-    window, flags = TrainWindow(device), LateFlags()
-
-    def trainer_step(index: int) -> None:  # as the loop does it: the flags read a step late, the window at logs
-        for group in stepper.optimizer.param_groups:
-            group["lr"] = 0.1
-        logging_step = index % 20 == 0
-        outcome = stepper.step(images, labels, stop=False, grad_norm=logging_step)
-        window.add(outcome, labels)
-        flags.read(index, outcome, now=logging_step)
-        if logging_step:
-            window.summed()
-
+    compared = {
+        "trainer": trainer_step(build_stepper(config, launch, device), images, labels),
+        "minimal": minimal_step(model_name, classes, precision, strategy, launch, device, images, labels),
+    }
     rates: dict[str, list[float]] = {"trainer": [], "minimal": []}
     for round_index in range(rounds + 1):  # round 0 warms up (allocator, kernels, compilation)
-        for name, step in (("trainer", trainer_step), ("minimal", minimal)):
+        for name, step in compared.items():
             seconds = timed(step, steps, device)
             if round_index > 0:
                 rates[name].append(batch * launch.world_size * steps / seconds)
@@ -91,8 +80,8 @@ def bench_train(
     if not launch.is_main:
         return
     trainer, reference = statistics.median(rates["trainer"]), statistics.median(rates["minimal"])
-    print(f"trainer  {trainer:10.1f} images/s   (rounds: {', '.join(f'{r:.1f}' for r in rates['trainer'])})")
-    print(f"minimal  {reference:10.1f} images/s   (rounds: {', '.join(f'{r:.1f}' for r in rates['minimal'])})")
+    for name, median in (("trainer", trainer), ("minimal", reference)):
+        print(f"{name}  {median:10.1f} images/s   (rounds: {', '.join(f'{r:.1f}' for r in rates[name])})")
     where = f"{launch.world_size} x " + (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     print(
         f"trainer / minimal = {trainer / reference:.3f}  [{model_name}, batch {batch} per rank, {precision}, "
@@ -106,6 +95,24 @@ def bench_train(
     if peak is not None:
         mfu = training_flops_per_image(config) * trainer / (peak * launch.world_size)
         print(f"model FLOP utilization {100 * mfu:.1f}% of {peak / 1e12:.0f} TFLOP/s per GPU")
+
+
+def trainer_step(stepper: Stepper, images: torch.Tensor, labels: torch.Tensor):
+    """The trainer's step as the loop makes it, but for the loading: the lr set, ``Stepper.step``, the running
+    top-1/top-5 into the window, the flags read a step late and the window summed at each log point (every 20)."""
+    window, flags = TrainWindow(images.device), LateFlags()
+
+    def step(index: int) -> None:
+        for group in stepper.optimizer.param_groups:
+            group["lr"] = 0.1
+        logging_step = index % 20 == 0
+        outcome = stepper.step(images, labels, stop=False, grad_norm=logging_step)
+        window.add(outcome, labels)
+        flags.read(index, outcome, now=logging_step)
+        if logging_step:
+            window.summed()
+
+    return step
 
 
 def minimal_step(

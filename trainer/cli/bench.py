@@ -16,6 +16,15 @@ def cmd_bench_eval(args: argparse.Namespace) -> None:
     bench_eval(model_name=args.model, batch_size=args.batch, images=args.images, workers=args.workers)
 
 
+def add_bench_eval(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--images", type=int, default=128, help="synthetic 320x256 validation images")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.set_defaults(run=cmd_bench_eval)
+
+
 def cmd_bench_loader(args: argparse.Namespace) -> None:
     from data_pipeline.bench import bench_loader
 
@@ -34,6 +43,23 @@ def cmd_bench_loader(args: argparse.Namespace) -> None:
         rounds=args.rounds,
         workers=args.workers,
     )
+
+
+def add_bench_loader(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser("loader", help="images/s of the DALI and torchvision loaders, and their ratio")
+    parser.add_argument("--data", required=True, help="an ImageFolder root (train/ and val/)")
+    parser.add_argument("--backend", choices=("dali", "torch", "both"), default="both")
+    parser.add_argument("--pipeline", choices=("paper", "val", "tencrop"), default="paper")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--batches", type=int, default=30, help="training batches per round (evaluation: one pass per round)"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--feeder-only", action="store_true", help="images/s of one DALI reader process's work alone (paper pipeline)"
+    )
+    parser.set_defaults(run=cmd_bench_loader)
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
@@ -60,10 +86,42 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
     )
 
 
+def add_bench_train(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser("train", help="images/s of the trainer's step against a minimal loop")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=32, help="images per rank and step")
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--fsdp-mixed-precision", choices=("policy", "autocast"), default="policy")
+    parser.add_argument(
+        "--cudnn-benchmark",
+        choices=("on", "off"),
+        default="on",
+        help="cuDNN's autotuning (a training run turns it on for fixed shapes)",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="the CLI's whole training against a bare loop, wall time"
+    )
+    parser.add_argument("--config", default="configs/cifar10/resnet20.yaml", help="--end-to-end: the recipe")
+    parser.add_argument("--iterations", type=int, default=600, help="--end-to-end: iterations per run")
+    parser.add_argument("--per-class", type=int, default=1000, help="--end-to-end: synthetic images per class")
+    parser.set_defaults(run=cmd_bench_train)
+
+
 def cmd_bench_optim(args: argparse.Namespace) -> None:
     from trainer.bench.optim import bench_optim
 
     bench_optim(model_name=args.model, steps=args.steps, rounds=args.rounds)
+
+
+def add_bench_optim(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser("optim", help="milliseconds per step of the fused SGD and of LARS on a model's weights")
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--steps", type=int, default=20, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.set_defaults(run=cmd_bench_optim)
 
 
 def cmd_bench_recipes(args: argparse.Namespace) -> None:
@@ -77,6 +135,17 @@ def cmd_bench_recipes(args: argparse.Namespace) -> None:
         per_class=args.per_class,
         pieces=args.pieces.split(",") if args.pieces else None,
     )
+
+
+def add_bench_recipes(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser("recipes", help="the cost per step of each recipe piece against the paper's recipe")
+    parser.add_argument("--config", default="configs/quickstart.yaml", help="the paper's recipe to add pieces to")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto")
+    parser.add_argument("--iterations", type=int, default=40, help="iterations per run (logged every 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, each running every piece in turn")
+    parser.add_argument("--per-class", type=int, default=600, help="synthetic CIFAR-format images per class")
+    parser.add_argument("--pieces", help="comma-separated pieces to measure (default: all of bench.train's list)")
+    parser.set_defaults(run=cmd_bench_recipes)
 
 
 def cmd_bench_imagenet_size(args: argparse.Namespace) -> None:
@@ -95,90 +164,45 @@ def cmd_bench_imagenet_size(args: argparse.Namespace) -> None:
     )
 
 
+def add_bench_imagenet_size(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser(
+        "imagenet-size", help="time to the first step and memory per process on a tree of ImageNet's shape (hard links)"
+    )
+    parser.add_argument("--scratch", default="bench-imagenet-size", help="folder for the tree, the index and the runs")
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument(
+        "--per-class", type=int, default=1281, help="training files per class (ImageNet: 1,281,167 in all)"
+    )
+    parser.add_argument("--val-per-class", type=int, default=50)
+    parser.add_argument("--backend", choices=("torch", "dali"), default="torch")
+    parser.add_argument("--ranks", type=int, default=1, help="training processes (torchrun) on this node")
+    parser.add_argument("--workers", type=int, default=2, help="loader processes per rank (DALI: reader processes)")
+    parser.add_argument("--batch", type=int, default=32, help="images per rank and step")
+    parser.add_argument("--seconds", type=float, default=60.0, help="training between the two memory readings")
+    parser.set_defaults(run=cmd_bench_imagenet_size)
+
+
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
     from trainer.bench.gpu import bench_gpu
 
     return bench_gpu(out=Path(args.out))
 
 
+def add_bench_gpu(bench: argparse._SubParsersAction) -> None:
+    parser = bench.add_parser("gpu", help="the first figures of a new GPU node, each with device and versions")
+    parser.add_argument("--out", default="bench-gpu", help="folder for its synthetic data, runs and logs")
+    parser.set_defaults(run=cmd_bench_gpu)
+
+
 def add_bench(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
-    bench_eval = bench.add_parser("eval", help="images/s of center-crop and 10-crop evaluation, and their ratio")
-    bench_eval.add_argument("--model", default="resnet50")
-    bench_eval.add_argument("--batch", type=int, default=32)
-    bench_eval.add_argument("--images", type=int, default=128, help="synthetic 320x256 validation images")
-    bench_eval.add_argument("--workers", type=int, default=2)
-    bench_eval.set_defaults(run=cmd_bench_eval)
-    bench_loader = bench.add_parser("loader", help="images/s of the DALI and torchvision loaders, and their ratio")
-    bench_loader.add_argument("--data", required=True, help="an ImageFolder root (train/ and val/)")
-    bench_loader.add_argument("--backend", choices=("dali", "torch", "both"), default="both")
-    bench_loader.add_argument("--pipeline", choices=("paper", "val", "tencrop"), default="paper")
-    bench_loader.add_argument("--batch", type=int, default=64)
-    bench_loader.add_argument(
-        "--batches", type=int, default=30, help="training batches per round (evaluation: one pass per round)"
-    )
-    bench_loader.add_argument("--rounds", type=int, default=3)
-    bench_loader.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    bench_loader.add_argument(
-        "--feeder-only", action="store_true", help="images/s of one DALI reader process's work alone (paper pipeline)"
-    )
-    bench_loader.set_defaults(run=cmd_bench_loader)
-    bench_train = bench.add_parser("train", help="images/s of the trainer's step against a minimal loop")
-    bench_train.add_argument("--model", default="resnet50")
-    bench_train.add_argument("--batch", type=int, default=32, help="images per rank and step")
-    bench_train.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="under torchrun")
-    bench_train.add_argument("--precision", choices=PRECISIONS, default="auto")
-    bench_train.add_argument("--fsdp-mixed-precision", choices=("policy", "autocast"), default="policy")
-    bench_train.add_argument(
-        "--cudnn-benchmark",
-        choices=("on", "off"),
-        default="on",
-        help="cuDNN's autotuning (a training run turns it on for fixed shapes)",
-    )
-    bench_train.add_argument("--steps", type=int, default=10, help="steps per timed round")
-    bench_train.add_argument("--rounds", type=int, default=5, help="timed rounds of each, alternating")
-    bench_train.add_argument(
-        "--end-to-end", action="store_true", help="the CLI's whole training against a bare loop, wall time"
-    )
-    bench_train.add_argument("--config", default="configs/cifar10/resnet20.yaml", help="--end-to-end: the recipe")
-    bench_train.add_argument("--iterations", type=int, default=600, help="--end-to-end: iterations per run")
-    bench_train.add_argument("--per-class", type=int, default=1000, help="--end-to-end: synthetic images per class")
-    bench_train.set_defaults(run=cmd_bench_train)
-
-    optim = bench.add_parser("optim", help="milliseconds per step of the fused SGD and of LARS on a model's weights")
-    optim.add_argument("--model", default="resnet50")
-    optim.add_argument("--steps", type=int, default=20, help="steps per round")
-    optim.add_argument("--rounds", type=int, default=5)
-    optim.set_defaults(run=cmd_bench_optim)
-
-    recipes = bench.add_parser("recipes", help="the cost per step of each recipe piece against the paper's recipe")
-    recipes.add_argument("--config", default="configs/quickstart.yaml", help="the paper's recipe to add pieces to")
-    recipes.add_argument("--precision", choices=PRECISIONS, default="auto")
-    recipes.add_argument("--iterations", type=int, default=40, help="iterations per run (logged every 10)")
-    recipes.add_argument("--rounds", type=int, default=3, help="timed rounds, each running every piece in turn")
-    recipes.add_argument("--per-class", type=int, default=600, help="synthetic CIFAR-format images per class")
-    recipes.add_argument("--pieces", help="comma-separated pieces to measure (default: all of bench.train's list)")
-    recipes.set_defaults(run=cmd_bench_recipes)
-
-    size = bench.add_parser(
-        "imagenet-size", help="time to the first step and memory per process on a tree of ImageNet's shape (hard links)"
-    )
-    size.add_argument("--scratch", default="bench-imagenet-size", help="folder for the tree, the index and the runs")
-    size.add_argument("--classes", type=int, default=1000)
-    size.add_argument(
-        "--per-class", type=int, default=1281, help="training files per class (ImageNet: 1,281,167 in all)"
-    )
-    size.add_argument("--val-per-class", type=int, default=50)
-    size.add_argument("--backend", choices=("torch", "dali"), default="torch")
-    size.add_argument("--ranks", type=int, default=1, help="training processes (torchrun) on this node")
-    size.add_argument("--workers", type=int, default=2, help="loader processes per rank (DALI: reader processes)")
-    size.add_argument("--batch", type=int, default=32, help="images per rank and step")
-    size.add_argument("--seconds", type=float, default=60.0, help="training between the two memory readings")
-    size.set_defaults(run=cmd_bench_imagenet_size)
-
-    bench_gpu = bench.add_parser("gpu", help="the first figures of a new GPU node, each with device and versions")
-    bench_gpu.add_argument("--out", default="bench-gpu", help="folder for its synthetic data, runs and logs")
-    bench_gpu.set_defaults(run=cmd_bench_gpu)
+    add_bench_eval(bench)
+    add_bench_loader(bench)
+    add_bench_train(bench)
+    add_bench_optim(bench)
+    add_bench_recipes(bench)
+    add_bench_imagenet_size(bench)
+    add_bench_gpu(bench)
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
