@@ -10,9 +10,7 @@ import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.dali.sources import EvalSource, TrainSource
-from data_pipeline.sampling import (
-    sample_seed,
-)
+from data_pipeline.sampling import sample_seed
 
 
 def _normalization(config: DataConfig) -> dict:
@@ -45,7 +43,7 @@ def _external_source_options(config: DataConfig) -> dict:
 
 
 def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *, batch: int):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def
 
     names = ["data", "labels", *source.parameter_names()]
     # auto_aug chooses ops with DALI's conditionals; its generator's seed: the start's (epoch, batch)
@@ -69,45 +67,9 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
         given = {name: outputs[position] for position, name in enumerate(names)}  # (autograph has no zip(strict))
         labels = given["labels"]
         if config.in_memory:
-            images = given["data"].gpu() if device == "gpu" else given["data"]
-            side = source.reader.side
-            padded = fn.slice(  # a side x side window at (x, y) in -4..4 of the zero-padded image
-                images,
-                start=given["offset"],
-                shape=[side, side],
-                axis_names="WH",
-                out_of_bounds_policy="pad",
-                fill_values=0,
-            )
-            images = fn.crop_mirror_normalize(
-                auto_augment(padded, config),
-                mirror=given["flip"],
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                **_normalization(config),
-            )
+            images = padded_window(given, config, source.reader.side, device)
         else:
-            images = fn.decoders.image_slice(  # decodes the crop's window only
-                given["data"],
-                given["anchor"],
-                given["shape"],
-                axis_names="WH",
-                output_type=types.RGB,
-                normalized_anchor=False,
-                normalized_shape=False,
-                device="mixed" if device == "gpu" else "cpu",
-                adjust_orientation=False,  # as torchvision (and Pillow's header size, the window's frame): no EXIF turn
-                jpeg_fancy_upsampling=True,  # the GPU's chroma upsampling as libjpeg-turbo's (Pillow, DALI's CPU)
-            )
-            images = fn.resize(images, size=given["size"], antialias=True)
-            images = fn.crop_mirror_normalize(
-                auto_augment(images, config),
-                mirror=given["flip"],
-                mean=given["mean"],
-                std=_normalization(config)["std"],
-                dtype=types.FLOAT,
-                output_layout="CHW",
-            )
+            images = decoded_window(given, config, device)
         if config.random_erase > 0:
             images = fn.erase(
                 images, anchor=given["erase_anchor"], shape=given["erase_shape"], axis_names="HW", fill_value=0.0
@@ -115,6 +77,57 @@ def build_train_pipeline(source: TrainSource, config: DataConfig, device: str, *
         return images, labels.gpu() if device == "gpu" else labels
 
     return pipeline()
+
+
+def padded_window(given: dict, config: DataConfig, side: int, device: str):
+    """Images held in memory (CIFAR's recipe): the side x side window at the drawn (x, y) in -4..4 of the image
+    zero-padded by 4, flipped where drawn, normalized."""
+    from nvidia.dali import fn, types
+
+    images = given["data"].gpu() if device == "gpu" else given["data"]
+    padded = fn.slice(
+        images,
+        start=given["offset"],
+        shape=[side, side],
+        axis_names="WH",
+        out_of_bounds_policy="pad",
+        fill_values=0,
+    )
+    return fn.crop_mirror_normalize(
+        auto_augment(padded, config),
+        mirror=given["flip"],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        **_normalization(config),
+    )
+
+
+def decoded_window(given: dict, config: DataConfig, device: str):
+    """Encoded images (ImageNet's recipe): only the drawn crop's window decoded, resized to the crop, flipped where
+    drawn, normalized by the sample's drawn mean (which carries its lighting noise)."""
+    from nvidia.dali import fn, types
+
+    images = fn.decoders.image_slice(
+        given["data"],
+        given["anchor"],
+        given["shape"],
+        axis_names="WH",
+        output_type=types.RGB,
+        normalized_anchor=False,
+        normalized_shape=False,
+        device="mixed" if device == "gpu" else "cpu",
+        adjust_orientation=False,  # as torchvision (and Pillow's header size, the window's frame): no EXIF turn
+        jpeg_fancy_upsampling=True,  # the GPU's chroma upsampling as libjpeg-turbo's (Pillow, DALI's CPU)
+    )
+    images = fn.resize(images, size=given["size"], antialias=True)
+    return fn.crop_mirror_normalize(
+        auto_augment(images, config),
+        mirror=given["flip"],
+        mean=given["mean"],
+        std=_normalization(config)["std"],
+        dtype=types.FLOAT,
+        output_layout="CHW",
+    )
 
 
 def auto_augment(images, config: DataConfig):
