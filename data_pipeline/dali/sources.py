@@ -11,18 +11,13 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from data_pipeline.augment.draws import (
-    batch_parameters,
-    train_parameters,
-)
+from data_pipeline.augment.draws import batch_parameters, train_parameters
 from data_pipeline.config import DataConfig
 from data_pipeline.damaged import DAMAGE, CorruptImage, SkipCorrupt, damage, left_out
 from data_pipeline.datasets import CifarDataset, ImageFolderDataset
 from data_pipeline.datasets.idx import IdxDataset
 from data_pipeline.datasets.webdataset import WebDatasetDataset
-from data_pipeline.sampling import (
-    ShardedEpochSampler,
-)
+from data_pipeline.sampling import ShardedEpochSampler
 
 JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}  # SOFn markers
 
