@@ -50,7 +50,7 @@ class TrainWindow:
         hit1, hit5 = (hits.sum() for hits in topk_hits(step.logits.float(), labels))
         count = labels.new_full((), len(labels), dtype=torch.float64)
         sums = torch.stack([step.loss_sum.double(), hit1.double(), hit5.double(), count])
-        self.sums = self.sums.to(sums.device) + torch.where(step.skipped, 0.0, sums)
+        self.sums = self.sums + torch.where(step.skipped, 0.0, sums)
 
     def summed(self) -> dict[str, float]:
         """The sums over every rank, on every rank (a collective)."""
