@@ -38,7 +38,7 @@ from data_pipeline.errors import UserError
 from trainer.config import to_dict
 from trainer.distributed import any_rank, average_bn_buffers, barrier
 from trainer.ema import WeightAverage
-from trainer.faults import CheckpointNotWritten
+from trainer.faults import CheckpointNotWritten, NonFiniteState, first_nonfinite
 
 if TYPE_CHECKING:
     from trainer.run_parts import Run
@@ -93,6 +93,7 @@ def save_checkpoint(
     if ema is not None:
         ema.average_statistics_over_ranks()
     averages = {} if ema is None else {"ema": ema.state_dict() if sharded else ema.full_state_dict()}
+    refuse_nonfinite({"model": model_state, "optimizer": optimizer_state, **averages}, iteration, run_dir, device)
     failure = None
     try:
         if is_main:
@@ -125,6 +126,21 @@ def save_checkpoint(
             remove(old)
     barrier()
     return path
+
+
+def refuse_nonfinite(state: dict[str, Any], iteration: int, run_dir: Path, device: torch.device) -> None:
+    """Called on every rank before anything is written: stop every rank with ``NonFiniteState`` when a floating
+    tensor of ``state`` (this rank's shards) holds an inf or NaN, so that no checkpoint is ever one to resume a
+    diverged run from. The update of a step whose loss was finite can still overflow (a too high lr)."""
+    bad = first_nonfinite(state)
+    (found,) = any_rank([bad is not None], device)
+    if found:
+        raise NonFiniteState(
+            f"the checkpoint of iteration {iteration} was not written: {bad or 'a tensor on another rank'} holds "
+            f"inf or NaN (the training diverged); the last intact checkpoint is "
+            f"{latest_checkpoint(run_dir) or 'none yet'}: resume from it with a lower optim.lr, "
+            f"train.skip_nonfinite=true or train.precision=fp32"
+        )
 
 
 def write_error(error: BaseException) -> str:

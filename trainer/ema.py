@@ -18,7 +18,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.config import EmaConfig
-from trainer.distributed import average_over_ranks
+from trainer.distributed import any_rank, average_over_ranks
+from trainer.faults import NonFiniteState, first_nonfinite
 from trainer.parallel import full_tensor, local, reshard
 
 
@@ -61,6 +62,12 @@ class WeightAverage:
         writes the shards: the gathered parameters are freed on either side of it, so that the forwards in the
         block, and the training step after it, gather what was written (``dist.reshard_after_forward=false`` keeps
         them gathered after a no-grad forward)."""
+        bad = first_nonfinite(self.average)  # each rank's shards: every rank learns whether any holds one
+        if any_rank([bad is not None], local(next(iter(self.average.values()))).device)[0]:
+            raise NonFiniteState(
+                f"the EMA of the weights holds inf or NaN ({bad or 'on another rank'}): not swapped in; train on "
+                f"from an earlier checkpoint with a lower optim.lr or ema.decay"
+            )
         saved = {name: value.detach().clone() for name, value in self.tracked.items()}
         reshard(self.model)
         with torch.no_grad():

@@ -17,7 +17,11 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from types import FrameType
+from typing import Any
+
+import torch
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT
@@ -45,6 +49,53 @@ class NonFiniteLoss(TrainingStopped):
 
 class CheckpointNotWritten(TrainingStopped):
     exit_code = 74  # EX_IOERR
+
+
+class NonFiniteState(TrainingStopped):
+    """Weights, BN statistics, optimizer state or the EMA hold an inf or NaN: what would have been written is not."""
+
+    exit_code = 1
+
+
+def named_tensors(state: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a nested state dict (dicts, lists, tuples) with its dotted name, in order; DTensors as
+    this rank's shard."""
+    if isinstance(state, torch.Tensor):
+        yield prefix, state.to_local() if hasattr(state, "to_local") else state
+    elif isinstance(state, Mapping):
+        for key, value in state.items():
+            yield from named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(state, (list, tuple)):
+        for index, value in enumerate(state):
+            yield from named_tensors(value, f"{prefix}.{index}" if prefix else str(index))
+
+
+def nonfinite_flags(tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[list[str], torch.Tensor]:
+    """The floating tensors' names and, on the device, a 0/1 per tensor: whether it holds an inf or NaN. One fused
+    reduction per dtype and device (``torch._foreach_norm``'s max-norm, which is inf or NaN exactly when an element
+    is), nothing read by the host."""
+    groups: dict[tuple[torch.dtype, torch.device], list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and tensor.numel():
+            groups.setdefault((tensor.dtype, tensor.device), []).append((name, tensor))
+    names, flags = [], []
+    for members in groups.values():
+        norms = torch._foreach_norm([tensor.detach() for _, tensor in members], float("inf"))
+        names += [name for name, _ in members]
+        flags.append(torch.stack(norms).isfinite().logical_not())
+    if not flags:
+        return [], torch.zeros(0)
+    devices = {flag.device for flag in flags}
+    target = next(iter(devices)) if len(devices) == 1 else torch.device("cpu")
+    return names, torch.cat([flag.to(target).float() for flag in flags])
+
+
+def first_nonfinite(state: Any) -> str | None:
+    """The name of the first floating tensor of ``state`` that holds an inf or NaN, or None (one host read)."""
+    tensors = list(named_tensors(state))
+    names, flags = nonfinite_flags(tensors)
+    bad = {names[index] for index in flags.nonzero().flatten().tolist()}
+    return next((name for name, _ in tensors if name in bad), None)
 
 
 class StopSignals:

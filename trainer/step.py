@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from data_pipeline.errors import UserError
 from trainer.config import Config
@@ -82,6 +83,13 @@ class Stepper:
     precision: str
     accumulation: int = 1
     label_smoothing: float = 0.0
+    skip_nonfinite: bool = False  # train.skip_nonfinite: the run goes on past a skipped step
+
+    def __post_init__(self) -> None:
+        # BN's running statistics move in the forward, before the flags say whether the step counts: a run that goes
+        # on past a skipped step gets them back (one that stops there writes nothing of that step)
+        self.buffers = [b for b in self.model.buffers() if not isinstance(b, DTensor)] if self.skip_nonfinite else []
+        self.kept = [torch.empty_like(b) for b in self.buffers]
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, *, stop: bool, grad_norm: bool) -> StepOutcome:
         """``labels``: class indices, or class probabilities (N x C) of a mixed batch (trainer.mixing).
@@ -91,6 +99,8 @@ class Stepper:
         cancels on the device (``found_inf`` of the fused SGD and of LARS, as the gradient scaler uses it). Nothing
         here waits for the device, but SGD under FSDP2 (no fused SGD for DTensors): the host reads the flag first."""
         self.optimizer.zero_grad(set_to_none=True)
+        if self.buffers:
+            torch._foreach_copy_(self.kept, self.buffers)
         micro = list(zip(images.chunk(self.accumulation), labels.chunk(self.accumulation), strict=True))
         total_loss, outputs = torch.zeros((), device=self.device), []
         for index, (inputs, targets) in enumerate(micro):
@@ -103,6 +113,8 @@ class Stepper:
             outputs.append(logits.detach())
         local = torch.stack([total_loss.isfinite().logical_not(), torch.full((), stop, device=self.device)])
         skipped, stop_flag = any_rank_on_device(local.float())  # the gradients were reduced like any others
+        for buffer, kept in zip(self.buffers, self.kept, strict=True):
+            buffer.copy_(torch.where(skipped.bool(), kept, buffer))
         self.scaler.unscale_(self.optimizer)  # fp16 (else nothing): finds overflow, the norm is of true gradients
         norm = gradient_norm(self.model) if grad_norm else None
         overflow = scaler_found_inf(self.scaler, self.optimizer, self.device)
@@ -155,5 +167,13 @@ def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> St
     optimizer = build_optimizer(model, config.optim)
     scaler = build_grad_scaler(device, train.precision)
     return Stepper(
-        model, wrapped, optimizer, scaler, device, train.precision, train.accumulation, config.loss.label_smoothing
+        model,
+        wrapped,
+        optimizer,
+        scaler,
+        device,
+        train.precision,
+        train.accumulation,
+        config.loss.label_smoothing,
+        train.skip_nonfinite,
     )

@@ -12,7 +12,7 @@ from training_runs import imagefolder_run, metrics, small_run
 from data_pipeline.errors import UserError
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from trainer.distributed import LaunchEnv
-from trainer.faults import NonFiniteLoss
+from trainer.faults import NonFiniteLoss, NonFiniteState
 from trainer.hardware import usable_cores
 from trainer.loop import train
 
@@ -111,6 +111,25 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, cifar_
         train(config, LaunchEnv())
     checkpoint = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert checkpoint["iteration"] == 5 and all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+
+
+def assert_finite(checkpoint: dict) -> None:
+    states = [checkpoint["model"], *checkpoint["optimizer"]["state"].values()]
+    assert all(t.isfinite().all() for state in states for t in state.values() if t.is_floating_point())
+
+
+def test_a_diverged_update_is_never_written_as_a_checkpoint(tmp_path, cifar_root):
+    """At lr 1e6 a step's loss is finite while its update overflows the weights (and the next forward the BN
+    statistics): that state is refused before anything is written, naming the tensor and the intact checkpoint."""
+    config = small_run(tmp_path, cifar_root, "train.iterations=12", "checkpoint.every=1", "optim.lr=1e6")
+    with pytest.raises(
+        NonFiniteState, match=r"iteration \d+ was not written: model\.\S+ holds inf or NaN .*lower optim"
+    ):
+        train(config, LaunchEnv())
+    checkpoints = list_checkpoints(tmp_path / "run")
+    assert not list((tmp_path / "run/checkpoints").glob("*.tmp"))
+    for path in checkpoints:
+        assert_finite(load_checkpoint(path))
 
 
 def test_a_window_of_skipped_steps_logs_only_the_count(tmp_path, cifar_root, monkeypatch):

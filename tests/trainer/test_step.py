@@ -10,8 +10,9 @@ from trainer.step import STEP_FLAGS, build_stepper
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
-def stepper_for(precision: str, device: str = "cpu"):
-    config = Config(model=ModelConfig(name="resnet20"), train=TrainConfig(precision=precision, device=device))
+def stepper_for(precision: str, device: str = "cpu", skip_nonfinite: bool = False):
+    train = TrainConfig(precision=precision, device=device, skip_nonfinite=skip_nonfinite)
+    config = Config(model=ModelConfig(name="resnet20"), train=train)
     return build_stepper(config, LaunchEnv(), torch.device(device))
 
 
@@ -58,6 +59,23 @@ def test_a_nonfinite_loss_changes_neither_weights_nor_momentum():
     trained = snapshot(stepper)
     assert stepper.step(*batch(poisoned=True), stop=False, grad_norm=False).skipped
     assert all(torch.equal(a, b) for a, b in zip(trained, snapshot(stepper), strict=True))
+
+
+def buffers(stepper) -> list[torch.Tensor]:
+    return [b.detach().clone() for b in stepper.model.buffers()]
+
+
+def test_a_skipped_step_leaves_the_bn_statistics_as_they_were():
+    """The forward of a NaN batch writes NaN into BN's running statistics before the step knows it is skipped: a
+    run that goes on (train.skip_nonfinite) gets them back, weights and momentum untouched as well."""
+    stepper = stepper_for("fp32", skip_nonfinite=True)
+    stepper.step(*batch(), stop=False, grad_norm=False)
+    before, weights = buffers(stepper), snapshot(stepper)
+    assert stepper.step(*batch(poisoned=True), stop=False, grad_norm=False).skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, buffers(stepper), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(weights, snapshot(stepper), strict=True))
+    stepper.step(*batch(), stop=False, grad_norm=False)  # a good step still moves them
+    assert not all(torch.equal(a, b) for a, b in zip(before, buffers(stepper), strict=True))
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ from torch import nn
 
 from data_pipeline.errors import UserError
 from trainer.checkpoint import load_checkpoint, read_dcp, remove, write_file
+from trainer.faults import first_nonfinite
 
 # ``residual export`` writes what evaluation needs besides the weights (the model section, the class names, the
 # data section's preprocessing) into the state dict's own ``_metadata``, where load_state_dict looks only for
@@ -84,6 +85,10 @@ def export_state_dict(source: Path, out: Path, which: str = "raw") -> Weights:
     weights = read_weights(source, which)
     if weights.plain:
         raise UserError(f"{source}: already a plain state dict; nothing to export")
+    if (bad := first_nonfinite(weights.state_dict)) is not None:
+        raise UserError(
+            f"{source}: {bad} holds inf or NaN (a diverged run): not exported; export an earlier checkpoint"
+        )
     state_dict = collections.OrderedDict(weights.state_dict)
     state_dict._metadata = collections.OrderedDict()  # as Module.state_dict() has it
     state_dict._metadata[EXPORT_METADATA] = {
