@@ -115,9 +115,10 @@ def list_folder(root: Path) -> FolderIndex:
     # gathered a class at a time (one bytes object and one array each), so that no Python object per file outlives
     # its class: the memory a list of 1.28 million paths would leave in the process is never taken
     names, lengths, labels, folders, times = [], [], [], [""], [os.stat(root).st_mtime_ns]
+    real_root = os.path.realpath(root_text)
     for label, name in enumerate(classes):
         found = []
-        for folder, _, files in sorted(os.walk(os.path.join(root_text, name), followlinks=True)):
+        for folder, files in sorted(walk_folders(os.path.join(root_text, name), real_root)):
             relative = os.path.relpath(folder, root_text)
             folders.append(relative)
             times.append(os.stat(folder).st_mtime_ns)
@@ -135,6 +136,42 @@ def list_folder(root: Path) -> FolderIndex:
     return FolderIndex(
         root_text, classes, buffer, offsets, np.concatenate(labels), folders, np.array(times, dtype=np.int64)
     )
+
+
+def walk_folders(top: str, real_root: str) -> list[tuple[str, list[str]]]:
+    """(folder, file names) of every folder below ``top`` (a class folder, or a data set for verify), as ``os.walk(followlinks=True)`` lists
+    them, where torchvision's walk would list an image twice or under another class, or skip a folder without a
+    word: a symbolic link to a folder inside the data set (a loop such as ``loop -> ..``, or another class), a
+    dangling link and a folder that cannot be read are each one error naming the path. A link to a folder outside
+    the data set (a tree assembled from several disks) is followed."""
+    listed, pending, seen = [], [top], {os.path.realpath(top)}
+    while pending:
+        folder = pending.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as error:
+            raise UserError(f"{folder}: cannot be listed ({error.strerror}); make it readable or remove it") from None
+        files = []
+        for entry in entries:
+            if entry.is_symlink() and not os.path.exists(entry.path):
+                raise UserError(f"{entry.path}: a symbolic link to {os.readlink(entry.path)}, which does not exist")
+            if not entry.is_dir():
+                files.append(entry.name)
+                continue
+            target = os.path.realpath(entry.path)
+            if entry.is_symlink() and (target in seen or is_within(target, real_root)):
+                raise UserError(
+                    f"{entry.path}: a symbolic link to {target}, inside the data set or listed already: its images would be "
+                    f"listed again (under this class); remove the link"
+                )
+            seen.add(target)
+            pending.append(entry.path)
+        listed.append((folder, files))
+    return listed
+
+
+def is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def saved_index(root: Path, saved: Path) -> FolderIndex | None:

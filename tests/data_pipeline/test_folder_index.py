@@ -8,6 +8,7 @@ import torchvision
 from data_pipeline.datasets import open_dataset
 from data_pipeline.datasets.folder_index import FolderIndex, folder_index, index_splits, list_folder
 from data_pipeline.errors import UserError
+from data_pipeline.prepare.verify import image_files
 
 
 def make_tree(root, files):
@@ -53,7 +54,7 @@ def test_it_is_written_once_and_read_by_the_next_opener_without_listing(tmp_path
     def no_listing(*args, **kwargs):
         raise AssertionError("listed again")
 
-    monkeypatch.setattr("data_pipeline.datasets.folder_index.os.walk", no_listing)
+    monkeypatch.setattr("data_pipeline.datasets.folder_index.walk_folders", no_listing)
     assert index_splits(data, tmp_path / "index") == ["6 train images, read", "3 val images, read"]  # a later start
     for train in (True, False):  # every other rank
         opened = open_dataset(data, "imagefolder", train=train, index_dir=tmp_path / "index")
@@ -109,3 +110,50 @@ def test_a_tree_without_images_is_named(tmp_path, files, message):
         list_folder(tmp_path)
     with pytest.raises(UserError, match="folder does not exist"):
         list_folder(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "message"),
+    [
+        ("a/loop", "..", "a/loop: a symbolic link to .*, inside the data set"),  # what a careless `ln -s` makes
+        ("a/again", ".", "a/again: a symbolic link to .*, inside the data set"),
+        ("a/other", "../b", "a/other: a symbolic link to .*/b, inside the data set"),
+        ("a/gone.jpg", "missing.jpg", "a/gone.jpg: a symbolic link to missing.jpg, which does not exist"),
+        ("a/gone", "../../nowhere", "a/gone: a symbolic link to ../../nowhere, which does not exist"),
+    ],
+)
+def test_a_link_that_would_list_images_twice_or_nowhere_is_named(tmp_path, link, target, message):
+    """torchvision's walk follows every link: ``a/loop -> ..`` listed b's images again and again under a's label."""
+    make_tree(tmp_path / "data", ["a/1.jpg", "b/2.jpg"])
+    (tmp_path / "data" / link).symlink_to(target)
+    for lister in (list_folder, image_files):
+        with pytest.raises(UserError, match=message):
+            lister(tmp_path / "data")
+
+
+def test_a_link_to_a_folder_outside_the_data_set_is_followed(tmp_path):
+    make_tree(tmp_path / "data", ["a/1.jpg", "b/2.jpg"])
+    make_tree(tmp_path / "elsewhere", ["3.jpg", "4.jpg"])
+    (tmp_path / "data/b/more").symlink_to(tmp_path / "elsewhere")
+    assert [(os.path.relpath(path, tmp_path / "data"), label) for path, label in list_folder(tmp_path / "data")] == [
+        ("a/1.jpg", 0),
+        ("b/2.jpg", 1),
+        ("b/more/3.jpg", 1),
+        ("b/more/4.jpg", 1),
+    ]
+
+
+def test_an_unreadable_folder_is_named(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list without a word (its onerror is None). The tests run as root, whom no
+    mode stops: the kernel's answer to another user is given by scandir."""
+    make_tree(tmp_path / "data", ["a/1.jpg", "a/sub/2.jpg", "b/3.jpg"])
+    scandir = os.scandir
+
+    def refused(path):
+        if str(path).endswith("a/sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr("data_pipeline.datasets.folder_index.os.scandir", refused)
+    with pytest.raises(UserError, match="a/sub: cannot be listed \\(Permission denied\\); make it readable"):
+        list_folder(tmp_path / "data")
