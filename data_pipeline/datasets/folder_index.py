@@ -139,11 +139,11 @@ def list_folder(root: Path) -> FolderIndex:
 
 
 def walk_folders(top: str, real_root: str) -> list[tuple[str, list[str]]]:
-    """(folder, file names) of every folder below ``top`` (a class folder, or a data set for verify), as ``os.walk(followlinks=True)`` lists
-    them, where torchvision's walk would list an image twice or under another class, or skip a folder without a
-    word: a symbolic link to a folder inside the data set (a loop such as ``loop -> ..``, or another class), a
-    dangling link and a folder that cannot be read are each one error naming the path. A link to a folder outside
-    the data set (a tree assembled from several disks) is followed."""
+    """(folder, file names) of every folder below ``top`` (a class folder, or a data set for verify), as
+    ``os.walk(followlinks=True)`` lists them, where torchvision's walk would list an image twice or under another
+    class, or skip a folder without a word: a symbolic link to a folder inside the data set (a loop such as
+    ``loop -> ..``, or another class), a dangling link and a folder that cannot be read are each one error naming
+    the path. A link to a folder outside the data set (a tree assembled from several disks) is followed."""
     listed, pending, seen = [], [top], {os.path.realpath(top)}
     while pending:
         folder = pending.pop()
@@ -161,8 +161,8 @@ def walk_folders(top: str, real_root: str) -> list[tuple[str, list[str]]]:
             target = os.path.realpath(entry.path)
             if entry.is_symlink() and (target in seen or is_within(target, real_root)):
                 raise UserError(
-                    f"{entry.path}: a symbolic link to {target}, inside the data set or listed already: its images would be "
-                    f"listed again (under this class); remove the link"
+                    f"{entry.path}: a symbolic link to {target}, inside the data set or listed already: its images "
+                    f"would be listed again (under this class); remove the link"
                 )
             seen.add(target)
             pending.append(entry.path)
