@@ -37,7 +37,7 @@ from typing import Any, Literal, NamedTuple
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, read_text
 from trainer.config import Config, load_config, said_in_one_line, to_yaml
 from trainer.distributed import TRIAL_CPUS
 from trainer.run_log import METRICS_FILE, read_metrics
@@ -65,10 +65,9 @@ class SweepConfig:
 def load_sweep(path: Path) -> SweepConfig:
     """Read and check a sweep file: every key of the space is a config key, every value a known distribution,
     and the base config loads with the overrides and with one value of each key."""
-    if not path.is_file():
-        raise UserError(f"sweep file {str(path)!r} does not exist")
+    text = read_text(path, "sweep file")
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.load(path))
+        merged = OmegaConf.merge(OmegaConf.structured(SweepConfig), OmegaConf.create(text))
         sweep: SweepConfig = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise said_in_one_line(path, error) from None

@@ -1,13 +1,31 @@
 """The one exception type for mistakes a user can make (a bad config value, a missing folder, a bad file).
 
 It lives at the bottom of the import graph (the CLI -> cluster -> trainer -> data_pipeline; tests/test_layering.py)
-and imports nothing, so that every package raises the same type; the entry points (``trainer.run``, the CLI) print
-its message without a traceback and exit with status 2.
+and imports nothing of the project, so that every package raises the same type; the entry points (``trainer.run``,
+the CLI) print its message without a traceback and exit with status 2 (trainer.user_errors).
 """
+
+from pathlib import Path
 
 
 class UserError(Exception):
     pass
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """A text file the project reads (a config, a sweep, an index, a list of names) as UTF-8, or one UserError that
+    names it and its fault: missing, unreadable, a folder, or not UTF-8 text."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"{what} {str(path)!r}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset {error.start}); "
+            f"save it as UTF-8"
+        ) from None
+    except FileNotFoundError:
+        raise UserError(f"{what} {str(path)!r} does not exist") from None
+    except OSError as error:
+        raise UserError(f"{what} {str(path)!r} cannot be read ({error.strerror})") from None
 
 
 def outside_the_classes(classes: int, source: object) -> str:

@@ -107,6 +107,8 @@ def save_checkpoint(
         elif is_main:
             write_file(partial, {**train_state, "model": model_state, "optimizer": optimizer_state, **averages})
     except (OSError, RuntimeError) as error:  # torch.save's zip writer reports a full disk as a RuntimeError
+        if not is_write_failure(error):  # a loader process's death is raised wherever the trainer is, here too
+            raise
         failure = error
     except CheckpointException as error:  # DCP gathers its ranks' errors into one: the first rank's
         failure = next(iter(error.failures.values()))[0]
@@ -141,6 +143,14 @@ def refuse_nonfinite(state: dict[str, Any], iteration: int, run_dir: Path, devic
             f"{latest_checkpoint(run_dir) or 'none yet'}: resume from it with a lower optim.lr, "
             f"train.skip_nonfinite=true or train.precision=fp32"
         )
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the writer's: an OSError, or torch.save's zip writer failing on one."""
+    chain = [error, error.__context__, error.__cause__]
+    return any(isinstance(cause, OSError) for cause in chain) or any(
+        marker in str(error) for marker in ("PytorchStreamWriter", "unexpected pos", "file write failed")
+    )
 
 
 def write_error(error: BaseException) -> str:
@@ -245,6 +255,8 @@ def why_unreadable(path: Path, error: Exception) -> str:
     """What a file torch.load refused is, in words (never torch's advice to load it unsafely)."""
     with open(path, "rb") as file:
         head = file.read(4096)
+    if not head:
+        return "empty (0 bytes): a write that never finished"
     legacy = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # how torch's pre-zip format begins
     if not (head.startswith(b"PK\x03\x04") or head.startswith(legacy)):
         try:
@@ -310,7 +322,25 @@ def check_dcp_metadata(path: Path) -> dcp_metadata.Metadata:
         raise UserError(f"{metadata}: not loaded: {error} (checkpoints are read weights-only)") from None
     if not isinstance(loaded, dcp_metadata.Metadata):
         raise UserError(f"{metadata}: holds a {type(loaded).__name__}, not DCP's Metadata; not loaded")
+    check_dcp_files(path, loaded)
     return loaded
+
+
+def check_dcp_files(path: Path, metadata: dcp_metadata.Metadata) -> None:
+    """Every shard file the metadata names is there, and long enough for what it says it holds: one missing or cut
+    short (a copy interrupted, a rank's disk lost) is named here, rather than as DCP's error from every rank."""
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, length in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise UserError(f"{shard}: missing, a shard of the checkpoint {path}; resume from an earlier checkpoint")
+        if (size := shard.stat().st_size) < length:
+            raise UserError(
+                f"{shard}: cut short ({size} of {length} bytes), a shard of the checkpoint {path}; resume from an "
+                f"earlier checkpoint"
+            )
 
 
 class Stateful(Protocol):

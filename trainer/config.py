@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import UserError, require, require_one_of
+from data_pipeline.errors import UserError, read_text, require, require_one_of
 from trainer.models.table import MODEL_NAMES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -296,13 +296,12 @@ RENAMED_KEYS = {
 def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_size: int = 1) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, validate, and fill ``train.run_name``."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file {str(path)!r} does not exist")
+    text = read_text(path, "config file")
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} is not key=value (example: optim.lr=0.05)")
     try:
-        loaded = OmegaConf.load(path)
+        loaded = OmegaConf.create(text) if text.strip() else None
         if not isinstance(loaded, DictConfig) or not loaded:
             kind = "empty" if not loaded else "a list"
             raise UserError(f"{kind}, not a mapping of sections (model:, data:, train:, ...)")

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib as mpl
 import yaml
 from matplotlib.figure import Figure
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, read_text
 from data_pipeline.published import title as dataset_title
 from trainer.comparison import PAPERS, paper_figure, published_note
 from trainer.run_log import read_metrics
@@ -39,15 +40,39 @@ class RunHistory:
     )  # (iteration, hours, device-hours, top-1 %)
 
 
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run's config.yaml (the config as it trained), or one line saying why it cannot be read."""
+    try:
+        config = yaml.safe_load(read_text(path, "run config"))
+    except yaml.YAMLError as error:
+        raise UserError(f"{path}: not valid YAML, half-written? ({str(error).splitlines()[0]})") from None
+    sections = ("model", "train", "eval")
+    if not isinstance(config, dict) or not all(isinstance(config.get(key), dict) for key in sections):
+        raise UserError(
+            f"{path}: empty or half-written (needs the sections {', '.join(sections)}): the run wrote it at its "
+            f"start; starting the run again writes it whole"
+        )
+    return config
+
+
+def read_dataset(path: Path) -> str:
+    try:
+        return json.loads(read_text(path, "run record"))["dataset"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(
+            f"{path}: not the run's data set record (half-written?); remove it to compare with nothing"
+        ) from None
+
+
 def read_run(run_dir: Path) -> RunHistory:
     """A run directory's config.yaml and metrics.jsonl."""
     config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
     if not config_path.is_file() or not metrics_path.is_file():
         raise UserError(f"{run_dir}: not a run directory (needs config.yaml and metrics.jsonl)")
-    config = yaml.safe_load(config_path.read_text())
+    config = read_run_config(config_path)
     model = config["model"]["name"]
     recorded = run_dir / "dataset.json"  # runs before it was recorded: "unrecorded", compared with nothing
-    dataset = json.loads(recorded.read_text())["dataset"] if recorded.is_file() else "unrecorded"
+    dataset = read_dataset(recorded) if recorded.is_file() else "unrecorded"
     history = RunHistory(
         config["train"]["run_name"], model, config["model"].get("shortcut"), dataset, config["eval"]["protocol"]
     )

@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from data_pipeline.errors import UserError
+from trainer.checkpoint import latest_checkpoint
 from trainer.comparison import published_line
-from trainer.config import load_config
+from trainer.config import Config, load_config
 from trainer.distributed import LaunchEnv, destroy_process_group
 from trainer.faults import INTERRUPT_EXIT_CODE, TrainingStopped
 from trainer.loop import train
 from trainer.run_dir import check_run_dir
-from trainer.user_errors import report_user_error
+from trainer.user_errors import report_error
 
 
 def run(config_path: str, overrides: Sequence[str] = ()) -> int:
@@ -27,7 +28,7 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
     be written; 1 for a loss that is not finite); 2 for a mistake in the config or the data, or a run directory
     another training holds, said in one line once per host."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    launch = LaunchEnv.from_environ()
+    launch, config = LaunchEnv.from_environ(), None
     try:
         config = load_config(config_path, list(overrides), world_size=launch.world_size)
         check_run_dir(config.train.output_dir, config.train.run_name)
@@ -37,8 +38,6 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
         if launch.is_main:
             print(f"residual: {stopped}", file=sys.stderr)
         return stopped.exit_code
-    except UserError as error:
-        return report_user_error(error, launch)
     except KeyboardInterrupt:  # before the training loop, or in the final evaluation: no step to finish
         if launch.is_main:
             print(
@@ -47,6 +46,8 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
                 file=sys.stderr,
             )
         return INTERRUPT_EXIT_CODE
+    except Exception as error:  # noqa: BLE001 (every other failure, a UserError included, said in one line)
+        return report_error(error, launch, resume_hint=resume_hint(config))
     finally:
         destroy_process_group()
     if launch.is_main:
@@ -58,3 +59,12 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
         print(published_line(run_log.dataset, config.model.name, config.model.shortcut, protocol))
         print(f"TensorBoard logs: {run_log.tensorboard_dir}  (tensorboard --logdir {run_log.tensorboard_dir})")
     return 0
+
+
+def resume_hint(config: Config | None) -> str:
+    """How a training that failed goes on: from its last checkpoint, if it has one."""
+    try:
+        latest = config and latest_checkpoint(Path(config.train.output_dir) / config.train.run_name)
+    except OSError:  # the run directory itself is what failed
+        return ""
+    return f"; the same command resumes from {latest}" if latest else ""

@@ -24,6 +24,7 @@ from trainer.faults import TrainingStopped
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "run.lock"
+MIN_FREE_BYTES = 1 << 20  # less than this at the start: not a disk a run can write its first logs to
 
 
 class RunDirInUse(TrainingStopped):
@@ -78,6 +79,11 @@ def run_directory(run_dir: Path, launch: LaunchEnv, device: torch.device) -> Ite
 def lock(run_dir: Path) -> tuple[IO[str] | None, str | None]:
     """Take the lock: the open file that holds it (None where the file system has no locks), or why not."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if (free := shutil.disk_usage(run_dir).free) < MIN_FREE_BYTES:
+        return None, (
+            f"{run_dir}: its disk is full ({free // 1024} KiB free), and a run writes logs and checkpoints; free "
+            f"space there, or choose another train.output_dir"
+        )
     handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 (open for the run's lifetime)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,6 +14,7 @@ from (``purge_step``) and metrics.jsonl drops its records past it, so no point i
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,7 +79,7 @@ class RunLog:
             return
         kept = [record for record in read_metrics(self.metrics_path) if record["iteration"] <= after]
         self.evaluated = {(record["iteration"], record["protocol"]) for record in kept if record["kind"] == "eval"}
-        self.metrics_path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        write_whole(self.metrics_path, "".join(json.dumps(record) + "\n" for record in kept))
 
     def log(self, kind: str, iteration: int, values: dict[str, Any]) -> None:
         """One record: every numeric value becomes the scalar ``kind/name`` (``eval/PROTOCOL/name`` for an
@@ -105,9 +106,9 @@ class RunLog:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_yaml)
-        (self.run_dir / "env.json").write_text(json.dumps(facts, indent=2) + "\n")
-        (self.run_dir / "dataset.json").write_text(json.dumps({"dataset": dataset, "title": title(dataset)}) + "\n")
+        write_whole(self.run_dir / "config.yaml", config_yaml)
+        write_whole(self.run_dir / "env.json", json.dumps(facts, indent=2) + "\n")
+        write_whole(self.run_dir / "dataset.json", json.dumps({"dataset": dataset, "title": title(dataset)}) + "\n")
         self.text("config", "```\n" + config_yaml + "```\n\n" + "\n\n".join(choices))
 
     def text(self, tag: str, text: str) -> None:
@@ -145,6 +146,17 @@ class RunLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` under a temporary name, then renamed: a crash or a full disk mid-write leaves the file
+    as it was (a half-written config.yaml would be read as the run's)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ any file or folder added, removed or renamed changes that of its parent.
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +86,8 @@ class FolderIndex:
 
     @classmethod
     def load(cls, path: Path) -> FolderIndex | None:
-        """The index at ``path``; None where there is none, or one of another version."""
+        """The index at ``path``; None where there is none, one of another version, or a damaged one (a cache: the
+        tree is listed again)."""
         try:
             with np.load(path, allow_pickle=False) as saved:
                 if int(saved["version"]) != INDEX_VERSION:
@@ -99,7 +101,7 @@ class FolderIndex:
                     saved["folders"].tolist(),
                     saved["folder_times"],
                 )
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError):  # missing, cut short, foreign
             return None
 
 

@@ -34,7 +34,6 @@ import argparse
 import logging
 import sys
 
-from data_pipeline.errors import UserError
 from trainer.cli import bench, cluster, data, reports, train
 
 AREAS = (train, data, cluster, reports, bench)  # each adds its commands, the parser beside the handler
@@ -60,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *unknown]
     try:
         return args.run(args) or 0
-    except UserError as error:
-        from trainer.distributed import LaunchEnv
-        from trainer.user_errors import report_user_error
-
-        return report_user_error(error, LaunchEnv.from_environ())
     except KeyboardInterrupt:  # Ctrl-C in a command without its own answer to it (training has one)
         print(f"residual: interrupted (Ctrl-C): {args.command} stopped", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 (a UserError, a refused file, a bug: each said in one line)
+        from trainer.distributed import LaunchEnv
+        from trainer.user_errors import report_error
+
+        return report_error(error, LaunchEnv.from_environ())

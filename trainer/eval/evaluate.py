@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from data_pipeline.errors import UserError
 from trainer.distributed import all_reduce_sum, any_rank, largest_over_ranks
 from trainer.precision import maybe_autocast
 
@@ -161,4 +162,9 @@ def evaluate(
     model.train(was_training)
     counts = all_reduce_sum(counts, device)
     correct1, correct5, count = counts.sum(dim=0).tolist()
+    if count == 0:
+        raise UserError(
+            "no validation image was evaluated: each was undecodable and left out (data.skip_corrupt), or the set is "
+            "empty; `residual data verify DIR` lists the damaged files"
+        )
     return EvalResult(correct1, correct5, count, tuple(map(tuple, counts.tolist())), seconds)
