@@ -19,7 +19,7 @@ from pathlib import Path
 
 import submitit
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, read_text
 from trainer.config import Config, load_config
 from trainer.faults import REQUEUE_EXIT_CODE
 
@@ -94,13 +94,18 @@ def parse_mem_gb(text: str) -> float:
     return number * {"K": 2**-20, "M": 2**-10, "G": 1, "T": 2**10}[unit]
 
 
-def check_resources(resources: Resources) -> None:
-    """Refuse what SLURM cannot run, before anything is submitted: a partition that does not exist, more GPUs per
-    node than its nodes have, CPU tasks without a count."""
+def check_task_counts(resources: Resources) -> None:
+    """A job of at least one task: before its world size is used for anything."""
     if resources.gpus_per_node == 0 and resources.tasks_per_node is None:
         raise UserError("--gpus-per-node 0: say how many CPU ranks per node with --tasks-per-node T")
     if resources.nodes < 1 or resources.tasks_per_node_or_gpus < 1:
         raise UserError(f"--nodes {resources.nodes} x {resources.tasks_per_node_or_gpus} tasks: nothing to run")
+
+
+def check_resources(resources: Resources) -> None:
+    """Refuse what SLURM cannot run, before anything is submitted: a partition that does not exist, more GPUs per
+    node than its nodes have, CPU tasks without a count."""
+    check_task_counts(resources)
     if shutil.which("sinfo") is None:
         raise UserError("sinfo not found: no SLURM on this machine (tools/slurm/start-local.sh starts a local one)")
     partitions = sinfo(["-o", "%P"])
@@ -167,6 +172,7 @@ def plan(config_path: str, overrides: list[str], resources: Resources, array: st
     """The runs to submit, each config loaded and validated for the job's world size before anything is
     submitted. ``array``: KEY=V1,V2,... (``seeds=1,2,3`` is train.seed), one run per value, named
     RUN_NAME-KEYVALUE; ``array_file``: one config path per line, one run each."""
+    check_task_counts(resources)
     world_size = resources.tasks
 
     def load(path: str, extra: list[str]) -> Submission:
@@ -180,7 +186,7 @@ def plan(config_path: str, overrides: list[str], resources: Resources, array: st
         return Submission(config, absolute, [*overrides, *extra, *pinned])
 
     if array_file is not None:
-        lines = [line.strip() for line in Path(array_file).read_text().splitlines()]
+        lines = [line.strip() for line in read_text(array_file, "--array-file").splitlines()]
         paths = [line for line in lines if line and not line.startswith("#")]
         if not paths:
             raise UserError(f"--array-file {array_file}: lists no config")

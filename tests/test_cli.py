@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from checkout import RESIDUAL, ROOT
 
+from trainer.cli import main
 from trainer.hardware import detect_cpu
 
 
@@ -302,6 +303,17 @@ def test_config_show_documents_every_key_of_the_resolved_config():
     assert len(entries) > 60 and [line for line in entries if " # " not in line] == []
     assert any(line.startswith("  lr: 0.2 ") for line in entries)
     assert any(line.startswith("  keep: 5 ") for line in entries)
+
+
+def test_config_show_prints_a_config_whose_data_is_not_here(capsys):
+    """Reading a config needs no data set: the missing root is a note below it (training still refuses it)."""
+    assert main(["config", "show", str(ROOT / "configs/imagenet/resnet18.yaml"), "data.root=/nowhere/imagenet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith('  name: "resnet18" ') for line in out)
+    assert out[-1] == (
+        "note: data.root='/nowhere/imagenet': folder does not exist (run `residual data synth /nowhere/imagenet` or "
+        "set data.synthesize to generate it); training would stop there"
+    )
 
 
 @pytest.mark.slow

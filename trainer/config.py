@@ -293,8 +293,11 @@ RENAMED_KEYS = {
 }
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_size: int = 1) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, validate, and fill ``train.run_name``."""
+def load_config(
+    path: str | os.PathLike, overrides: list[str] = (), *, world_size: int = 1, data_needed: bool = True
+) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, validate, and fill ``train.run_name``. ``data_needed``:
+    refuse a data root that is not there (training; not `residual config show`, which only reads)."""
     path = Path(path)
     text = read_text(path, "config file")
     for item in overrides:
@@ -321,6 +324,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = (), *, world_siz
     if config.train.run_name is None:
         config.train.run_name = path.stem
     validate_launch(config, world_size=world_size)
+    if data_needed and (missing := missing_data(config)):
+        raise UserError(missing)
     return config
 
 
@@ -376,12 +381,15 @@ def validate_launch(config: Config, *, world_size: int) -> None:
         ("eval.batch_size", config.eval.batch_size),
         world_size=world_size,
     )
+
+
+def missing_data(config: Config) -> str | None:
+    """Why the data root cannot be trained on as it stands, or None (one that ``data.synthesize`` makes is fine)."""
     root = Path(config.data.root)
-    if config.data.synthesize is None and not root.is_dir():
-        raise UserError(
-            f"data.root={str(root)!r}: folder does not exist (run `residual data synth {root}` "
-            "or set data.synthesize to generate it)"
-        )
+    if config.data.synthesize is not None or root.is_dir():
+        return None
+    what = "a file, not a folder" if root.exists() else "folder does not exist"
+    return f"data.root={str(root)!r}: {what} (run `residual data synth {root}` or set data.synthesize to generate it)"
 
 
 def check_evaluation(

@@ -98,9 +98,12 @@ def add_models(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_config_show(args: argparse.Namespace) -> None:
-    from trainer.config import describe, load_config
+    from trainer.config import describe, load_config, missing_data
 
-    print(describe(load_config(args.config, list(args.overrides))))
+    config = load_config(args.config, list(args.overrides), data_needed=False)
+    print(describe(config))
+    if missing := missing_data(config):
+        print(f"note: {missing}; training would stop there")
 
 
 def add_config(commands: argparse._SubParsersAction) -> None:
