@@ -305,3 +305,43 @@ def test_a_killed_loader_process_stops_the_run_in_one_line_and_it_resumes(tmp_pa
     assert f"a data loader process (pid {workers[0]}) was killed by signal Killed (SIGKILL" in line
     assert f"the same command resumes from {checkpoints}" in line
     assert not list(checkpoints.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_memory_exhausted_in_a_step_is_one_line(tmp_path, imagefolder_root):
+    """A process limited to 5 GiB of address space (what a cgroup or a smaller machine gives) trains ResNet-152 at
+    224 x 224 in batches of 48, which needs about twice that: the allocation fails in the forward."""
+    import resource
+
+    limit = 5 * 2**30
+    command = [
+        sys.executable,
+        "-m",
+        "trainer",
+        str(QUICKSTART),
+        f"data.root={imagefolder_root}",
+        "data.format=imagefolder",
+        "data.synthesize=null",
+        "data.workers=0",
+        "data.batch_size=48",
+        "data.crop_size=224",
+        "model.name=resnet152",
+        "model.num_classes=4",
+        "log.progress=false",
+        "train.iterations=1",
+        f"train.output_dir={tmp_path}",
+    ]
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("residual:")]
+    assert line == (
+        "residual: error: out of memory; lower data.batch_size (train.accumulation keeps the global batch), or "
+        "data.workers"
+    )
