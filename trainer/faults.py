@@ -26,6 +26,7 @@ import torch
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+PREEMPTION_SIGNALS = STOP_SIGNALS[:3]  # recorded from the start of a training command (Ctrl-C: see trainer.run)
 SAME_INTERRUPT_S = 1.0
 
 
@@ -99,15 +100,20 @@ def first_nonfinite(state: Any) -> str | None:
 
 
 class StopSignals:
-    """Records the first stop signal received; restores the previous handlers when closed."""
+    """Records the first stop signal received; restores the previous handlers when closed. ``before``: the
+    StopSignals of the start-up (``trainer.run``), whose signal, if one came while the run was being built, this one
+    takes on: the first step then stops as if it had come during it."""
 
-    def __init__(self) -> None:
+    def __init__(self, numbers: tuple[int, ...] = STOP_SIGNALS, before: StopSignals | None = None) -> None:
+        self.numbers, self.before = numbers, before
         self.received: int | None = None
         self._at = 0.0  # when it came (monotonic seconds)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
-        for number in STOP_SIGNALS:
+        if self.before is not None and self.before.received is not None:
+            self.received, self._at = self.before.received, self.before._at
+        for number in self.numbers:
             self._previous[number] = signal.signal(number, self._handle)
         return self
 

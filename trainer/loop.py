@@ -37,17 +37,20 @@ from trainer.step import LateFlags
 log = logging.getLogger(__name__)
 
 
-def train(config: Config, launch: LaunchEnv) -> tuple[EvalResult, RunLog]:
+def train(config: Config, launch: LaunchEnv, started: StopSignals | None = None) -> tuple[EvalResult, RunLog]:
     """Train to the run's last iteration (resuming when a checkpoint is found) and end with the final evaluation
-    (``eval.final_protocol``); a run that had finished is evaluated again."""
+    (``eval.final_protocol``); a run that had finished is evaluated again. ``started``: the signals recorded since
+    the command started (a preemption while the data was listed stops the first step)."""
     device = pick_device(config.train.device, launch)
     init_process_group(launch, device)
     run_dir = Path(config.train.output_dir) / config.train.run_name
     with run_directory(run_dir, launch, device):  # before anything is written or logged: refused if another run has it
-        return train_in(run_dir, config, launch, device)
+        return train_in(run_dir, config, launch, device, started)
 
 
-def train_in(run_dir: Path, config: Config, launch: LaunchEnv, device: torch.device) -> tuple[EvalResult, RunLog]:
+def train_in(
+    run_dir: Path, config: Config, launch: LaunchEnv, device: torch.device, started: StopSignals | None = None
+) -> tuple[EvalResult, RunLog]:
     facts = environment(launch) if launch.is_main else {}
     if launch.is_main:
         log.info("this machine:\n%s", format_environment(facts))
@@ -85,7 +88,7 @@ def train_in(run_dir: Path, config: Config, launch: LaunchEnv, device: torch.dev
     metrics.loader_workers = tuner.count
     describe(run)
     try:
-        with StopSignals() as signals:
+        with StopSignals(before=started) as signals:
             last = train_iterations(run, state, checkpoints, metrics, signals)
         result = final_evaluation(run, state, metrics, last)
     finally:

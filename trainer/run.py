@@ -14,7 +14,7 @@ from trainer.checkpoint import latest_checkpoint
 from trainer.comparison import published_line
 from trainer.config import Config, load_config
 from trainer.distributed import LaunchEnv, destroy_process_group
-from trainer.faults import INTERRUPT_EXIT_CODE, TrainingStopped
+from trainer.faults import INTERRUPT_EXIT_CODE, PREEMPTION_SIGNALS, StopSignals, TrainingStopped
 from trainer.loop import train
 from trainer.run_dir import check_run_dir
 from trainer.user_errors import report_error
@@ -30,10 +30,13 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     launch, config = LaunchEnv.from_environ(), None
     try:
-        config = load_config(config_path, list(overrides), world_size=launch.world_size)
-        check_run_dir(config.train.output_dir, config.train.run_name)
-        logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
-        result, run_log = train(config, launch)
+        # a preemption signal while the run is built (the data listed, the model made) stops its first step;
+        # Ctrl-C there stops at once (KeyboardInterrupt, below)
+        with StopSignals(PREEMPTION_SIGNALS) as started:
+            config = load_config(config_path, list(overrides), world_size=launch.world_size)
+            check_run_dir(config.train.output_dir, config.train.run_name)
+            logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
+            result, run_log = train(config, launch, started)
     except TrainingStopped as stopped:
         if launch.is_main:
             print(f"residual: {stopped}", file=sys.stderr)

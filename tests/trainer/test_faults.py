@@ -60,6 +60,22 @@ def test_stop_signal_checkpoints_and_exits_for_requeue(tmp_path, quickstart_on_c
     assert load_checkpoint(latest_checkpoint(tmp_path / "quickstart"))["iteration"] == stopped_at + 4
 
 
+@pytest.mark.slow
+def test_a_preemption_signal_while_the_run_is_built_stops_its_first_step(tmp_path, quickstart_on_cifar):
+    """SLURM may signal a job while it lists its data or builds its model: the signal is kept, and the first step
+    checkpoints and exits for the requeue (before, the default action killed the process with nothing said)."""
+    command = [sys.executable, "-m", "trainer", *quickstart_on_cifar, *UNTIL_STOPPED, f"train.output_dir={tmp_path}"]
+    process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # the first line train() logs, before the run's parts are built
+        if "this machine:" in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == REQUEUE_EXIT_CODE, stderr[-2000:]
+    assert "stopped by SIGTERM at iteration" in stderr and "Traceback" not in stderr
+    assert load_checkpoint(latest_checkpoint(tmp_path / "quickstart"))["iteration"] <= 2
+
+
 def ctrl_c(process: subprocess.Popen) -> None:
     """What a terminal does on Ctrl-C: SIGINT to the whole foreground process group (loader processes too)."""
     os.killpg(process.pid, signal.SIGINT)
