@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import platform
+import subprocess
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,6 +44,20 @@ def environment(launch: LaunchEnv | None = None) -> dict[str, Any]:
             "slurm": slurm_version(),
         },
     }
+
+
+def code_commit() -> str:
+    """The commit of this code, where it runs from a git checkout."""
+    try:
+        found = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return found.stdout.strip() if found.returncode == 0 else "unknown (not a git checkout)"
 
 
 def format_environment(facts: dict[str, Any]) -> str:

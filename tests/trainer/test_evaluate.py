@@ -234,7 +234,10 @@ def test_two_ranks_count_every_image_once(tmp_path, mixed_sizes, model):
         "--per-class",
     ]
     single = subprocess.run(
-        [RESIDUAL, *common, "--out", str(tmp_path / "single.json")], capture_output=True, text=True, timeout=300
+        [RESIDUAL, *common, "--out", str(tmp_path / "single.json"), "--report", str(tmp_path / "single")],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert single.returncode == 0, single.stderr
     torchrun = [
@@ -247,7 +250,7 @@ def test_two_ranks_count_every_image_once(tmp_path, mixed_sizes, model):
         "trainer.cli",
     ]
     double = subprocess.run(
-        [*torchrun, *common, "--out", str(tmp_path / "double.json")],
+        [*torchrun, *common, "--out", str(tmp_path / "double.json"), "--report", str(tmp_path / "double")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -256,3 +259,12 @@ def test_two_ranks_count_every_image_once(tmp_path, mixed_sizes, model):
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("single", "double"))
     assert two["count"] == 7 and two["correct1"] == one["correct1"] and two["per_class"] == one["per_class"]
+    # the report's counts too: the confusion matrix and the calibration bins summed over the ranks, each image's
+    # record gathered in the data set's order (the strips of the same pairs)
+    for name in ("confusion.csv", "classes.csv"):
+        assert (tmp_path / "double" / name).read_text() == (tmp_path / "single" / name).read_text()
+    assert sum(row[0] for row in two["calibration"]) == 7
+    assert sum(two["calibration"], []) == pytest.approx(sum(one["calibration"], []), abs=1e-4)
+    assert sorted(p.name for p in (tmp_path / "double").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir()
+    )

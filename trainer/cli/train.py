@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from data_pipeline.errors import UserError
 from trainer.config import PAPER_SCALES, PRECISIONS, PROTOCOLS
 
 
@@ -52,14 +54,10 @@ def parse_floats(text: str) -> list[float]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from trainer.distributed import LaunchEnv, destroy_process_group
-    from trainer.eval.evaluate_checkpoint import (
-        EvalRequest,
-        evaluate_checkpoint,
-        format_table,
-        per_class_report,
-        write_report,
-    )
+    from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint, format_table, per_class_report
 
+    if args.other and not args.report:
+        raise UserError(f"{args.other}: a second checkpoint is compared in a report: add --report DIR")
     request = EvalRequest(
         checkpoint=Path(args.checkpoint),
         data=Path(args.data),
@@ -76,31 +74,74 @@ def cmd_eval(args: argparse.Namespace) -> None:
         resize=args.resize,
         crop=args.crop,
         weights=args.weights,
+        predictions=args.report is not None,
     )
     launch = LaunchEnv.from_environ()
+    evaluated = []
     try:
-        result, classes, report = evaluate_checkpoint(request, launch)
+        for checkpoint in [request.checkpoint, *([Path(args.other)] if args.other else [])]:
+            evaluated.append(evaluate_checkpoint(replace(request, checkpoint=checkpoint), launch))
     finally:
         destroy_process_group()
-    if launch.is_main:
+    if not launch.is_main:
+        return
+    for result, dataset, report in evaluated:
         if request.per_class:
-            report["per_class"] = per_class_report(result, classes)
+            report["per_class"] = per_class_report(result, dataset.classes)
         print(format_table(report))
-        try:
-            print(f"wrote {write_report(request, report)}")
-        except OSError as error:
-            if request.out is not None:  # the file asked for: an error the entry point says
-                raise
-            print(
-                f"residual: the counts were not written beside the checkpoint ({error.strerror}); --out FILE puts "
-                "them elsewhere",
-                file=sys.stderr,
-            )
+        if not args.other:
+            write_counts(replace(request, checkpoint=Path(report["checkpoint"])), report)
+    if args.report:
+        print(f"wrote {write_report_page(Path(args.report), evaluated)}")
+
+
+def write_counts(request, report: dict) -> None:
+    """The counts as JSON beside the checkpoint (or at --out); a read-only store keeps the evaluation going."""
+    from trainer.eval.evaluate_checkpoint import write_report
+
+    try:
+        print(f"wrote {write_report(request, report)}")
+    except OSError as error:
+        if request.out is not None:  # the file asked for: an error the entry point says
+            raise
+        print(
+            f"residual: the counts were not written beside the checkpoint ({error.strerror}); --out FILE puts "
+            "them elsewhere",
+            file=sys.stderr,
+        )
+
+
+def write_report_page(out: Path, evaluated: list) -> Path:
+    """The evaluation report (trainer.eval.eval_report) of one checkpoint, or of two side by side."""
+    import datetime
+
+    from trainer.environment import code_commit
+    from trainer.eval.eval_report import Evaluated, write_comparison_report, write_eval_report
+
+    runs = []
+    for result, dataset, report in evaluated:
+        identity = {
+            "model": report["model"],
+            "checkpoint": report["checkpoint"],
+            "iteration": str(report["iteration"]),
+            "weights": report["weights"],
+            "data set": f"{report['dataset']} ({report['data']})",
+            "protocol": report["protocol"],
+            "precision": report["precision"],
+            "commit": code_commit(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        }
+        in_order = result.predictions is not None and len(result.predictions) == len(dataset)
+        runs.append(Evaluated(result, dataset.classes, identity, (lambda i, d=dataset: d[i][0]) if in_order else None))
+    return write_eval_report(out, runs[0]) if len(runs) == 1 else write_comparison_report(out, *runs)
 
 
 def add_eval(commands: argparse._SubParsersAction) -> None:
     evaluation = commands.add_parser("eval", help="top-1/top-5 of a checkpoint over a validation set")
     evaluation.add_argument("checkpoint", help="training checkpoint, DCP directory, or a state dict file")
+    evaluation.add_argument(
+        "other", nargs="?", metavar="CHECKPOINT_B", help="a second one, compared with the first in --report"
+    )
     evaluation.add_argument("--data", required=True, help="ImageFolder root (with val/) or class folders, or CIFAR")
     evaluation.add_argument("--protocol", choices=PROTOCOLS, default="center")
     evaluation.add_argument(
@@ -113,6 +154,11 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--model", help="model name, for state dicts that do not carry it")
     evaluation.add_argument("--out", help="JSON file to write (default: beside the checkpoint)")
     evaluation.add_argument("--per-class", action="store_true", help="add per-class accuracy to the JSON")
+    evaluation.add_argument(
+        "--report",
+        metavar="DIR",
+        help="write the evaluation report (per class, confusions with their images, calibration) as DIR/index.html",
+    )
     evaluation.add_argument("--workers", type=int, default=4, help="loader processes per rank")
     evaluation.add_argument(
         "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where native, fp16 on older GPUs, else fp32"

@@ -12,15 +12,18 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.errors import UserError
 from trainer.distributed import all_reduce_sum, any_rank, largest_over_ranks
 from trainer.precision import maybe_autocast
+
+CALIBRATION_BINS = 15  # of the top-1 softmax confidence, equal widths (Guo et al. 2017's ECE)
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,12 @@ class EvalResult:
     count: int
     per_class: tuple[tuple[int, int, int], ...] = ()  # (correct1, correct5, count) of each class
     seconds: float = 0.0
+    # classes x classes image counts, row the true class, column the top-1 prediction (summed over ranks)
+    confusion: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # CALIBRATION_BINS x 3 (images, summed confidence, top-1 correct) by top-1 confidence (summed over ranks)
+    calibration: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # images x 3 (label, top-1 class, its confidence), in the data set's order over all ranks, where asked for
+    predictions: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def top1(self) -> float:
@@ -54,6 +63,12 @@ class EvalResult:
             "top5_error": 1 - self.top5,
             "images_per_second": self.images_per_second,
         }
+
+
+def calibration_error(calibration: torch.Tensor) -> float:
+    """Expected calibration error: the image-weighted mean gap between accuracy and confidence over the bins."""
+    images, confidence, correct = calibration.T
+    return float((correct - confidence).abs().sum() / images.sum())
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -138,16 +153,21 @@ def evaluate(
     precision: str = "fp32",
     channels_last: bool = False,
     sharded: bool = False,
+    predictions: bool = False,
 ) -> EvalResult:
-    """Every rank passes its own share of the images and gets the counts over all of them. ``sharded``: the model's
-    forward is a collective (FSDP2 gathers each layer's shards), so every rank runs as many forwards as the rank
-    with the most batches."""
+    """Every rank passes its own share of the images and gets the counts over all of them: top-1/top-5 per class,
+    the confusion matrix and the calibration bins. ``sharded``: the model's forward is a collective (FSDP2 gathers
+    each layer's shards), so every rank runs as many forwards as the rank with the most batches. ``predictions``:
+    keep each image's label, top-1 class and confidence (not its scores), gathered from every rank."""
     was_training = model.training
     model.eval()
     score = ViewScorer(model, device=device, precision=precision, channels_last=channels_last, sharded=sharded)
     # The counts live on the evaluation's device, beside the scores: labels come to it from wherever the loader
     # put them (DALI on a GPU and CIFAR tensors: the GPU; the torch path: the CPU); nothing is read back until the end.
     counts = torch.zeros(num_classes, 3, dtype=torch.int64, device=device)  # per class: top-1, top-5, images
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
+    calibration = torch.zeros(CALIBRATION_BINS, 3, dtype=torch.float64, device=device)
+    kept: list[torch.Tensor] = []  # per image: label, top-1 class, confidence (``predictions``)
     started = time.perf_counter()
     for views, labels in in_lockstep(batches, device) if sharded else batches:
         if len(views) == 0:  # every image of the batch left out (data.skip_corrupt)
@@ -156,15 +176,37 @@ def evaluate(
         if len(labels) == 0:  # a lockstep repeat: its forward joined the other ranks'; it counts for nothing
             continue
         labels = labels.to(device, non_blocking=True)
-        hit1, hit5 = topk_hits(scores, labels)
+        top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # one ranking for every count, ties included
+        hit1, hit5 = ((top[:, :k] == labels[:, None]).any(dim=1) for k in (1, 5))
         counts.index_add_(0, labels, torch.stack([hit1, hit5, torch.ones_like(hit1)], dim=1).long())
+        top1 = top[:, 0]
+        confidence = scores.gather(1, top1[:, None]).squeeze(1)
+        confusion.index_add_(0, labels * num_classes + top1, torch.ones_like(labels))
+        bins = (confidence * CALIBRATION_BINS).long().clamp_(max=CALIBRATION_BINS - 1)
+        calibration.index_add_(0, bins, torch.stack([torch.ones_like(confidence), confidence, hit1], 1).double())
+        if predictions:
+            kept.append(torch.stack([labels.float(), top1.float(), confidence], dim=1))
     seconds = time.perf_counter() - started
     model.train(was_training)
     counts = all_reduce_sum(counts, device)
+    confusion = all_reduce_sum(confusion, device).view(num_classes, num_classes).cpu()
+    calibration = all_reduce_sum(calibration, device).cpu()
     correct1, correct5, count = counts.sum(dim=0).tolist()
     if count == 0:
         raise UserError(
             "no validation image was evaluated: each was undecodable and left out (data.skip_corrupt), or the set is "
             "empty; `residual data verify DIR` lists the damaged files"
         )
-    return EvalResult(correct1, correct5, count, tuple(map(tuple, counts.tolist())), seconds)
+    per_image = gather_in_rank_order(torch.cat(kept).cpu() if kept else torch.zeros(0, 3)) if predictions else None
+    per_class = tuple(map(tuple, counts.tolist()))
+    return EvalResult(correct1, correct5, count, per_class, seconds, confusion, calibration, per_image)
+
+
+def gather_in_rank_order(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, rank 0's first: the data set's order, as each rank evaluates a contiguous share of it
+    (data_pipeline.sampling.val_share). Small: three numbers per image."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    shares: list[torch.Tensor | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, local)
+    return torch.cat(shares)

@@ -20,11 +20,12 @@ from torch.utils.data import Dataset
 from data_pipeline.config import CIFAR10_MEAN, CIFAR10_STD, DataConfig
 from data_pipeline.datasets import ImageFolderDataset, check_same_classes, open_dataset
 from data_pipeline.errors import UserError
+from data_pipeline.published import identify, title
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.auto import resolve_precision
 from trainer.config import PAPER_SCALES, ModelConfig, check_evaluation
 from trainer.distributed import LaunchEnv, init_process_group, pick_device
-from trainer.eval.evaluate import EvalResult, evaluate
+from trainer.eval.evaluate import EvalResult, calibration_error, evaluate
 from trainer.eval.weights import Weights, load_model_state, read_weights
 from trainer.models import create_model, get_model_spec
 
@@ -48,6 +49,7 @@ class EvalRequest:
     resize: int | None = None
     crop: int | None = None
     weights: str = "raw"  # of a training checkpoint: "raw" (the trained weights) or "ema" (their moving average)
+    predictions: bool = False  # keep each image's label, top-1 class and confidence (for --report)
 
 
 def build_model(weights: Weights, requested: str | None, source: Path) -> nn.Module:
@@ -114,7 +116,8 @@ def check_classes(weights: Weights, dataset_classes: list[str], num_outputs: int
         raise UserError(f"{data_root}: {len(dataset_classes)} classes, the model has {num_outputs} outputs")
 
 
-def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalResult, list[str], dict[str, Any]]:
+def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalResult, Dataset, dict[str, Any]]:
+    """The evaluation, the data set it was of, and the JSON report (what was evaluated, how, and the counts)."""
     weights = read_weights(request.checkpoint, request.weights)
     model = build_model(weights, request.model, request.checkpoint)
     model_name = request.model or weights.model_name
@@ -144,19 +147,29 @@ def evaluate_checkpoint(request: EvalRequest, launch: LaunchEnv) -> tuple[EvalRe
     precision, reason = resolve_precision(request.precision, device)
     log.info("precision %s: %s", precision, reason)
     result = evaluate(
-        model, batches, num_classes=len(dataset.classes), device=device, precision=precision, channels_last=True
+        model,
+        batches,
+        num_classes=len(dataset.classes),
+        device=device,
+        precision=precision,
+        channels_last=True,
+        predictions=request.predictions,
     )
     report = {
         "checkpoint": str(request.checkpoint),
         "model": model_name,
+        "iteration": weights.iteration,
         "data": data.root,
+        "dataset": title(identify(data, dataset.classes)),
         "protocol": request.protocol,
         "weights": request.weights,
         "precision": precision,
         "scales": list(request.scales) if request.protocol == "multiscale" else None,
         **result.as_dict(),
+        "ece": calibration_error(result.calibration),
+        "calibration": result.calibration.tolist(),  # per confidence bin: images, summed confidence, top-1 correct
     }
-    return result, dataset.classes, report
+    return result, dataset, report
 
 
 def per_class_report(result: EvalResult, classes: list[str]) -> list[dict[str, Any]]:

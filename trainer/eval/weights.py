@@ -35,6 +35,7 @@ class Weights:
     config: dict[str, Any] | None = None
     classes: list[str] | None = None
     plain: bool = False  # a state dict, not a training checkpoint
+    iteration: int | None = None  # a training checkpoint's
 
 
 def read_weights(path: Path, which: str = "raw") -> Weights:
@@ -49,7 +50,8 @@ def read_weights(path: Path, which: str = "raw") -> Weights:
             if "ema" not in checkpoint:
                 raise UserError(f"{path}: holds no EMA of the weights (the run had no ema.decay); use --weights raw")
             state = {**state, **checkpoint["ema"]}
-        return Weights(state, checkpoint.get("model_name"), checkpoint.get("config"), checkpoint.get("classes"))
+        named = (checkpoint.get("model_name"), checkpoint.get("config"), checkpoint.get("classes"))
+        return Weights(state, *named, iteration=checkpoint.get("iteration"))
     if which == "ema":
         raise UserError(f"{path}: a plain state dict holds one set of weights; --weights ema needs a checkpoint")
     if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
