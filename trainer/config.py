@@ -218,6 +218,9 @@ class LogConfig:
 
     every: int = 20  # iterations between training metrics
     progress: bool = True  # rank 0: a tqdm bar when stderr is a terminal; else, and when false, a line per window
+    # at each evaluation, top-1 per class as eval/PROTOCOL/class/NAME and the confusion matrix as an image;
+    # None: on for data sets of up to 100 classes
+    per_class: bool | None = None
 
     def __post_init__(self) -> None:
         require(self.every >= 1, "log.every", self.every, "must be >= 1")
@@ -238,6 +241,8 @@ class EvalConfig:
     # "raw": the trained weights | "ema": their moving average (ema.decay) | "both": each, the raw ones first (the
     # schedule reads the raw weights' error; the final result is the EMA's)
     weights: Literal["raw", "ema", "both"] = "raw"
+    # the final evaluation's report (per class, confusions with their images, calibration) as RUN_DIR/eval-report/
+    report: bool = False
 
     def __post_init__(self) -> None:
         require(self.every is None or self.every > 0, "eval.every", self.every, "must be > 0 or null")

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from data_pipeline import UserError
+from data_pipeline.datasets import open_dataset
 from data_pipeline.published import identify, title
 from trainer.auto import resolve_auto
 from trainer.checkpoint import CheckpointManager, latest_checkpoint
@@ -84,6 +85,7 @@ def train_in(
         iterations_per_epoch=run.loader.batches_per_epoch,
         flops=(run.peak_flops, run.flops_per_image),
         data_stats=(config.data.mean, config.data.std),
+        classes=run.loader.classes if logs_per_class(config, run.loader.classes) else None,
     )
     metrics.loader_workers = tuner.count
     describe(run)
@@ -172,11 +174,18 @@ def check_flags(run: Run, state: TrainState, read: list[tuple[int, dict[str, flo
     return stop
 
 
+def logs_per_class(config: Config, classes: list[str]) -> bool:
+    """``log.per_class``: as set, else on for up to 100 classes (1,000 scalars an evaluation is not a dashboard)."""
+    return config.log.per_class if config.log.per_class is not None else len(classes) <= 100
+
+
 def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsProcessor) -> EvalResult:
     """The loop's evaluation (``eval.protocol``). Its error goes into the history the schedule reads once per
     iteration (a checkpoint of an earlier version of this code holds it already; a start before this one may have
     logged it): the raw weights' where they are evaluated, as they are the weights that train."""
-    results = evaluate_weights(run, run.val_batches, run.config.eval.protocol, state, metrics)
+    last = state.iteration == run.total_iterations  # the final evaluation's records, for its report
+    keep = run.config.eval.report and last and run.config.eval.final_protocol == run.config.eval.protocol
+    results = evaluate_weights(run, run.val_batches, run.config.eval.protocol, state, metrics, predictions=keep)
     trained = results.get("raw", results.get("ema"))
     if not state.history.val_errors or state.history.val_errors[-1][0] != state.iteration:
         state.history.val_errors.append((state.iteration, 1 - trained.top1))
@@ -184,7 +193,7 @@ def evaluate_and_log(run: Run, state: TrainState, metrics: MetricsProcessor) -> 
 
 
 def evaluate_weights(
-    run: Run, batches: Any, protocol: str, state: TrainState, metrics: MetricsProcessor
+    run: Run, batches: Any, protocol: str, state: TrainState, metrics: MetricsProcessor, predictions: bool = False
 ) -> dict[str, EvalResult]:
     """The evaluation of each set of weights eval.weights names ("raw", "ema", in that order), each logged. The BN
     statistics are averaged over the ranks first (each rank's follow its own batches); the EMA's as well."""
@@ -203,6 +212,7 @@ def evaluate_weights(
                 precision=run.config.train.precision,
                 channels_last=run.config.train.channels_last,
                 sharded=run.sharded,
+                predictions=predictions,
             )
         metrics.log_eval(state.iteration, protocol, results[weights], weights=weights, seconds=state.seconds)
     return results
@@ -220,7 +230,30 @@ def final_evaluation(run: Run, state: TrainState, metrics: MetricsProcessor, las
     config, result = run.config, last
     if config.eval.final_protocol != config.eval.protocol:
         batches = build_eval_batches(config, run.launch, config.eval.final_protocol, run.device)
-        result = reported(evaluate_weights(run, batches, config.eval.final_protocol, state, metrics))
+        evaluated = evaluate_weights(run, batches, config.eval.final_protocol, state, metrics, config.eval.report)
+        result = reported(evaluated)
+    if config.eval.report and run.launch.is_main:
+        log.info("evaluation report: %s", write_run_report(run, state, result))
     final = {"top1": result.top1, "top5": result.top5, "top1_error": 1 - result.top1}
     metrics.run_log.hparams(state.iteration, to_dict(config), {f"hparams/{k}": v for k, v in final.items()})
     return result
+
+
+def write_run_report(run: Run, state: TrainState, result: EvalResult) -> Path:
+    """``eval.report``: the final evaluation's report in RUN_DIR/eval-report (trainer.eval.eval_report)."""
+    from trainer.eval.eval_report import Evaluated, write_eval_report
+
+    config = run.config
+    dataset = open_dataset(config.data.root, config.data.format, train=False, index_dir=config.data.index_dir)
+    evaluated = Evaluated.of(
+        result,
+        dataset,
+        model=config.model.name,
+        checkpoint=latest_checkpoint(run.run_dir),
+        iteration=state.iteration,
+        weights="raw" if config.eval.weights == "raw" else "ema",
+        data_set=f"{title(identify(config.data, run.loader.classes))} ({config.data.root})",
+        protocol=config.eval.final_protocol,
+        precision=config.train.precision,
+    )
+    return write_eval_report(run.run_dir / "eval-report", evaluated)

@@ -126,8 +126,10 @@ class MetricsProcessor:
         flops: tuple[float | None, Callable[[int], float] | None] = (None, None),  # the GPUs' dense peak, and the
         # training FLOPs per image of an epoch
         data_stats: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,)),  # mean and std, to show a batch
+        classes: list[str] | None = None,  # logged one by one at each evaluation (log.per_class); None: not
     ) -> None:
         self.run_log, self.launch, self.device, self.log_every = run_log, launch, device, log_every
+        self.classes = classes
         self.peak_flops, self.flops_per_image = flops
         self.data_stats = data_stats
         self.window, self.times = window, StepTimes()
@@ -269,6 +271,8 @@ class MetricsProcessor:
             hours = seconds / 3600
             timing = {"hours": hours, "device_hours": hours * self.launch.world_size}
             self.run_log.log("eval", iteration, {"protocol": label, **result.as_dict(), **timing})
+            if self.classes is not None:
+                self.run_log.per_class(iteration, label, result, self.classes)
 
     def log_memory(self) -> None:
         """After a start's first epoch on a GPU: DALI's pools grow, never shrink, so say how far."""

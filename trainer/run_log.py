@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from data_pipeline.errors import UserError
 from data_pipeline.published import title
 
@@ -39,6 +41,7 @@ LAYOUT = {
     "Evaluation": {
         "top-1 / top-5 error": ["Multiline", [r"eval/.*/top1_error", r"eval/.*/top5_error"]],
         "top-1 / top-5": ["Multiline", [r"eval/.*/top1$", r"eval/.*/top5$"]],
+        "top-1 per class (the confusion matrix: Images, eval/PROTOCOL/confusion)": ["Multiline", [r"eval/.*/class/"]],
     },
     "Speed": {
         "images/s (all ranks)": ["Multiline", ["speed/images_per_second"]],
@@ -94,6 +97,23 @@ class RunLog:
             self.evaluated.add((iteration, values["protocol"]))
         with open(self.metrics_path, "a") as file:
             file.write(json.dumps({"kind": kind, "iteration": iteration, **values}) + "\n")
+
+    def per_class(self, iteration: int, protocol: str, result: Any, classes: list[str]) -> None:
+        """An evaluation class by class: top-1 of each as ``eval/PROTOCOL/class/NAME``, and the confusion matrix as
+        the image ``eval/PROTOCOL/confusion`` (trainer.eval.eval_report draws it)."""
+        if not self.enabled:
+            return
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        from trainer.eval.eval_report import confusion_plot
+
+        for name, (correct1, _, count) in zip(classes, result.per_class, strict=True):
+            if count:
+                self.writer.add_scalar(f"eval/{protocol}/class/{name}", correct1 / count, iteration)
+        canvas = FigureCanvasAgg(confusion_plot(result, classes))  # drawn without pyplot: no GUI, no global state
+        canvas.draw()
+        pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+        self.writer.add_image(f"eval/{protocol}/confusion", pixels, iteration, dataformats="HWC")
 
     def has_eval(self, iteration: int, protocol: str) -> bool:
         return (iteration, protocol) in self.evaluated

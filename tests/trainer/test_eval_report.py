@@ -169,3 +169,32 @@ def test_a_figure_that_does_not_load_is_seen_by_the_browser_check(tmp_path, cifa
     )
     pixels = Image.open(screenshot).convert("RGB").get_flattened_data()
     assert sum(1 for r, g, b in pixels if abs(r - 0x4C) < 12 and abs(g - 0x72) < 12 and abs(b - 0xB0) < 12) < 500
+
+
+def test_training_logs_each_class_and_the_confusion_matrix_and_writes_its_report(tmp_path, cifar_root):
+    """At each evaluation TensorBoard gets top-1 per class and the confusion image (up to 100 classes, or as
+    log.per_class says); eval.report=true writes the final evaluation's report into the run directory."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from training_runs import small_run
+
+    from trainer.distributed import LaunchEnv
+    from trainer.loop import train
+
+    result, run_log = train(small_run(tmp_path, cifar_root, "train.iterations=6", "eval.report=true"), LaunchEnv())
+    events = EventAccumulator(str(run_log.tensorboard_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    per_class = sorted(tag for tag in events.Tags()["scalars"] if "/class/" in tag)
+    assert len(per_class) == 10 and per_class[0] == "eval/center/class/c000_disc_solid"
+    assert [event.step for event in events.Scalars(per_class[0])] == [5, 6]
+    assert "eval/center/confusion" in events.Tags()["images"]
+    correct = sum(round(events.Scalars(tag)[-1].value * 10) for tag in per_class)  # 10 images a class
+    assert correct == result.correct1
+    page = (tmp_path / "run" / "eval-report" / "index.html").read_text()
+    assert "pair-1.png" in page and "iteration</td><td>6" in page
+
+    train(small_run(tmp_path / "off", cifar_root, "train.iterations=5", "log.per_class=false"), LaunchEnv())
+    events = EventAccumulator(str(tmp_path / "off" / "run" / "tensorboard"))
+    events.Reload()
+    assert not [tag for tag in events.Tags()["scalars"] if "/class/" in tag]
+    assert events.Tags()["images"] == ["data/first_augmented_batch"]
+    assert not (tmp_path / "off" / "run" / "eval-report").exists()

@@ -48,7 +48,7 @@ def test_run_directory_and_logs(tmp_path, cifar_root):
     assert [r["lr"] for r in metrics(run_dir, "train")] == pytest.approx([0.1, 0.1, 0.01, 0.01])
     events = EventAccumulator(str(run_log.tensorboard_dir), size_guidance={"tensors": 0, "images": 0})
     events.Reload()
-    assert events.Tags()["images"] == ["data/first_augmented_batch"]
+    assert events.Tags()["images"] == ["data/first_augmented_batch", "eval/center/confusion"]
     assert {"custom_scalars__config__", "config/text_summary"} <= set(events.Tags()["tensors"])
     assert set(events.PluginTagToContent("hparams")) == {
         "_hparams_/experiment",

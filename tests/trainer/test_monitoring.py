@@ -128,8 +128,13 @@ def test_tensorboard_renders_the_run_and_its_charts_in_a_browser(tmp_path, cifar
         assert runs == ["quickstart/tensorboard"]
         tags = get_json(f"{base}/data/plugin/scalars/tags")["quickstart/tensorboard"]
         assert {"train/loss", "speed/images_per_second", "eval/center/top1_error", "train/grad_norm"} <= set(tags)
+        assert len([tag for tag in tags if tag.startswith("eval/center/class/")]) == 10  # top-1 of each class
+        images = get_json(f"{base}/data/plugin/images/tags")["quickstart/tensorboard"]
+        assert "eval/center/confusion" in images  # the confusion matrix, in the Images tab
         layout = get_json(f"{base}/data/plugin/custom_scalars/layout")
         assert [category["title"] for category in layout["category"]] == ["Training", "Evaluation", "Speed", "Health"]
+        charts = [chart["title"] for chart in layout["category"][1]["chart"]]
+        assert any(title.startswith("top-1 per class") for title in charts)
 
         dom = chromium("--dump-dom", f"{base}/#timeseries", profile=tmp_path / "profile-dom").stdout
         assert "quickstart/tensorboard" in dom  # the page ran and listed the run

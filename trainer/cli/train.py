@@ -113,26 +113,22 @@ def write_counts(request, report: dict) -> None:
 
 def write_report_page(out: Path, evaluated: list) -> Path:
     """The evaluation report (trainer.eval.eval_report) of one checkpoint, or of two side by side."""
-    import datetime
-
-    from trainer.environment import code_commit
     from trainer.eval.eval_report import Evaluated, write_comparison_report, write_eval_report
 
-    runs = []
-    for result, dataset, report in evaluated:
-        identity = {
-            "model": report["model"],
-            "checkpoint": report["checkpoint"],
-            "iteration": str(report["iteration"]),
-            "weights": report["weights"],
-            "data set": f"{report['dataset']} ({report['data']})",
-            "protocol": report["protocol"],
-            "precision": report["precision"],
-            "commit": code_commit(),
-            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        }
-        in_order = result.predictions is not None and len(result.predictions) == len(dataset)
-        runs.append(Evaluated(result, dataset.classes, identity, (lambda i, d=dataset: d[i][0]) if in_order else None))
+    runs = [
+        Evaluated.of(
+            result,
+            dataset,
+            model=report["model"],
+            checkpoint=report["checkpoint"],
+            iteration=report["iteration"],
+            weights=report["weights"],
+            data_set=f"{report['dataset']} ({report['data']})",
+            protocol=report["protocol"],
+            precision=report["precision"],
+        )
+        for result, dataset, report in evaluated
+    ]
     return write_eval_report(out, runs[0]) if len(runs) == 1 else write_comparison_report(out, *runs)
 
 

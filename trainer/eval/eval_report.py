@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import html
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch.utils.data import Dataset
 
 from data_pipeline.errors import UserError
+from trainer.environment import code_commit
 from trainer.eval.evaluate import CALIBRATION_BINS, EvalResult, calibration_error
 
 TABLE_ROWS = 25  # worst and best classes shown of a long list
@@ -47,6 +50,16 @@ class Evaluated:
     classes: list[str]
     identity: dict[str, str]
     image: Callable[[int], torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, result: EvalResult, dataset: Dataset, **identity: object) -> Evaluated:
+        """``identity``: model, checkpoint, iteration, weights, data set, protocol, precision; the commit of this
+        code and the date are added. The strips show the data set's images where the records are all of them, in
+        its order (none was left out as undecodable)."""
+        named = {key.replace("_", " "): str(value) for key, value in identity.items()}
+        named |= {"commit": code_commit(), "date": time.strftime("%Y-%m-%d %H:%M")}
+        in_order = result.predictions is not None and len(result.predictions) == len(dataset)
+        return cls(result, list(dataset.classes), named, (lambda index: dataset[index][0]) if in_order else None)
 
 
 def class_rows(result: EvalResult, classes: list[str]) -> list[tuple[str, int, int, float]]:
@@ -89,7 +102,7 @@ def save(figure: Figure, path: Path) -> str:
     return path.name
 
 
-def confusion_figure(result: EvalResult, classes: list[str], path: Path) -> str:
+def confusion_plot(result: EvalResult, classes: list[str]) -> Figure:
     """Each row (true class) as fractions of its images; of many classes, those with the most errors."""
     confusion = result.confusion.double()
     errors = confusion.sum(dim=1) - confusion.diag()
@@ -119,7 +132,11 @@ def confusion_figure(result: EvalResult, classes: list[str], path: Path) -> str:
         else f"confusion matrix of the {len(names)} classes with the most errors"
     )
     axes.set_title(title)
-    return save(figure, path)
+    return figure
+
+
+def confusion_figure(result: EvalResult, classes: list[str], path: Path) -> str:
+    return save(confusion_plot(result, classes), path)
 
 
 def reliability_figure(result: EvalResult, path: Path) -> str:
