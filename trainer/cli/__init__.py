@@ -1,32 +1,6 @@
-"""``residual``: the one command line of the project.
-
-residual train CONFIG [key=value ...] [--resume [CHECKPOINT]]
-residual eval CHECKPOINT --data DIR [--protocol center|flip|tencrop|multiscale] [--scales 224,256,...]
-                                    [--weights raw|ema]
-residual export CHECKPOINT OUT.pt [--weights raw|ema]
-residual models [--json]
-residual env [--json]
-residual config show CONFIG [key=value ...]
-residual data synth OUT [--format imagefolder|cifar] [--classes K] [--per-class N] [--size WxH]
-residual data prepare-imagenet IMAGES OUT (--devkit GROUND_TRUTH META.mat | --solution LOC_val_solution.csv)
-residual data shard SRC OUT [--shard-size N]
-residual data verify DIR
-residual bench eval [--model NAME] [--batch B]
-residual submit CONFIG [key=value ...] --nodes N --gpus-per-node G [--tasks-per-node T] [--partition P ...]
-              [--array seeds=1,2,3 | --array-file CONFIGS] [--dry-run]
-residual jobs [RUNS_DIR]
-residual sweep SWEEP.yaml [--resume] [--address HOST:PORT]
-residual tensorboard [RUNS_DIR] [--port P] [--host H]
-residual report RUN_DIR [RUN_DIR ...] [--out DIR] [--target TOP1]
-residual bench loader --data DIR [--backend dali|torch|both] [--pipeline paper|val|tencrop] [--batch B]
-                      [--feeder-only]
-residual bench gpu [--out DIR]
-residual bench optim [--model NAME] [--steps N] [--rounds R]
-residual bench recipes [--config CONFIG] [--iterations N] [--rounds R]
-residual bench train [--model NAME] [--batch B] [--strategy ddp|fsdp] [--precision auto] [--steps N] [--rounds R]
-                     [--cudnn-benchmark on|off]
-                     [--end-to-end [--config CONFIG] [--iterations N]]
-"""
+"""``residual``: the one command line of the project. Each area (train, data, cluster, reports, bench) adds its
+commands, the parser beside the handler; ``residual --help`` lists every command with its usage, made from those
+parsers (``command_usages``), so that the usage text cannot drift from what the parser accepts."""
 
 from __future__ import annotations
 
@@ -40,11 +14,28 @@ AREAS = (train, data, cluster, reports, bench)  # each adds its commands, the pa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="residual", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="residual",
+        description="Train and evaluate the ResNets of He et al. (2016): one process, torchrun, SLURM or Ray Tune.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for area in AREAS:
         area.add_commands(commands)
+    parser.epilog = "commands:\n" + "\n".join(f"  {usage}" for usage in command_usages(parser))
     return parser
+
+
+def command_usages(parser: argparse.ArgumentParser) -> list[str]:
+    """Every command's usage line as its parser makes it ("residual data synth OUT [--format ...] ..."), the
+    nested ones (data, config, bench) each subcommand on its own."""
+    usages = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in dict.fromkeys(action.choices.values()):  # aliases once
+                nested = command_usages(command)
+                usages += nested or [" ".join(command.format_usage().split())[len("usage: ") :]]
+    return usages
 
 
 def main(argv: list[str] | None = None) -> int:
