@@ -112,7 +112,7 @@ def test_a_slurm_task_is_a_rank_with_the_jobs_first_host_as_rendezvous():
 @pytest.mark.distributed
 def test_an_error_every_rank_meets_is_said_once_under_torchrun(tmp_path, cifar_root, quickstart_on_cifar):
     """Arguments and config are the same on every rank: one rank per host says what is wrong (torchrun's own
-    ChildFailedError summary follows; the README says why)."""
+    ChildFailedError summary follows; docs/operators.md says why)."""
     import torch
 
     torch.save(create_model("resnet20").state_dict(), tmp_path / "resnet20.pt")

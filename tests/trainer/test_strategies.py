@@ -258,7 +258,7 @@ def test_sigusr1_makes_fsdp_ranks_checkpoint_and_exit_for_requeue(tmp_path, shor
 
 def test_sigterm_to_torchrun_checkpoints_and_the_ranks_say_so(tmp_path, short):
     """torchrun passes SIGTERM on to its ranks, which write a checkpoint and exit 75; torchrun itself then exits 1
-    with its own SignalException (the README's catalogue says why that stays)."""
+    with its own SignalException (docs/operators.md's catalogue says why that stays)."""
     args = [*short, "train.iterations=100000", "train.run_name=term"]
     process = subprocess.Popen(
         [*trainer_command(2), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
