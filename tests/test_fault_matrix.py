@@ -51,6 +51,24 @@ def small_training(cifar_root: Path, output_dir: Path, *overrides: str) -> list[
     ]
 
 
+def imagefolder_training(root: Path, output_dir: Path, *overrides: str) -> list[str]:
+    """`python -m trainer` on the 4-class image folder (with loader processes where the overrides ask)."""
+    return [
+        sys.executable,
+        "-m",
+        "trainer",
+        str(QUICKSTART),
+        f"data.root={root}",
+        "data.format=imagefolder",
+        "data.synthesize=null",
+        "data.workers=0",
+        "model.num_classes=4",
+        "log.progress=false",
+        f"train.output_dir={output_dir}",
+        *overrides,
+    ]
+
+
 CONFIG_DAMAGE = {
     "missing": (None, "config file '.*' does not exist"),
     "empty": ("", "empty, not a mapping of sections"),
@@ -194,20 +212,8 @@ def test_a_validation_set_without_one_decodable_image_is_said_in_one_line(tmp_pa
     shutil.copytree(imagefolder_root, tmp_path / "data")
     for image in (tmp_path / "data" / "val").rglob("*.*"):
         image.write_bytes(b"not an image")
-    argv = [
-        "train",
-        str(QUICKSTART),
-        f"data.root={tmp_path / 'data'}",
-        "data.format=imagefolder",
-        "data.synthesize=null",
-        "data.workers=0",
-        "data.batch_size=8",
-        "data.skip_corrupt=true",
-        "model.num_classes=4",
-        "log.progress=false",
-        "train.iterations=1",
-        f"train.output_dir={tmp_path / 'runs'}",
-    ]
+    overrides = ("data.batch_size=8", "data.skip_corrupt=true", "train.iterations=1")
+    argv = ["train", *imagefolder_training(tmp_path / "data", tmp_path / "runs", *overrides)[3:]]
     code, line = said(capsys, argv)
     assert code == 2 and "no validation image was evaluated: each was undecodable" in line, line
 
@@ -235,19 +241,7 @@ def test_report_on_a_run_directory_with_a_damaged_config(tmp_path, capsys, cifar
 
 def test_a_damaged_folder_index_is_listed_again(tmp_path, capsys, imagefolder_root):
     """The index a run keeps of an image folder is a cache: cut short or foreign, it is listed again."""
-    argv = [
-        "train",
-        str(QUICKSTART),
-        f"data.root={imagefolder_root}",
-        "data.format=imagefolder",
-        "data.synthesize=null",
-        "data.workers=0",
-        "data.batch_size=8",
-        "model.num_classes=4",
-        "log.progress=false",
-        "train.iterations=1",
-        f"train.output_dir={tmp_path}",
-    ]
+    argv = ["train", *imagefolder_training(imagefolder_root, tmp_path, "data.batch_size=8", "train.iterations=1")[3:]]
     assert main(argv) == 0
     for index in (tmp_path / "quickstart" / "index").iterdir():
         index.write_bytes(index.read_bytes()[:100])
@@ -274,24 +268,8 @@ def test_an_internal_error_is_one_line_with_the_traceback_in_a_file(tmp_path, ca
 def test_a_killed_loader_process_stops_the_run_in_one_line_and_it_resumes(tmp_path, imagefolder_root):
     """The kernel's OOM killer sends SIGKILL to a loader process. DataLoader raises in the trainer wherever it is,
     mid-step too, so the run stops in one line naming the process and the signal, and resumes from its checkpoint."""
-    command = [
-        sys.executable,
-        "-m",
-        "trainer",
-        str(QUICKSTART),
-        f"data.root={imagefolder_root}",
-        "data.format=imagefolder",
-        "data.synthesize=null",
-        "data.workers=2",
-        "data.batch_size=4",
-        "model.num_classes=4",
-        "log.progress=false",
-        "log.every=2",
-        "train.iterations=10000",
-        "eval.every=100000",
-        "checkpoint.every=4",
-        f"train.output_dir={tmp_path}",
-    ]
+    overrides = ("data.workers=2", "data.batch_size=4", "log.every=2", "train.iterations=10000", "eval.every=100000")
+    command = imagefolder_training(imagefolder_root, tmp_path, *overrides, "checkpoint.every=4")
     process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     checkpoints = tmp_path / "quickstart" / "checkpoints"
     deadline = time.monotonic() + 120
@@ -314,23 +292,8 @@ def test_memory_exhausted_in_a_step_is_one_line(tmp_path, imagefolder_root):
     import resource
 
     limit = 5 * 2**30
-    command = [
-        sys.executable,
-        "-m",
-        "trainer",
-        str(QUICKSTART),
-        f"data.root={imagefolder_root}",
-        "data.format=imagefolder",
-        "data.synthesize=null",
-        "data.workers=0",
-        "data.batch_size=48",
-        "data.crop_size=224",
-        "model.name=resnet152",
-        "model.num_classes=4",
-        "log.progress=false",
-        "train.iterations=1",
-        f"train.output_dir={tmp_path}",
-    ]
+    overrides = ("data.batch_size=48", "data.crop_size=224", "model.name=resnet152", "train.iterations=1")
+    command = imagefolder_training(imagefolder_root, tmp_path, *overrides)
     done = subprocess.run(
         command,
         cwd=ROOT,

@@ -116,59 +116,38 @@ def test_eval_report_of_two_checkpoints_side_by_side(tmp_path, capsys, cifar_roo
     assert code == 2 and "add --report DIR" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.browser
-def test_the_report_page_and_its_figures_load_in_a_browser(tmp_path, cifar_root, two_checkpoints):
-    if shutil.which("chromium") is None:
-        pytest.skip("no chromium: `apt-get install chromium` (tools/test.sh installs it)")
+def report_in_a_browser(tmp_path, cifar_root, checkpoint, *, figures: bool) -> tuple[str, int, int]:
+    """The report of ``checkpoint`` (its figures removed unless ``figures``) as headless Chromium shows it: the DOM,
+    and the pixels of the confusion matrix's dark blue (matplotlib's Blues) and of the reliability bars (#4c72b0)."""
     from test_monitoring import ARTIFACTS, chromium
 
+    if shutil.which("chromium") is None:
+        pytest.skip("no chromium: `apt-get install chromium` (tools/test.sh installs it)")
     out = tmp_path / "report"
-    assert (
-        main(["eval", str(two_checkpoints[1]), "--data", str(cifar_root), "--workers", "0", "--report", str(out)]) == 0
-    )
+    assert main(["eval", str(checkpoint), "--data", str(cifar_root), "--workers", "0", "--report", str(out)]) == 0
+    for figure in [] if figures else out.glob("*.png"):
+        figure.unlink()
     dom = chromium("--dump-dom", f"file://{out}/index.html", profile=tmp_path / "profile-dom").stdout
-    assert "Top-1 per class, worst first" in dom and 'src="confusion.png"' in dom
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    screenshot = ARTIFACTS / "eval-report.png"
-    shot = chromium(
-        f"--screenshot={screenshot}",
-        "--window-size=1200,1600",
-        f"file://{out}/index.html",
-        profile=tmp_path / "profile-png",
-    )
+    screenshot = ARTIFACTS / ("eval-report.png" if figures else "eval-report-without-figures.png")
+    page = f"file://{out}/index.html"
+    shot = chromium(f"--screenshot={screenshot}", "--window-size=1200,1600", page, profile=tmp_path / "profile")
     assert screenshot.exists(), shot.stderr[-2000:]
-    # the figures drew: the confusion matrix's dark blue (matplotlib's Blues at the diagonal's fractions) and the
-    # reliability diagram's bars (#4c72b0)
     pixels = Image.open(screenshot).convert("RGB").get_flattened_data()
     blues = sum(1 for r, g, b in pixels if r < 120 and g < 140 and b > 150)
     bars = sum(1 for r, g, b in pixels if abs(r - 0x4C) < 12 and abs(g - 0x72) < 12 and abs(b - 0xB0) < 12)
-    assert blues > 2000 and bars > 500, f"{blues} matrix and {bars} bar pixels: a figure did not load ({screenshot})"
+    return dom, blues, bars
 
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_a_figure_that_does_not_load_is_seen_by_the_browser_check(tmp_path, cifar_root, two_checkpoints):
-    """The browser check above can fail: the same page with its figures removed draws none of their colours."""
-    if shutil.which("chromium") is None:
-        pytest.skip("no chromium: `apt-get install chromium` (tools/test.sh installs it)")
-    from test_monitoring import chromium
-
-    out = tmp_path / "report"
-    assert (
-        main(["eval", str(two_checkpoints[1]), "--data", str(cifar_root), "--workers", "0", "--report", str(out)]) == 0
-    )
-    for figure in out.glob("*.png"):
-        figure.unlink()
-    screenshot = tmp_path / "broken.png"
-    chromium(
-        f"--screenshot={screenshot}",
-        "--window-size=1200,1600",
-        f"file://{out}/index.html",
-        profile=tmp_path / "profile",
-    )
-    pixels = Image.open(screenshot).convert("RGB").get_flattened_data()
-    assert sum(1 for r, g, b in pixels if abs(r - 0x4C) < 12 and abs(g - 0x72) < 12 and abs(b - 0xB0) < 12) < 500
+def test_the_report_page_and_its_figures_load_in_a_browser(tmp_path, cifar_root, two_checkpoints):
+    dom, blues, bars = report_in_a_browser(tmp_path, cifar_root, two_checkpoints[1], figures=True)
+    assert "Top-1 per class, worst first" in dom and 'src="confusion.png"' in dom
+    assert blues > 2000 and bars > 500, f"{blues} matrix and {bars} bar pixels: a figure did not load"
+    # the check can fail: the same page without its figures draws none of their colours
+    _, blues, bars = report_in_a_browser(tmp_path / "without", cifar_root, two_checkpoints[1], figures=False)
+    assert blues < 2000 and bars < 500
 
 
 def test_training_logs_each_class_and_the_confusion_matrix_and_writes_its_report(tmp_path, cifar_root):
