@@ -58,3 +58,10 @@ def test_residual_help_lists_every_command_as_its_parser_has_it(capsys):
         usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())[len("usage: ") :]
         assert f"  {usage}\n" in shown, name
     assert len(build_parser().epilog.splitlines()) == len(command_names()) + 1
+
+
+def test_every_cell_of_the_fault_matrix_names_its_test():
+    rows = [line for line in (ROOT / "docs" / "faults.md").read_text().splitlines() if line.startswith("| ")]
+    cells = [row for row in rows if not row.startswith(("| file |", "| resource |", "| phase |", "| ---"))]
+    assert len(cells) > 30
+    assert [row[:80] for row in cells if not NAMED_TEST.search(row)] == []
