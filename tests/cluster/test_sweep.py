@@ -77,6 +77,8 @@ def test_an_asha_sweep_stops_the_worst_trials_and_writes_the_best_config(tmp_pat
 @pytest.mark.slow
 @pytest.mark.ray
 def test_an_interrupted_sweep_resumes_to_completion(tmp_path, cifar_root):
+    """A sweep's driver killed mid-trial, then `residual sweep --resume`: every trial ends once, resumed from its
+    checkpoint. About 50 s: Ray's start twice (about 10 s each here) and the trials' own processes."""
     sweep = write_sweep(tmp_path, cifar_root, 40)
     driver = subprocess.Popen(
         [RESIDUAL, "sweep", str(sweep)],
@@ -126,7 +128,8 @@ def test_bad_sweeps_are_refused_with_the_key(tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_sweep_attaches_to_a_running_ray_cluster(tmp_path, cifar_root):
-    """--address: the trials run on an existing Ray head, started here on 127.0.0.1."""
+    """--address: the trials run on an existing Ray head, started here on 127.0.0.1. About 32 s: a Ray head of its
+    own (`ray start`), then the sweep's trials on it."""
     ray = str(Path(sys.executable).parent / "ray")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -102,7 +102,8 @@ def test_fsdp_in_bf16_follows_one_process(tmp_path, short, mixed_precision):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_kill_9_and_resume_is_bit_exact(tmp_path, short, strategy):
-    """2N steps straight == N steps, kill -9 of the whole launch, resume, N more: weights and logs bit for bit."""
+    """2N steps straight == N steps, kill -9 of the whole launch, resume, N more: weights and logs bit for bit. About
+    30-40 s: three two-rank torchrun launches (FSDP2's per-block collectives over gloo are the slower)."""
     args = [*short, "train.iterations=24", "checkpoint.every=12", f"dist.strategy={strategy}"]
     run_trainer(2, [*args, "train.run_name=straight"])
 
@@ -131,7 +132,8 @@ def test_ema_and_lars_under_fsdp_follow_one_process(tmp_path, short):
     steps and after a resume of each (DCP and file) to 10. LARS's trust
     ratios from the shards' norms: 3 steps agree (the norms are summed in another order, 1e-8 apart at the first
     step, which the training's own sensitivity grows about tenfold a step). BN's running statistics are left out:
-    one process updates them once per micro-batch (so the EMA's evaluations are not compared, only made)."""
+    one process updates them once per micro-batch (so the EMA's evaluations are not compared, only made). About
+    65 s: eight launches, half of them two-rank torchrun under FSDP2."""
     common = [*short, "ema.decay=0.5", "ema.every=2", "eval.weights=both", "eval.every=6", "checkpoint.every=6"]
     lars = ["optim.name=lars", "optim.lr=0.2", "optim.no_decay_bn_bias=true", "train.iterations=3"]
     for name, keys, tolerance in [
@@ -155,7 +157,7 @@ def test_ema_and_lars_under_fsdp_follow_one_process(tmp_path, short):
 def test_the_recipe_pieces_under_ddp_resume_bit_exact_after_kill_9(tmp_path, short):
     """Two DDP ranks with Mixup/CutMix (each rank its own draws), label smoothing, LARS, a cosine schedule over the
     whole run and the EMA: 24 steps straight equal 12, kill -9, a new start, 12 more: weights, average and losses
-    bit for bit."""
+    bit for bit. About 33 s: three two-rank torchrun launches."""
     args = [
         *short,
         "loss.mixup_alpha=0.2",
@@ -191,7 +193,8 @@ def test_the_recipe_pieces_under_ddp_resume_bit_exact_after_kill_9(tmp_path, sho
 
 def test_checkpoints_resume_across_strategies_and_world_sizes(tmp_path, short):
     """FSDP2 on 2 ranks -> 1 process, and 1 process -> FSDP2 on 2 ranks, and DDP on 2 -> FSDP2 on 2: each second
-    half follows the straight single-process run (accumulating, so that BN sees the same batches)."""
+    half follows the straight single-process run (accumulating, so that BN sees the same batches). About 70 s: seven
+    launches, four of them torchrun with two gloo ranks, each paying torch's import and the process group."""
     steps = ["checkpoint.every=6", "train.accumulation=1"]
     one = [*short, *steps, "train.accumulation=2"]
     run_trainer(1, [*one, "train.iterations=12", "train.run_name=straight"])
