@@ -60,7 +60,7 @@ def report_error(error: BaseException, launch: LaunchEnv, *, resume_hint: str = 
     if isinstance(error, UserError):
         return report_user_error(error, launch)
     line, code = one_line(error)
-    if launch.local_rank == 0 or joined_group():
+    if reports_user_errors(launch):
         print(f"residual: error: {line}{resume_hint}", file=sys.stderr)
     return code
 

@@ -47,19 +47,15 @@ def test_mcnemars_exact_test():
 
 def test_flips_account_for_the_top1_difference_class_by_class():
     labels = [0, 0, 1, 1, 2, 2]
-    a = evaluate(
-        torch.nn.Identity(),
-        scored(torch.eye(3)[[0, 1, 1, 1, 2, 0]].tolist(), labels),
-        num_classes=3,
-        device=torch.device("cpu"),
-        predictions=True,
-    )
-    b = evaluate(
-        torch.nn.Identity(),
-        scored(torch.eye(3)[[0, 0, 1, 0, 2, 2]].tolist(), labels),
-        num_classes=3,
-        device=torch.device("cpu"),
-        predictions=True,
+    a, b = (
+        evaluate(
+            torch.nn.Identity(),
+            scored(torch.eye(3)[predicted].tolist(), labels),
+            num_classes=3,
+            device=torch.device("cpu"),
+            predictions=True,
+        )
+        for predicted in ([0, 1, 1, 1, 2, 0], [0, 0, 1, 0, 2, 2])
     )
     comparison = compare(a, b, ["a", "b", "c"])
     assert (comparison.only_a, comparison.only_b) == (1, 2)  # right in A alone: image 3; in B alone: 1 and 5

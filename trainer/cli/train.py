@@ -90,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             report["per_class"] = per_class_report(result, dataset.classes)
         print(format_table(report))
         if not args.other:
-            write_counts(replace(request, checkpoint=Path(report["checkpoint"])), report)
+            write_counts(request, report)
     if args.report:
         print(f"wrote {write_report_page(Path(args.report), evaluated)}")
 

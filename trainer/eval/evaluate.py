@@ -71,8 +71,11 @@ def calibration_error(calibration: torch.Tensor) -> float:
     return float((correct - confidence).abs().sum() / images.sum())
 
 
-def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+def topk_hits(
+    scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5), top: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Per image, whether its label is among its k best classes, for each k; ``top``: the ranking, if made."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices if top is None else top
     hits = top == labels[:, None]
     return [hits[:, :k].any(dim=1) for k in ks]
 
@@ -177,7 +180,7 @@ def evaluate(
             continue
         labels = labels.to(device, non_blocking=True)
         top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # one ranking for every count, ties included
-        hit1, hit5 = ((top[:, :k] == labels[:, None]).any(dim=1) for k in (1, 5))
+        hit1, hit5 = topk_hits(scores, labels, top=top)
         counts.index_add_(0, labels, torch.stack([hit1, hit5, torch.ones_like(hit1)], dim=1).long())
         top1 = top[:, 0]
         confidence = scores.gather(1, top1[:, None]).squeeze(1)
