@@ -111,6 +111,8 @@ class ScheduleConfig:
     warmup_lr: float = 0.01  # the warm-up's lr (Sec. 4.2: 0.01 for ResNet-110); the linear warm-up's first
     warmup_length: int = 0  # constant/linear warm-up length; 0 with warmup_until_train_error: no fixed cap
     warmup_until_train_error: float | None = None  # constant warm-up ends when train error < this (0.8, Sec. 4.2)
+    warmup_check_every: int = 50  # warmup_until_train_error: the training error is measured over each window of
+    # this many iterations, its own (the log's windows are log.every's, and a logging setting never changes the lr)
 
     def __post_init__(self) -> None:
         require(0 < self.gamma < 1, "schedule.gamma", self.gamma, "must be in (0, 1)")
@@ -121,6 +123,7 @@ class ScheduleConfig:
         require(self.warmup_lr >= 0, "schedule.warmup_lr", self.warmup_lr, "must be >= 0")
         require(self.poly_power > 0, "schedule.poly_power", self.poly_power, "must be > 0")
         require(self.warmup_length >= 0, "schedule.warmup_length", self.warmup_length, "must be >= 0")
+        require(self.warmup_check_every > 0, "schedule.warmup_check_every", self.warmup_check_every, "must be > 0")
         if self.warmup == "linear":
             require(self.warmup_length > 0, "schedule.warmup_length", self.warmup_length, "linear warm-up needs > 0")
         if self.warmup_until_train_error is not None:

@@ -5,7 +5,7 @@ measures and logs, ``CheckpointManager`` (trainer.checkpoint) decides what a che
 
 A resumed run continues bit for bit: a checkpoint holds weights and BN statistics, optimizer momentum, the
 iteration (which fixes the epoch and the batch within it, and so the data order and every crop), the metrics
-history the schedule reads, the open logging window and the RNG states.
+history the schedule reads, the open logging and warm-up windows and the RNG states.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from trainer.metrics import MetricsProcessor, TrainWindow
 from trainer.run_dir import run_directory
 from trainer.run_log import RunLog
 from trainer.run_parts import Run, TrainState, build_eval_batches, build_run, describe
-from trainer.step import LateFlags
+from trainer.step import LateFlags, StepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def train_in(
     run = build_run(config, launch, device)
     run.tuner = tuner
     state, window = TrainState(), TrainWindow(device, is_main=launch.is_main)
-    checkpoints = CheckpointManager(run, {"train": state, "window": window})
+    warmup = TrainWindow(device, is_main=launch.is_main)  # Sec. 4.2's training error, on its own windows
+    checkpoints = CheckpointManager(run, {"train": state, "window": window, "warmup_window": warmup})
     if checkpoints.resume() > run.total_iterations:
         raise UserError(
             f"train.iterations={run.total_iterations}: the run's checkpoint is at iteration {state.iteration}, past "
@@ -91,7 +92,7 @@ def train_in(
     describe(run)
     try:
         with StopSignals(before=started) as signals:
-            last = train_iterations(run, state, checkpoints, metrics, signals)
+            last = train_iterations(run, state, checkpoints, metrics, signals, warmup)
         result = final_evaluation(run, state, metrics, last)
     finally:
         metrics.close()
@@ -100,7 +101,12 @@ def train_in(
 
 
 def train_iterations(
-    run: Run, state: TrainState, checkpoints: CheckpointManager, metrics: MetricsProcessor, signals: StopSignals
+    run: Run,
+    state: TrainState,
+    checkpoints: CheckpointManager,
+    metrics: MetricsProcessor,
+    signals: StopSignals,
+    warmup: TrainWindow,
 ) -> EvalResult | None:
     """Steps to the last iteration; returns the last evaluation. A checkpoint is written before the evaluation of
     the same iteration, so a failed evaluation loses no training; a run resumed from it makes that evaluation first."""
@@ -112,6 +118,7 @@ def train_iterations(
         epoch, start = divmod(state.iteration, run.loader.batches_per_epoch)
         for images, labels in metrics.timed(run.loader.epoch(epoch, start)):
             lr = run.set_lr(state)
+            awaits_train_error = run.schedule.awaits_train_error(state.iteration, state.history)
             images, labels = run.to_device(images, labels)
             images, targets, labels = run.mixer(images, labels, state.iteration)
             signalled = signals.received is not None  # this rank: raised in the step's flags, read by all a step late
@@ -120,6 +127,8 @@ def train_iterations(
             if run.ema is not None:
                 run.ema.update(state.iteration)
             metrics.record(state.iteration, step, images, labels)
+            if awaits_train_error:
+                measure_warmup(run, state, warmup, step, labels)
             state.seconds = seconds_before + time.monotonic() - started
             logging_due, evaluating = metrics.should_log(state.iteration), run.evaluation_due(state.iteration)
             # reading the flags waits for the device: now only where the host acts on them (a log, a checkpoint, an
@@ -134,7 +143,6 @@ def train_iterations(
                     lr=lr,
                     last_step=step,
                     counts=counts,
-                    history=state.history,
                     scaler=run.stepper.scaler,
                 )
                 restart = run.grow_loader(data_wait, state.iteration)
@@ -155,6 +163,17 @@ def train_iterations(
         if epoch == first_epoch:
             metrics.log_memory()
     return result
+
+
+def measure_warmup(run: Run, state: TrainState, window: TrainWindow, step: StepOutcome, labels: torch.Tensor) -> None:
+    """Sec. 4.2: while the warm-up waits for the training error, each step's hits go into a window of its own, read
+    every ``schedule.warmup_check_every`` iterations (a host sync, during the warm-up only) into the history the
+    schedule reads. Its own, not the log's: a logging setting never changes the lr."""
+    window.add(step, labels)
+    if state.iteration % run.schedule.shape.warmup_check_every == 0:
+        sums = window.take()
+        if sums["count"]:  # not every step skipped (train.skip_nonfinite)
+            state.history.train_errors.append((state.iteration, 1 - sums["correct1"] / sums["count"]))
 
 
 def check_flags(run: Run, state: TrainState, read: list[tuple[int, dict[str, float]]]) -> bool:

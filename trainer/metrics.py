@@ -22,7 +22,6 @@ from tqdm import tqdm
 from trainer.distributed import LaunchEnv, all_gather_rows, all_reduce_sum
 from trainer.eval.evaluate import EvalResult, topk_hits
 from trainer.run_log import RunLog
-from trainer.schedule import MetricHistory
 from trainer.step import StepOutcome
 
 log = logging.getLogger(__name__)
@@ -32,9 +31,9 @@ WINDOW_SUMS = ("loss_sum", "correct1", "correct5", "count")
 
 class TrainWindow:
     """Sums over this rank's images between two log points of the loss, the top-1 and top-5 hits and the images
-    (WINDOW_SUMS), kept on the device so that no step waits for them. What is logged (and what the warm-up schedule
-    reads) is ``summed`` over all ranks. A checkpoint keeps the open window (``state_dict``), so that a resumed run
-    logs the same figures."""
+    (WINDOW_SUMS), kept on the device so that no step waits for them. What is logged is ``summed`` over all ranks
+    (the loop keeps a second window for the training error Sec. 4.2's warm-up waits for). A checkpoint keeps the
+    open window (``state_dict``), so that a resumed run logs the same figures."""
 
     def __init__(self, device: torch.device, *, is_main: bool = True) -> None:
         self.device, self.is_main = device, is_main
@@ -69,7 +68,8 @@ class TrainWindow:
         return sums
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        values = [saved[key] for key in WINDOW_SUMS] if self.is_main else [0.0] * len(WINDOW_SUMS)
+        # a part a checkpoint lacks (the warm-up's window, before 2026-12-08) opens empty
+        values = [saved.get(key, 0.0) for key in WINDOW_SUMS] if self.is_main else [0.0] * len(WINDOW_SUMS)
         self.sums = torch.tensor(values, dtype=torch.float64, device=self.device)
 
 
@@ -185,13 +185,11 @@ class MetricsProcessor:
         lr: float,
         last_step: StepOutcome,
         counts: dict[str, int],
-        history: MetricHistory,
         scaler: torch.amp.GradScaler,
     ) -> float:
-        """Log the window's training metrics (its top-1 error into the ``history`` the schedule reads) and each
-        rank's times and peak memory, gathered on every rank (one collective each for sums and per-rank rows);
-        images/s is over rank 0's time. ``counts``: the skipped steps so far. Returns the share of the window the
-        slowest-fed rank waited for data (the same on every rank)."""
+        """Log the window's training metrics and each rank's times and peak memory, gathered on every rank (one
+        collective each for sums and per-rank rows); images/s is over rank 0's time. ``counts``: the skipped steps so
+        far. Returns the share of the window the slowest-fed rank waited for data (the same on every rank)."""
         sums = self.window.take()
         times, self.times = self.times, StepTimes()
         row = [times.compute_seconds / times.steps, times.data_seconds / times.steps, peak_memory_bytes(self.device)]
@@ -203,7 +201,6 @@ class MetricsProcessor:
             self.progress.set_postfix(loss=math.nan, lr=f"{lr:.4g}")
             return data_wait
         summary = window_summary(sums)
-        history.train_errors.append((iteration, summary["top1_error"]))
         values = {**summary, "lr": lr, "skipped_steps": counts["skipped_steps"]}
         if not last_step.skipped:
             values["grad_norm"] = float(last_step.grad_norm)

@@ -19,7 +19,7 @@ class MetricHistory:
     """The metrics a schedule may react to, as (iteration, error) pairs; saved in every checkpoint."""
 
     val_errors: list[tuple[int, float]] = field(default_factory=list)  # top-1 error of each evaluation
-    train_errors: list[tuple[int, float]] = field(default_factory=list)  # running top-1 error of each log window
+    train_errors: list[tuple[int, float]] = field(default_factory=list)  # top-1 error of each warm-up window
 
     def state_dict(self) -> dict[str, list[tuple[int, float]]]:
         return {"val_errors": list(self.val_errors), "train_errors": list(self.train_errors)}
@@ -81,6 +81,11 @@ class LRSchedule:
         if shape.decay == "linear":  # FFCV's cyclic schedule after its peak
             return shape.min_lr + span * (1 - t / length)
         return shape.min_lr + span * (1 - t / (length + 1)) ** shape.poly_power  # MLPerf: T + 1 decay steps
+
+    def awaits_train_error(self, iteration: int, history: MetricHistory) -> bool:
+        """Whether the warm-up at ``iteration`` waits for the training error (Sec. 4.2), which the loop then
+        measures over windows of ``warmup_check_every`` iterations into ``history.train_errors``."""
+        return self.shape.warmup_until_train_error is not None and self.in_warmup(iteration, history)
 
     def in_warmup(self, iteration: int, history: MetricHistory) -> bool:
         shape = self.shape

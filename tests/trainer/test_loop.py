@@ -69,6 +69,30 @@ def test_run_directory_and_logs(tmp_path, cifar_root):
     assert all(event.value > 0 for event in events.Scalars("train/grad_norm"))
 
 
+def test_the_warmup_ends_on_its_own_windows_whatever_log_every(tmp_path, cifar_root):
+    """Sec. 4.2's warm-up reads the training error of its own windows (schedule.warmup_check_every), not the log's:
+    two log.every values train the same weights, and so does a run stopped inside a warm-up window and resumed."""
+    warm = (
+        "schedule.milestones=[18]",
+        "schedule.warmup=constant",
+        "schedule.warmup_until_train_error=0.85",
+        "schedule.warmup_check_every=4",
+    )
+    lrs, weights = {}, {}
+    for name, every, stops in (("every-1", 1, [20]), ("every-5", 5, [20]), ("resumed", 5, [7, 20])):
+        for stop in stops:
+            train(
+                small_run(tmp_path / name, cifar_root, *warm, f"log.every={every}", f"train.iterations={stop}"),
+                LaunchEnv(),
+            )
+        lrs[name] = {r["iteration"]: r["lr"] for r in metrics(tmp_path / name / "run", "train")}
+        weights[name] = load_checkpoint(tmp_path / name / "run/checkpoints/ckpt-000000020.pt")["model"]
+    assert lrs["every-1"][9] == 0.01 and lrs["every-1"][10] == 0.1  # iterations 5-8 below 85%: the warm-up's end
+    assert all(lrs["every-1"][i] == lr for name in ("every-5", "resumed") for i, lr in lrs[name].items())
+    for name in ("every-5", "resumed"):
+        assert all(torch.equal(weights[name][key], value) for key, value in weights["every-1"].items()), name
+
+
 def test_class_count_must_match_the_data(tmp_path, cifar_root):
     with pytest.raises(UserError, match="model.num_classes=100: the data .* has 10 classes"):
         train(small_run(tmp_path, cifar_root, "train.iterations=5", "model.num_classes=100"), LaunchEnv())
