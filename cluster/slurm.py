@@ -165,7 +165,7 @@ class Submission:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.config.train.output_dir) / self.config.train.run_name
+        return self.config.train.run_dir
 
 
 def plan(config_path: str, overrides: list[str], resources: Resources, array: str | None, array_file: str | None):

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor
 
 from data_pipeline.errors import UserError
-from trainer.config import to_dict
+from trainer.config import Config, to_dict
 from trainer.distributed import any_rank, average_bn_buffers, barrier
 from trainer.ema import WeightAverage
 from trainer.faults import CheckpointNotWritten, NonFiniteState, first_nonfinite
@@ -372,13 +372,18 @@ class CheckpointManager:
     """
 
     def __init__(self, run: Run, states: dict[str, Stateful]) -> None:
-        self.run_dir, self.config, self.launch, self.device = run.run_dir, run.config, run.launch, run.device
+        self.run = run  # its config as it stands at each save (a grown loader's data.workers)
+        self.run_dir, self.launch, self.device = run.run_dir, run.launch, run.device
         self.model, self.optimizer, self.ema = run.stepper.model, run.stepper.optimizer, run.ema
         self.states = {**states, "scaler": run.stepper.scaler, "rng": RngStates()}
         self.total_iterations = run.total_iterations
         self.batches_per_epoch, self.classes = run.loader.batches_per_epoch, run.loader.classes
         self.sharded = run.sharded
-        self.every = self.config.checkpoint.every or self.batches_per_epoch
+        self.every = run.config.checkpoint.every or self.batches_per_epoch
+
+    @property
+    def config(self) -> Config:
+        return self.run.config
 
     def due(self, iteration: int) -> bool:
         """On the cadence (``checkpoint.every``, default every epoch) and at the last iteration."""

@@ -151,6 +151,11 @@ class TrainConfig:
     run_name: str | None = None  # default: the config file's name
     skip_nonfinite: bool = False  # skip (and count) a step whose loss is not finite instead of stopping the run
 
+    @property
+    def run_dir(self) -> Path:
+        """Where the run writes everything: OUTPUT_DIR/RUN_NAME (decided here alone)."""
+        return Path(self.output_dir) / self.run_name
+
     def __post_init__(self) -> None:
         require(self.threads is None or self.threads >= 1, "train.threads", self.threads, "must be >= 1 or null")
         for key in ("iterations", "epochs"):
@@ -282,10 +287,6 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-
-    def global_batch(self) -> int:
-        """Images per update over all ranks: per-rank micro-batch x world size x train.accumulation."""
-        return self.data.batch_size
 
 
 CHOICE_ERROR = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]")  # OmegaConf's, of a Literal field

@@ -44,7 +44,7 @@ def train(config: Config, launch: LaunchEnv, started: StopSignals | None = None)
     the command started (a preemption while the data was listed stops the first step)."""
     device = pick_device(config.train.device, launch)
     init_process_group(launch, device)
-    run_dir = Path(config.train.output_dir) / config.train.run_name
+    run_dir = config.train.run_dir
     with run_directory(run_dir, launch, device):  # before anything is written or logged: refused if another run has it
         return train_in(run_dir, config, launch, device, started)
 
@@ -81,7 +81,7 @@ def train_in(
         device=device,
         log_every=config.log.every,
         progress=config.log.progress,
-        images_per_step=config.global_batch(),
+        images_per_step=config.data.batch_size,
         iterations=(state.iteration, run.total_iterations),
         iterations_per_epoch=run.loader.batches_per_epoch,
         flops=(run.peak_flops, run.flops_per_image),

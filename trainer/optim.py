@@ -114,9 +114,10 @@ class LARS(torch.optim.Optimizer):
         return cache[key]
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """With ``no_decay_bn_bias``, BN weights and every bias (the one-dimensional parameters) get no weight decay
-    (and, with LARS, no trust ratio).
+def build_optimizer(model: nn.Module, config: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    """``lr``: the run's base rate (the linear scaling rule applied: trainer.schedule), else ``optim.lr``; the
+    schedule writes each iteration's into the groups. With ``no_decay_bn_bias``, BN weights and every bias (the
+    one-dimensional parameters) get no weight decay (and, with LARS, no trust ratio).
 
     SGD is fused (one kernel per device and dtype) wherever torch has it: there the step can be cancelled on the
     device (``optimizer.found_inf``) without the host waiting for the loss. FSDP2's DTensors have no fused SGD in
@@ -132,19 +133,20 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     if config.name == "lars":
         return LARS(
             groups,
-            lr=config.lr,
+            lr=config.lr if lr is None else lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
             trust_coefficient=config.trust_coefficient,
             eps=config.lars_eps,
             nesterov=config.nesterov,
         )
+    lr = config.lr if lr is None else lr
     for group in groups:
         group.pop("lars", None)
     fused = not any(isinstance(p, DTensor) for p in params)
     optimizer = torch.optim.SGD(
         groups,
-        lr=config.lr,
+        lr=lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         nesterov=config.nesterov,

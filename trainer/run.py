@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from trainer.checkpoint import latest_checkpoint
 from trainer.comparison import published_line
@@ -34,7 +33,7 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
         # Ctrl-C there stops at once (KeyboardInterrupt, below)
         with StopSignals(PREEMPTION_SIGNALS) as started:
             config = load_config(config_path, list(overrides), world_size=launch.world_size)
-            check_run_dir(config.train.output_dir, config.train.run_name)
+            check_run_dir(config.train)
             logging.getLogger().setLevel(logging.INFO if launch.is_main else logging.WARNING)
             result, run_log = train(config, launch, started)
     except TrainingStopped as stopped:
@@ -67,7 +66,7 @@ def run(config_path: str, overrides: Sequence[str] = ()) -> int:
 def resume_hint(config: Config | None) -> str:
     """How a training that failed goes on: from its last checkpoint, if it has one."""
     try:
-        latest = config and latest_checkpoint(Path(config.train.output_dir) / config.train.run_name)
+        latest = config and latest_checkpoint(config.train.run_dir)
     except OSError:  # the run directory itself is what failed
         return ""
     return f"; the same command resumes from {latest}" if latest else ""

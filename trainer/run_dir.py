@@ -18,6 +18,7 @@ from typing import IO
 import torch
 
 from data_pipeline.errors import UserError
+from trainer.config import TrainConfig
 from trainer.distributed import LaunchEnv, any_rank
 from trainer.faults import TrainingStopped
 
@@ -33,9 +34,9 @@ class RunDirInUse(TrainingStopped):
     exit_code = 2
 
 
-def check_run_dir(output_dir: str, run_name: str) -> None:
+def check_run_dir(train: TrainConfig) -> None:
     """Refuse, before anything starts, a run directory that cannot be one: it, or a folder above it, is a file."""
-    run_dir = Path(output_dir) / run_name
+    run_dir, run_name, output_dir = train.run_dir, train.run_name, train.output_dir
     for path in [run_dir, *run_dir.parents]:
         if path.exists() and not path.is_dir():
             key = f"train.run_name={run_name}" if path == run_dir else f"train.output_dir={output_dir}"

@@ -140,20 +140,19 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
             f"{loader.channels} channel{'s' if loader.channels > 1 else ''}"
         )
     val_batches = build_eval_batches(config, launch, config.eval.protocol, device)
-    stepper = build_stepper(config, launch, device)
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch
     schedule = build_schedule(
         config.schedule,
         config.optim,
-        global_batch=config.global_batch(),
+        global_batch=config.data.batch_size,
         iterations_per_epoch=loader.batches_per_epoch,
         total_iterations=total,
     )
-    run_dir = Path(train.output_dir) / train.run_name
+    stepper = build_stepper(config, launch, device, lr=schedule.base_lr)
     mixer = BatchMixer(config.loss, num_classes=config.model.num_classes, seed=train.seed, rank=launch.rank)
     ema = build_weight_average(stepper.model, config.ema)
-    run = Run(config, launch, run_dir, device, stepper, loader, val_batches, schedule, total, mixer, ema)
+    run = Run(config, launch, train.run_dir, device, stepper, loader, val_batches, schedule, total, mixer, ema)
     run.peak_flops = peak_flops(device, train.precision)
     if run.peak_flops is not None:
         run.flops_per_image = functools.partial(training_flops_per_image, config)
@@ -175,9 +174,9 @@ def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str, device:
 def describe(run: Run) -> None:
     config, launch, split = run.config, run.launch, run.config.train.accumulation
     where = config.dist.strategy if launch.distributed else "one process"
-    per_rank = config.global_batch() // launch.world_size // split
+    per_rank = config.data.batch_size // launch.world_size // split
     log.info(
-        f"{config.model.name}, {where}: global batch {config.global_batch()} ({per_rank} per rank x "
+        f"{config.model.name}, {where}: global batch {config.data.batch_size} ({per_rank} per rank x "
         f"{launch.world_size} ranks x {split} accumulation), {run.total_iterations} iterations "
         f"({run.loader.batches_per_epoch} per epoch), run directory {run.run_dir}"
     )

@@ -99,10 +99,15 @@ class LRSchedule:
         return not any(at < iteration and error < shape.warmup_until_train_error for at, error in history.train_errors)
 
 
+def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The run's base rate: ``optim.lr``, times global_batch / base_batch under the linear scaling rule."""
+    return optim.lr * global_batch / optim.base_batch if optim.linear_scaling else optim.lr
+
+
 def build_schedule(
     schedule: ScheduleConfig, optim: OptimConfig, *, global_batch: int, iterations_per_epoch: int, total_iterations: int
 ) -> LRSchedule:
-    base_lr = optim.lr * global_batch / optim.base_batch if optim.linear_scaling else optim.lr
+    base_lr = scaled_lr(optim, global_batch)
     if schedule.unit == "epoch":  # the same schedule, its lengths in iterations
         milestones = [m * iterations_per_epoch for m in schedule.milestones]
         warmup_length = schedule.warmup_length * iterations_per_epoch

@@ -146,7 +146,8 @@ def gradient_norm(model: nn.Module) -> torch.Tensor:
     return full_tensor(norm)
 
 
-def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> Stepper:
+def build_stepper(config: Config, launch: LaunchEnv, device: torch.device, lr: float | None = None) -> Stepper:
+    """``lr``: the run's base rate (build_optimizer)."""
     train = config.train
     sharded = is_sharded(config.dist, launch.world_size)
     if sharded and train.precision == "fp16":
@@ -164,7 +165,7 @@ def build_stepper(config: Config, launch: LaunchEnv, device: torch.device) -> St
     wrapped = parallelize(model, config.dist, precision=train.precision, device=device, world_size=launch.world_size)
     if train.compile:
         wrapped = torch.compile(wrapped)
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, lr)
     scaler = build_grad_scaler(device, train.precision)
     return Stepper(
         model,

@@ -304,4 +304,6 @@ def test_a_loader_that_keeps_the_step_waiting_gets_more_workers_and_the_same_bat
     counts = [record["loader_workers"] for record in metrics(tmp_path / "grown", "speed")]
     expected = [first, first, first + 1, first + 1, first + 2, first + 2]  # judged at 4 and 8, logged after
     assert counts == [min(count, cores) for count in expected]  # one process per core at most
+    saved = load_checkpoint(tmp_path / "grown/checkpoints/ckpt-000000012.pt")["config"]
+    assert saved["data"]["workers"] == counts[-1]  # the checkpoint records the loader as it grew
     assert metrics(tmp_path / "grown", "train") == metrics(tmp_path / "fixed", "train")  # the same batches
