@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 from cluster.slurm import JOB_IDS
-from trainer.run_log import METRICS_FILE, read_metrics
+from trainer.training.run_log import METRICS_FILE, read_metrics
 
 
 def find_runs(root: Path) -> list[Path]:

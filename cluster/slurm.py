@@ -1,5 +1,5 @@
 """SLURM jobs through submitit: every task runs the trainer's own entry point, which initialises torch.distributed
-from the SLURM environment (trainer.distributed.LaunchEnv), and a preempted job requeues itself and resumes from
+from the SLURM environment (trainer.machine.distributed.LaunchEnv), and a preempted job requeues itself and resumes from
 the latest checkpoint of its run directory.
 
 Preemption: SLURM signals the tasks (``--signal=USR2@90``, submitit's default; or SIGTERM, or what the cluster
@@ -21,13 +21,13 @@ import submitit
 
 from data_pipeline.errors import UserError, read_text
 from trainer.config import Config, load_config
-from trainer.faults import REQUEUE_EXIT_CODE
+from trainer.training.faults import REQUEUE_EXIT_CODE
 
 JOB_IDS = "slurm_jobs.txt"  # in a run directory: the SLURM jobs that ran it and their submitit folders
 
 
 class TrainTask(submitit.helpers.Checkpointable):
-    """What each task of a job runs: the training entry point (``trainer.run``) in the task's own process.
+    """What each task of a job runs: the training entry point (``trainer.entry``) in the task's own process.
 
     Checkpointable: should submitit's own signal handler run (a signal before training started), it requeues the
     task unchanged, and the new start resumes from the run directory like any other."""
@@ -37,7 +37,7 @@ class TrainTask(submitit.helpers.Checkpointable):
         self.overrides = overrides
 
     def __call__(self) -> int:
-        from trainer.run import run
+        from trainer.entry import run
 
         code = run(self.config, self.overrides)
         if code == REQUEUE_EXIT_CODE:

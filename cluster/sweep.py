@@ -39,8 +39,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from data_pipeline.errors import UserError, read_text
 from trainer.config import Config, load_config, said_in_one_line, to_yaml
-from trainer.distributed import TRIAL_CPUS
-from trainer.run_log import METRICS_FILE, read_metrics
+from trainer.machine.distributed import TRIAL_CPUS
+from trainer.training.run_log import METRICS_FILE, read_metrics
 
 DISTRIBUTIONS = ("grid", "choice", "loguniform", "uniform")
 

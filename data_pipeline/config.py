@@ -73,7 +73,7 @@ class DataConfig:
     batch_size: int = 256  # global mini-batch: images per iteration summed over all ranks
     # loader processes per rank, or "auto": none for CIFAR-format data on the torch backend (held as tensors); else
     # on a GPU all the rank's cores but one, on a CPU half of them, beside torch's threads on every core; with DALI
-    # (whose threads decode) a quarter. auto grows by one while the step waits for data (trainer.auto)
+    # (whose threads decode) a quarter. auto grows by one while the step waits for data (trainer.machine.auto)
     workers: Any = "auto"
     # DALI's CPU threads (decoding; on a GPU the decoder's CPU stage); auto: from the cores, grown as data.workers
     threads: Any = "auto"

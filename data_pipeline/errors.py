@@ -1,7 +1,7 @@
 """The one exception type for mistakes a user can make (a bad config value, a missing folder, a bad file).
 
 It lives at the bottom of the import graph (the CLI -> cluster -> trainer -> data_pipeline; tests/test_layering.py)
-and imports nothing of the project, so that every package raises the same type; the entry points (``trainer.run``,
+and imports nothing of the project, so that every package raises the same type; the entry points (``trainer.entry``,
 the CLI) print its message without a traceback and exit with status 2 (trainer.user_errors).
 """
 

@@ -11,7 +11,7 @@ import pytest
 from checkout import RESIDUAL, ROOT
 
 from trainer.cli import main
-from trainer.hardware import detect_cpu
+from trainer.machine.hardware import detect_cpu
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -224,9 +224,9 @@ def test_export_names_who_loads_the_weights(tmp_path):
     """torchvision has resnet18..152, not the CIFAR-10 nets."""
     import torch
 
-    from trainer.checkpoint import save_checkpoint
     from trainer.config import load_config, to_dict
     from trainer.models import create_model
+    from trainer.training.checkpoint.state import save_checkpoint
 
     config = to_dict(load_config(ROOT / "configs/quickstart.yaml", [f"data.root={tmp_path}"]))
     model = create_model("resnet20")
@@ -245,8 +245,8 @@ def test_export_names_who_loads_the_weights(tmp_path):
 RUN_TMPDIR = """
 import multiprocessing.util, os, sys, tempfile
 from pathlib import Path
-from trainer.distributed import LaunchEnv
-from trainer.run_dir import use_run_tmpdir
+from trainer.machine.distributed import LaunchEnv
+from trainer.training.run_directory import use_run_tmpdir
 use_run_tmpdir(Path(sys.argv[1]), LaunchEnv(rank=1, world_size=2))
 print(tempfile.gettempdir(), os.environ.get("TMPDIR"), multiprocessing.util.get_temp_dir(), sep="\\n")
 """

@@ -16,9 +16,10 @@ import pytest
 import torch
 from checkout import QUICKSTART, ROOT
 
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from trainer.cli import main
 from trainer.models import create_model
+from trainer.training.checkpoint.files import latest_checkpoint, list_checkpoints
+from trainer.training.checkpoint.state import save_checkpoint
 
 CONFIG_TEXT = QUICKSTART.read_text()
 

@@ -37,7 +37,7 @@ MODULES = {module_name(path): project_imports(path) for package in PACKAGES for 
 
 
 def test_the_modules_are_found():
-    assert {"trainer.loop", "trainer.cli", "cluster.slurm", "data_pipeline.dali.loader"} <= MODULES.keys()
+    assert {"trainer.training.loop", "trainer.cli", "cluster.slurm", "data_pipeline.dali.loader"} <= MODULES.keys()
 
 
 @pytest.mark.parametrize("module", sorted(name for name in MODULES if not is_within(name, CLI)))
@@ -46,7 +46,7 @@ def test_imports_point_down_the_layers(module):
     upward = sorted(name for name in MODULES[module] if LAYERS[name.split(".")[0]] > layer)
     assert not upward, f"{module} imports {upward}, a layer above it"
     callers = sorted(name for name in MODULES[module] if is_within(name, CLI))
-    assert not callers, f"{module} imports the CLI ({callers}); call trainer.run or the function the CLI calls"
+    assert not callers, f"{module} imports the CLI ({callers}); call trainer.entry or the function the CLI calls"
 
 
 @pytest.mark.parametrize("module", sorted(name for name in MODULES if is_within(name, "trainer.models")))
@@ -74,3 +74,30 @@ def test_no_module_imports_itself_through_others():
         tuple(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as error:
         pytest.fail(f"an import cycle: {' -> '.join(error.args[1])}")
+
+
+def tallest_chain(modules: set[str]) -> list[str]:
+    """The longest chain of imports among ``modules``, each importing the next (the tower's floors)."""
+    graph = {module: imported_modules(module) & modules for module in modules}
+    below: dict[str, list[str]] = {}
+    for module in graphlib.TopologicalSorter(graph).static_order():  # the modules it imports come first
+        below[module] = [module, *max((below[name] for name in graph[module]), key=len, default=[])]
+    return max(below.values(), key=len)
+
+
+# trainer/ less its commands (cli, bench), which sit on top of it
+TRAINER = {name for name in MODULES if is_within(name, "trainer") and not is_within(name, CLI)}
+TRAINER -= {name for name in MODULES if is_within(name, "trainer.bench")}
+
+
+def test_the_trainers_import_tower_has_at_most_ten_floors():
+    """A reader follows at most ten modules down from the entry point to the config; ``python
+    tests/test_layering.py`` prints the tallest chain, of trainer/ and of the whole project."""
+    chain = tallest_chain(TRAINER)
+    assert len(chain) <= 10, " -> ".join(chain)
+
+
+if __name__ == "__main__":
+    for modules in (TRAINER, set(MODULES)):
+        chain = tallest_chain(modules)
+        print(f"{len(chain)} floors: {' -> '.join(chain)}")

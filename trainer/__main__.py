@@ -2,7 +2,7 @@
 
 import sys
 
-from trainer.run import run
+from trainer.entry import run
 
 if __name__ == "__main__":  # not in the worker processes that DALI and DataLoader spawn, which import this module
     if len(sys.argv) < 2 or sys.argv[1].startswith("-"):

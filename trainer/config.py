@@ -67,7 +67,7 @@ class OptimConfig:
     """SGD with momentum (Sec. 3.4), or LARS (You et al. 2017, as MLPerf trains ResNet-50 at batches of thousands)."""
 
     # "sgd" (torch.optim.SGD) | "lars": SGD whose step of each weight is scaled by its trust ratio
-    # trust_coefficient x |w| / (|g| + weight_decay x |w|) (trainer.optim.LARS)
+    # trust_coefficient x |w| / (|g| + weight_decay x |w|) (trainer.recipe.optim.LARS)
     name: Literal["sgd", "lars"] = "sgd"
     lr: float = 0.1  # at `base_batch` images per iteration
     momentum: float = 0.9  # Sec. 3.4
@@ -91,8 +91,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The learning-rate schedule (trainer.schedule): a warm-up, then a decay over the rest of the run. Lengths are
-    in `unit`s: iterations or epochs. Every rate is a function of the iteration (and, for "plateau", of the
+    """The learning-rate schedule (trainer.recipe.schedule): a warm-up, then a decay over the rest of the run.
+    Lengths are in `unit`s: iterations or epochs. Every rate is a function of the iteration (and, for "plateau", of the
     evaluations before it), computed at every iteration."""
 
     unit: Literal["iteration", "epoch"] = "iteration"  # unit of milestones and warmup_length
@@ -136,12 +136,12 @@ class ScheduleConfig:
 class TrainConfig:
     iterations: int | None = None  # length of the run; exactly one of iterations and epochs
     epochs: int | None = None  # length of the run in passes over the training set
-    # "auto" (trainer.auto: bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else fp32)
+    # "auto" (trainer.machine.auto: bf16 where the GPU or CPU computes it natively, fp16 on older GPUs, else fp32)
     # | "fp32" | "bf16" (autocast) | "fp16" (autocast + gradient scaler)
     precision: Precision = "auto"
     channels_last: bool = True  # NHWC memory layout for the convolutions
     # torch's CPU threads per rank; None: on a CPU every core of the rank, on a GPU the cores its workers leave
-    # (trainer.auto.plan_threads)
+    # (trainer.machine.auto.plan_threads)
     threads: int | None = None
     compile: bool = False  # torch.compile the model
     accumulation: int = 1  # micro-batches per update: each rank forwards data.batch_size / (world x accumulation)
@@ -167,7 +167,7 @@ class TrainConfig:
 @dataclass
 class LossConfig:
     """What the model is trained against: cross-entropy with label smoothing, on batches that Mixup or CutMix may
-    blend (trainer.mixing; on the batch, after the data pipeline, so on either backend). With mixing, the running
+    blend (trainer.recipe.mixing; on the batch, after the data pipeline, so on either backend). With mixing, the running
     train top-1/top-5 count a prediction against each image's dominant label (the larger share)."""
 
     label_smoothing: float = 0.0  # Szegedy et al. 2016: the target puts this much mass uniformly on all classes
@@ -191,7 +191,7 @@ class LossConfig:
 
 @dataclass
 class EmaConfig:
-    """An exponential moving average of the weights (trainer.ema): every `every` iterations
+    """An exponential moving average of the weights (trainer.recipe.ema): every `every` iterations
     ema = decay x ema + (1 - decay) x weights, on each rank's shards under FSDP2. Saved in every checkpoint;
     eval.weights says which weights the evaluations use."""
 
@@ -209,7 +209,7 @@ class EmaConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints in RUN_DIR/checkpoints (trainer.checkpoint.CheckpointManager)."""
+    """Checkpoints in RUN_DIR/checkpoints (trainer.training.checkpoint.CheckpointManager)."""
 
     every: int | None = None  # iterations between checkpoints; None: every epoch (and always at the last iteration)
     keep: int = 3  # the newest this many are kept
@@ -222,7 +222,7 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    """Training metrics in TensorBoard and metrics.jsonl (trainer.metrics.MetricsProcessor)."""
+    """Training metrics in TensorBoard and metrics.jsonl (trainer.training.metrics.MetricsProcessor)."""
 
     every: int = 20  # iterations between training metrics
     progress: bool = True  # rank 0: a tqdm bar when stderr is a terminal; else, and when false, a line per window

@@ -1,4 +1,4 @@
-"""Where every error becomes one line: the entry points (`residual`'s commands, ``trainer.run``, which torchrun,
+"""Where every error becomes one line: the entry points (`residual`'s commands, ``trainer.entry``, which torchrun,
 SLURM tasks and sweep trials start) hand what escaped them to ``report_error``, which says it without a traceback,
 on the ranks that should say it, and returns the documented exit code:
 
@@ -7,7 +7,7 @@ on the ranks that should say it, and returns the documented exit code:
 - 1: a loader process killed, memory exhausted, or a bug: a traceback no user should read goes to a file, and the
   line names it.
 
-A stopped training (``TrainingStopped``) is said by ``trainer.run`` itself. Light to import: every `residual`
+A stopped training (``TrainingStopped``) is said by ``trainer.entry`` itself. Light to import: every `residual`
 command's error path comes here."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from data_pipeline.errors import UserError
-from trainer.distributed import LaunchEnv, joined_group
+from trainer.machine.distributed import LaunchEnv, joined_group
 
 USER_ERROR_EXIT_CODE = 2
 SYSTEM_ERROR_EXIT_CODE = 74  # EX_IOERR

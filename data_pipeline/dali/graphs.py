@@ -19,7 +19,7 @@ def _normalization(config: DataConfig) -> dict:
 
 def _pipeline_options(batch: int, device: str, config: DataConfig) -> dict:
     """What every pipeline here is built with: its batch, the GPU or DALI's CPU-only mode (``device_id=None``),
-    ``data.threads`` CPU threads (as training resolves "auto": trainer.auto.plan_threads; alone, this process's
+    ``data.threads`` CPU threads (as training resolves "auto": trainer.machine.auto.plan_threads; alone, this process's
     cores), and ``data.workers`` reader processes started with spawn (CUDA may be initialised already)."""
     threads = config.threads if config.threads != "auto" else len(os.sched_getaffinity(0))
     return dict(

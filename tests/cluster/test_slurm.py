@@ -10,7 +10,7 @@ import pytest
 from checkout import RESIDUAL, ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from trainer.checkpoint import latest_checkpoint, read_train_state
+from trainer.training.checkpoint.files import latest_checkpoint, read_train_state
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 

@@ -15,25 +15,19 @@ from checkout import RESIDUAL, ROOT
 from training_runs import imagefolder_run, metrics, small_run
 
 from data_pipeline.errors import UserError
-from trainer.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model_and_optimizer,
-    read_train_state,
-    save_checkpoint,
-)
-from trainer.distributed import LaunchEnv
 from trainer.eval.weights import read_weights
-from trainer.loop import train
+from trainer.machine.distributed import LaunchEnv
 from trainer.models import create_model
+from trainer.training.checkpoint.files import latest_checkpoint, list_checkpoints, load_checkpoint, read_train_state
+from trainer.training.checkpoint.state import load_model_and_optimizer, save_checkpoint
+from trainer.training.loop import train
 
 # Saves iteration 1, then starts iteration 2 with the write of its last part stalled, and says so.
 WRITER = """
 import sys, time
 from pathlib import Path
 import torch
-import trainer.checkpoint as checkpoint
+import trainer.training.checkpoint.state as checkpoint
 from trainer.models import create_model
 
 run_dir, sharded = Path(sys.argv[1]), sys.argv[2] == "sharded"
@@ -120,7 +114,7 @@ def test_a_crafted_dcp_metadata_is_refused_before_it_runs_code(tmp_path):
 
 
 def test_a_full_disk_during_a_dcp_save_stops_with_one_line(small_disk):
-    from trainer.faults import CheckpointNotWritten
+    from trainer.training.faults import CheckpointNotWritten
 
     (small_disk / "filler").write_bytes(bytes(2 * 2**20))  # 1 MB left
     model = create_model("resnet20")  # 2.2 MB with its momentum
@@ -269,8 +263,8 @@ def test_an_export_evaluates_as_its_checkpoint_and_the_flags_override(tmp_path, 
 
 
 def test_a_full_disk_stops_with_the_last_good_checkpoint_named(small_disk, cifar_root):
-    from trainer.checkpoint import read_train_state
-    from trainer.faults import CheckpointNotWritten
+    from trainer.training.checkpoint.files import read_train_state
+    from trainer.training.faults import CheckpointNotWritten
 
     overrides = ("train.iterations=10", "checkpoint.every=5", "checkpoint.keep=2")
     with pytest.raises(CheckpointNotWritten) as raised:

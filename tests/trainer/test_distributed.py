@@ -12,9 +12,9 @@ from checkout import ROOT
 
 from data_pipeline.errors import UserError
 from trainer.config import load_config
-from trainer.distributed import LaunchEnv, average_bn_buffers, first_host
-from trainer.loop import train
+from trainer.machine.distributed import LaunchEnv, average_bn_buffers, first_host
 from trainer.models import create_model
+from trainer.training.loop import train
 
 
 def train_records(run_dir: Path) -> list[dict]:
@@ -145,7 +145,7 @@ def evaluate_sharded_on_rank(rank: int, init_file: str, results) -> None:
 
     from trainer.config import DistConfig
     from trainer.eval.evaluate import evaluate
-    from trainer.parallel import shard_fully
+    from trainer.recipe.parallel import shard_fully
 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
@@ -186,10 +186,10 @@ def test_a_ddp_step_over_nccl_on_one_gpu(tmp_path):
     import torch
 
     from trainer.config import DistConfig
-    from trainer.distributed import all_reduce_sum
-    from trainer.parallel import parallelize
-    from trainer.precision import build_grad_scaler
-    from trainer.step import Stepper
+    from trainer.machine.distributed import all_reduce_sum
+    from trainer.recipe.parallel import parallelize
+    from trainer.recipe.precision import build_grad_scaler
+    from trainer.training.step import Stepper
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
@@ -229,7 +229,7 @@ def evaluate_multiscale_on_rank(rank: int, init_file: str, results) -> None:
 
     from trainer.config import DistConfig
     from trainer.eval.evaluate import evaluate
-    from trainer.parallel import shard_fully
+    from trainer.recipe.parallel import shard_fully
 
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2, timeout=timedelta(seconds=30)
@@ -262,9 +262,9 @@ def test_fsdp_multiscale_evaluation_of_images_of_other_shapes_does_not_hang(tmp_
 def save_ema_on_rank(rank: int, init_file: str, run_dir: str, results) -> None:
     import torch
 
-    from trainer.checkpoint import save_checkpoint
     from trainer.config import EmaConfig
-    from trainer.ema import WeightAverage
+    from trainer.recipe.ema import WeightAverage
+    from trainer.training.checkpoint.state import save_checkpoint
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -288,7 +288,7 @@ def test_the_emas_bn_statistics_are_one_over_the_ranks_before_a_checkpoint(tmp_p
     every rank evaluated its own (issue 24, item 4)."""
     import torch
 
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from trainer.training.checkpoint.files import latest_checkpoint, load_checkpoint
 
     results = mp.Manager().dict()
     mp.spawn(save_ema_on_rank, args=(str(tmp_path / "init"), str(tmp_path / "run"), results), nprocs=2)
@@ -307,7 +307,7 @@ def ema_forward_on_rank(rank: int, init_file: str, results) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from trainer.config import EmaConfig
-    from trainer.ema import WeightAverage
+    from trainer.recipe.ema import WeightAverage
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -344,7 +344,7 @@ def count_fsdp_collectives_on_rank(rank: int, init_file: str, results) -> None:
     from torch.profiler import profile
 
     from trainer.config import DistConfig
-    from trainer.parallel import shard_fully
+    from trainer.recipe.parallel import shard_fully
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)

@@ -152,8 +152,8 @@ def test_training_logs_each_class_and_the_confusion_matrix_and_writes_its_report
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from training_runs import small_run
 
-    from trainer.distributed import LaunchEnv
-    from trainer.loop import train
+    from trainer.machine.distributed import LaunchEnv
+    from trainer.training.loop import train
 
     result, run_log = train(small_run(tmp_path, cifar_root, "train.iterations=6", "eval.report=true"), LaunchEnv())
     events = EventAccumulator(str(run_log.tensorboard_dir), size_guidance={"images": 0, "scalars": 0})

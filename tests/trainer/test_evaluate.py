@@ -21,9 +21,9 @@ from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.errors import UserError
 from data_pipeline.prepare.synthetic import render_sample
 from data_pipeline.torch_loader import build_eval_loader
-from trainer.distributed import LaunchEnv
 from trainer.eval.evaluate import EvalResult, ViewScorer, evaluate, topk_hits
 from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
+from trainer.machine.distributed import LaunchEnv
 from trainer.models import create_model
 
 CONFIG = DataConfig(workers=0, val_resize=80, crop_size=64, scale_min=64, scale_max=96)

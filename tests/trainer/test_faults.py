@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from checkout import ROOT
 
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.faults import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+from trainer.training.checkpoint.files import latest_checkpoint, load_checkpoint
+from trainer.training.faults import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 
 UNTIL_STOPPED = ["train.iterations=10000", "log.every=2", "eval.every=5000"]  # the test stops it; no evaluation
 
@@ -127,7 +127,7 @@ def test_ctrl_c_finishes_the_step_and_writes_a_checkpoint(tmp_path, cifar_root, 
 
 SECOND_CTRL_C = """
 import os, signal, time
-from trainer.faults import StopSignals
+from trainer.training.faults import StopSignals
 with StopSignals() as signals:
     os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
     os.kill(os.getpid(), signal.SIGINT)  # torchrun forwarding the same one: not a second

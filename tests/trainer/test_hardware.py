@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from trainer.auto import LoaderTuner, choose_precision, more_workers, plan_threads, resolve_auto
 from trainer.config import Config
-from trainer.distributed import LaunchEnv
-from trainer.hardware import CpuFacts, GpuFacts, detect_cpu
+from trainer.machine.auto import LoaderTuner, choose_precision, more_workers, plan_threads, resolve_auto
+from trainer.machine.distributed import LaunchEnv
+from trainer.machine.hardware import CpuFacts, GpuFacts, detect_cpu
 
 ZEN3 = CpuFacts("AMD EPYC 7B13", "AVX2", bf16_native=False, cores=2)
 ZEN4 = CpuFacts("AMD EPYC 9B14", "AVX512", bf16_native=True, cores=2)
@@ -135,8 +135,8 @@ def test_resolve_auto_writes_the_choices_into_the_config(cifar_root):
 FAULTS_PER_STEP = """
 import resource, sys, torch, torchvision
 from trainer.config import Config
-from trainer.distributed import LaunchEnv
-from trainer.auto import resolve_auto
+from trainer.machine.distributed import LaunchEnv
+from trainer.machine.auto import resolve_auto
 if sys.argv[1] == "resolved":
     print(resolve_auto(Config(), LaunchEnv(), torch.device("cpu"))[1])
 model = torchvision.models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
@@ -222,7 +222,7 @@ def test_with_dali_the_readers_take_a_quarter_and_dalis_threads_decode_beside_to
 
 def test_peak_flops_by_the_gpus_name_and_its_sms():
     """NVL boards are not SXM ones; a MIG slice has its share of the chip's SMs, and of its peak."""
-    from trainer.throughput import table_peak_flops
+    from trainer.machine.throughput import table_peak_flops
 
     assert table_peak_flops("NVIDIA H100 80GB HBM3", 132) == 989e12
     assert table_peak_flops("NVIDIA H100 NVL", 132) == table_peak_flops("NVIDIA H200 NVL", 132) == 835e12
@@ -236,7 +236,7 @@ def test_peak_flops_by_the_gpus_name_and_its_sms():
 def test_mfu_counts_the_flops_of_each_epochs_crop_under_progressive_resizing():
     """FFCV's recipe trains 160-pixel crops until epoch 11: counted at data.crop_size (192), MFU was 1.44x high."""
     from trainer.config import load_config
-    from trainer.throughput import training_flops_per_image
+    from trainer.machine.throughput import training_flops_per_image
 
     config = load_config("configs/imagenet/resnet50-ffcv-16ep.yaml", ["data.root=/tmp"])
     early, late = training_flops_per_image(config, epoch=0), training_flops_per_image(config, epoch=15)
@@ -245,7 +245,7 @@ def test_mfu_counts_the_flops_of_each_epochs_crop_under_progressive_resizing():
 
 
 def test_cudnn_autotuning_is_on_for_fixed_shapes_and_off_for_multiscale_evaluation():
-    from trainer.auto import choose_cudnn_benchmark
+    from trainer.machine.auto import choose_cudnn_benchmark
 
     config = Config()
     assert choose_cudnn_benchmark(config)[0] is True

@@ -10,11 +10,11 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from training_runs import imagefolder_run, metrics, small_run
 
 from data_pipeline.errors import UserError
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from trainer.distributed import LaunchEnv
-from trainer.faults import NonFiniteLoss, NonFiniteState
-from trainer.hardware import usable_cores
-from trainer.loop import train
+from trainer.machine.distributed import LaunchEnv
+from trainer.machine.hardware import usable_cores
+from trainer.training.checkpoint.files import latest_checkpoint, list_checkpoints, load_checkpoint
+from trainer.training.faults import NonFiniteLoss, NonFiniteState
+from trainer.training.loop import train
 
 
 def scalar_steps(run_dir: Path, tag: str) -> list[int]:
@@ -212,8 +212,8 @@ def test_a_partial_last_line_in_metrics_is_left_out_by_every_reader(tmp_path, ci
     """A crash mid-write leaves one; resume, `residual report`, `residual jobs` and sweeps read the same records."""
     from cluster.jobs import last_progress
     from cluster.sweep import new_evaluations
-    from trainer.report import read_run
-    from trainer.run_log import read_metrics
+    from trainer.reports.report import read_run
+    from trainer.training.run_log import read_metrics
 
     train(small_run(tmp_path, cifar_root, "train.iterations=5"), LaunchEnv())
     path = tmp_path / "run" / "metrics.jsonl"
@@ -292,7 +292,7 @@ def test_a_loader_that_keeps_the_step_waiting_gets_more_workers_and_the_same_bat
         tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=1", "train.run_name=fixed"
     )
     train(fixed, LaunchEnv())
-    monkeypatch.setattr("trainer.auto.DATA_WAIT_LIMIT", -1.0)
+    monkeypatch.setattr("trainer.machine.auto.DATA_WAIT_LIMIT", -1.0)
     grown = imagefolder_run(
         tmp_path, imagefolder_root, "train.iterations=12", "log.every=2", "data.workers=auto", "train.run_name=grown"
     )

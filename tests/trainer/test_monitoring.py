@@ -17,8 +17,8 @@ from checkout import RESIDUAL, ROOT
 from PIL import Image
 
 from trainer.config import load_config
-from trainer.distributed import LaunchEnv
-from trainer.loop import train
+from trainer.machine.distributed import LaunchEnv
+from trainer.training.loop import train
 
 ARTIFACTS = Path(os.environ.get("RESIDUAL_TEST_ARTIFACTS", ROOT / "test-artifacts"))
 

@@ -1,6 +1,6 @@
 from trainer.config import OptimConfig
 from trainer.models import create_model
-from trainer.optim import build_optimizer
+from trainer.recipe.optim import build_optimizer
 
 
 def test_sgd_of_the_paper():

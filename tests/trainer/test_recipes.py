@@ -11,15 +11,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from training_runs import RECIPES, metrics, small_run
 
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
 from trainer.config import EmaConfig, LossConfig, OptimConfig
-from trainer.distributed import LaunchEnv
-from trainer.ema import WeightAverage
 from trainer.eval.weights import export_state_dict, read_weights
-from trainer.loop import train
-from trainer.mixing import BatchMixer, cutmix_box, dominant_labels, mixed_targets
+from trainer.machine.distributed import LaunchEnv
 from trainer.models import create_model
-from trainer.optim import LARS, build_optimizer
+from trainer.recipe.ema import WeightAverage
+from trainer.recipe.mixing import BatchMixer, cutmix_box, dominant_labels, mixed_targets
+from trainer.recipe.optim import LARS, build_optimizer
+from trainer.training.checkpoint.files import latest_checkpoint, load_checkpoint
+from trainer.training.loop import train
 
 
 def two_layers() -> nn.Sequential:
@@ -32,7 +32,7 @@ def test_lars_updates_as_computed_by_hand(gathered, monkeypatch):
     """Two steps of MLPerf's LARS on a two-layer model, weights with the trust ratio and decay, biases (excluded)
     without either, against the formula written out per tensor; with the trust ratios applied as a CPU applies
     them (per tensor) and as a GPU does (gathered)."""
-    monkeypatch.setattr("trainer.optim.gathers_scales", lambda device: gathered)
+    monkeypatch.setattr("trainer.recipe.optim.gathers_scales", lambda device: gathered)
     model, eta, decay, momentum, lr = two_layers(), 0.001, 5e-5, 0.9, 2.0
     config = OptimConfig(
         name="lars", lr=lr, momentum=momentum, weight_decay=decay, trust_coefficient=eta, no_decay_bn_bias=True
@@ -61,7 +61,7 @@ def test_lars_updates_as_computed_by_hand(gathered, monkeypatch):
 
 @pytest.mark.parametrize("gathered", [False, True], ids=["per-tensor-ratios", "gathered-ratios"])
 def test_lars_step_is_cancelled_on_the_device(gathered, monkeypatch):
-    monkeypatch.setattr("trainer.optim.gathers_scales", lambda device: gathered)
+    monkeypatch.setattr("trainer.recipe.optim.gathers_scales", lambda device: gathered)
     model = two_layers()
     optimizer = build_optimizer(model, OptimConfig(name="lars", lr=1.0))
     model(torch.randn(2, 4)).sum().backward()
@@ -245,7 +245,7 @@ def test_eval_and_export_choose_the_ema(tmp_path, cifar_root):
 
 
 def test_label_smoothing_is_the_loss_of_smoothed_targets():
-    from trainer.step import Stepper
+    from trainer.training.step import Stepper
 
     logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 2, 3, 4])
@@ -353,7 +353,7 @@ def test_a_recipe_runs_on_dali(tmp_path, imagefolder_root):
 def test_the_report_gives_time_to_accuracy(tmp_path, cifar_root):
     """Each evaluation carries the run's hours so far, which go on across a resume; the report plots error against
     hours and device-hours and tabulates when each run first reached the target (raw or EMA weights)."""
-    from trainer.report import common_target, read_run, time_to_accuracy, write_report
+    from trainer.reports.report import common_target, read_run, time_to_accuracy, write_report
 
     train(small_run(tmp_path / "a", cifar_root, "train.iterations=10"), LaunchEnv())
     train(small_run(tmp_path / "b", cifar_root, "train.iterations=5", *EMA), LaunchEnv())

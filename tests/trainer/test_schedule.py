@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.schedule import LRSchedule, MetricHistory, build_schedule, plateau_decays
+from trainer.recipe.schedule import LRSchedule, MetricHistory, build_schedule, plateau_decays
 
 
 def test_cifar_step_schedule_of_the_paper():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from trainer.config import Config, ModelConfig, TrainConfig
-from trainer.distributed import LaunchEnv
-from trainer.step import STEP_FLAGS, build_stepper
+from trainer.machine.distributed import LaunchEnv
+from trainer.training.step import STEP_FLAGS, build_stepper
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 

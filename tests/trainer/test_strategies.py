@@ -14,9 +14,9 @@ import pytest
 import torch
 from checkout import ROOT
 
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, read_train_state
 from trainer.eval.weights import read_weights
-from trainer.faults import REQUEUE_EXIT_CODE
+from trainer.training.checkpoint.files import latest_checkpoint, list_checkpoints, read_train_state
+from trainer.training.faults import REQUEUE_EXIT_CODE
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -11,8 +11,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.prepare.synthetic import synthesize_imagefolder
 from data_pipeline.torch_loader import build_eval_loader
-from trainer.distributed import LaunchEnv, pick_device
 from trainer.eval.evaluate import evaluate
+from trainer.machine.distributed import LaunchEnv, pick_device
 from trainer.models import create_model
 
 

@@ -8,13 +8,13 @@ import torch
 
 from trainer.bench.train import timed
 from trainer.config import OptimConfig
-from trainer.distributed import LaunchEnv, pick_device
+from trainer.machine.distributed import LaunchEnv, pick_device
 from trainer.models import create_model
-from trainer.optim import build_optimizer
+from trainer.recipe.optim import build_optimizer
 
 
 def bench_optim(*, model_name: str, steps: int, rounds: int) -> None:
-    """Milliseconds per optimizer step of the fused SGD and of LARS (``trainer.optim``, trust ratios on, BN and
+    """Milliseconds per optimizer step of the fused SGD and of LARS (``trainer.recipe.optim``, trust ratios on, BN and
     biases excluded, cancellable on the device as the trainer steps it), on one model's parameters and random
     gradients, alternating; medians. A LARS step once took a kernel or more per parameter tensor (ResNet-50: 161);
     tests/trainer/test_recipes.py now holds it to the same few ops at any depth."""

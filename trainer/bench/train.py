@@ -19,14 +19,14 @@ from data_pipeline.augment.draws import cifar_crop_flip
 from data_pipeline.datasets import CifarDataset
 from data_pipeline.prepare.synthetic import synthesize_cifar
 from data_pipeline.sampling import ShardedEpochSampler, sample_seeds
-from trainer.auto import resolve_precision
 from trainer.config import Config, DistConfig, ModelConfig, TrainConfig
-from trainer.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
-from trainer.metrics import TrainWindow
+from trainer.machine.auto import resolve_precision
+from trainer.machine.distributed import LaunchEnv, destroy_process_group, init_process_group, pick_device
+from trainer.machine.throughput import peak_flops, training_flops_per_image
 from trainer.models import create_model, get_model_spec
-from trainer.precision import maybe_autocast
-from trainer.step import LateFlags, Stepper, build_stepper
-from trainer.throughput import peak_flops, training_flops_per_image
+from trainer.recipe.precision import maybe_autocast
+from trainer.training.metrics import TrainWindow
+from trainer.training.step import LateFlags, Stepper, build_stepper
 
 
 def bench_train(
@@ -44,7 +44,7 @@ def bench_train(
     loop does per batch but load it) and of a minimal hand-written loop of the same model, batch, precision and
     wrapper, on the same synthetic tensors, measured alternately; the ratio of their medians. Under torchrun,
     ``batch`` is per rank. ``cudnn_benchmark``: cuDNN's autotuning, as a training run turns it on for fixed
-    shapes (``trainer.auto.choose_cudnn_benchmark``), for both."""
+    shapes (``trainer.machine.auto.choose_cudnn_benchmark``), for both."""
     launch = LaunchEnv.from_environ()
     device = pick_device("auto", launch)
     init_process_group(launch, device)
@@ -160,14 +160,14 @@ def timed(step, steps: int, device: torch.device) -> float:
 
 
 def bench_end_to_end(*, config_path: str, precision: str, iterations: int, rounds: int, per_class: int) -> None:
-    """Wall time of the CLI's whole training (``trainer.loop.train``: data, augmentation, step, logging, evaluation,
-    checkpoints) against a bare loop of the same recipe (model and its initialization, batch, SGD, lr steps at half
-    and three quarters of the run, precision, batched pad-crop-flip of a CIFAR-format set held as one tensor, one
-    evaluation at the end), on the same synthetic data, the same images in the same order with the same crops,
-    alternating; the ratio of the medians, and the two top-1s, which agree within the noise of float rounding. Both
-    run in this process, after one untimed warm-up of each."""
+    """Wall time of the CLI's whole training (``trainer.training.loop.train``: data, augmentation, step, logging,
+    evaluation, checkpoints) against a bare loop of the same recipe (model and its initialization, batch, SGD, lr
+    steps at half and three quarters of the run, precision, batched pad-crop-flip of a CIFAR-format set held as one
+    tensor, one evaluation at the end), on the same synthetic data, the same images in the same order with the same
+    crops, alternating; the ratio of the medians, and the two top-1s, which agree within the noise of float
+    rounding. Both run in this process, after one untimed warm-up of each."""
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.training.loop import train
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "data"
@@ -240,8 +240,8 @@ def bench_recipes(
     own logged images/s (data and step, no evaluation), the median of its log windows after the first, each piece
     run in turn in every round, the median over rounds."""
     from trainer.config import load_config
-    from trainer.loop import train
-    from trainer.run_log import read_metrics
+    from trainer.training.loop import train
+    from trainer.training.run_log import read_metrics
 
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch) / "data"

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"residual: interrupted (Ctrl-C): {args.command} stopped", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 (a UserError, a refused file, a bug: each said in one line)
-        from trainer.distributed import LaunchEnv
+        from trainer.machine.distributed import LaunchEnv
         from trainer.user_errors import report_error
 
         return report_error(error, LaunchEnv.from_environ())

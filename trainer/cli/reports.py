@@ -41,7 +41,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     # matplotlib keeps a font cache and config in ~/.cache and ~/.config unless told otherwise: here, for this run
     with tempfile.TemporaryDirectory(prefix="residual-matplotlib-") as scratch:
         os.environ.setdefault("MPLCONFIGDIR", scratch)
-        from trainer.report import write_report
+        from trainer.reports.report import write_report
 
         for path in write_report([Path(run) for run in args.run_dirs], Path(args.out), args.target):
             print(f"wrote {path}")
@@ -57,7 +57,7 @@ def add_report(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_env(args: argparse.Namespace) -> None:
-    from trainer.environment import environment, format_environment
+    from trainer.machine.environment import environment, format_environment
 
     facts = environment()
     print(json.dumps(facts, indent=2) if args.json else format_environment(facts))

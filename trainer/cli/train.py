@@ -12,7 +12,7 @@ from trainer.config import PAPER_SCALES, PRECISIONS, PROTOCOLS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from trainer.run import run
+    from trainer.entry import run
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -53,8 +53,8 @@ def parse_floats(text: str) -> list[float]:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from trainer.distributed import LaunchEnv, destroy_process_group
     from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint, format_table, per_class_report
+    from trainer.machine.distributed import LaunchEnv, destroy_process_group
 
     if args.other and not args.report:
         raise UserError(f"{args.other}: a second checkpoint is compared in a report: add --report DIR")

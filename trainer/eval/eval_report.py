@@ -32,8 +32,8 @@ from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 
 from data_pipeline.errors import UserError
-from trainer.environment import code_commit
 from trainer.eval.evaluate import CALIBRATION_BINS, EvalResult, calibration_error
+from trainer.machine.environment import code_commit
 
 TABLE_ROWS = 25  # worst and best classes shown of a long list
 MATRIX_CLASSES = 50  # the confusion matrix drawn whole up to this many classes

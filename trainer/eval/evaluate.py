@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.errors import UserError
-from trainer.distributed import all_reduce_sum, any_rank, largest_over_ranks
-from trainer.precision import maybe_autocast
+from trainer.machine.distributed import all_reduce_sum, any_rank, largest_over_ranks
+from trainer.recipe.precision import maybe_autocast
 
 CALIBRATION_BINS = 15  # of the top-1 softmax confidence, equal widths (Guo et al. 2017's ECE)
 

@@ -22,11 +22,11 @@ from data_pipeline.datasets import ImageFolderDataset, check_same_classes, open_
 from data_pipeline.errors import UserError
 from data_pipeline.published import identify, title
 from data_pipeline.torch_loader import build_eval_loader
-from trainer.auto import resolve_precision
 from trainer.config import PAPER_SCALES, ModelConfig, check_evaluation
-from trainer.distributed import LaunchEnv, init_process_group, pick_device
 from trainer.eval.evaluate import EvalResult, calibration_error, evaluate
 from trainer.eval.weights import Weights, load_model_state, read_weights
+from trainer.machine.auto import resolve_precision
+from trainer.machine.distributed import LaunchEnv, init_process_group, pick_device
 from trainer.models import create_model, get_model_spec
 
 log = logging.getLogger(__name__)

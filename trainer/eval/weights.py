@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from data_pipeline.errors import UserError
-from trainer.checkpoint import load_checkpoint, read_dcp, remove, write_file
-from trainer.faults import first_nonfinite
+from trainer.training.checkpoint.files import load_checkpoint, read_dcp, remove, write_file
+from trainer.training.faults import first_nonfinite
 
 # ``residual export`` writes what evaluation needs besides the weights (the model section, the class names, the
 # data section's preprocessing) into the state dict's own ``_metadata``, where load_state_dict looks only for

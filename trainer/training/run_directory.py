@@ -19,8 +19,8 @@ import torch
 
 from data_pipeline.errors import UserError
 from trainer.config import TrainConfig
-from trainer.distributed import LaunchEnv, any_rank
-from trainer.faults import TrainingStopped
+from trainer.machine.distributed import LaunchEnv, any_rank
+from trainer.training.faults import TrainingStopped
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
-"""What ``residual env`` prints and every run directory keeps as env.json: the machine (trainer.hardware), what
-``auto`` picks on it (trainer.auto), and the versions of everything a run depends on."""
+"""What ``residual env`` prints and every run directory keeps as env.json: the machine (trainer.machine.hardware), what
+``auto`` picks on it (trainer.machine.auto), and the versions of everything a run depends on."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.auto import choose_precision
-from trainer.distributed import LaunchEnv
-from trainer.hardware import dali_facts, detect_cpu, detect_gpus, package_version, slurm_version
+from trainer.machine.auto import choose_precision
+from trainer.machine.distributed import LaunchEnv
+from trainer.machine.hardware import dali_facts, detect_cpu, detect_gpus, package_version, slurm_version
 
 
 def environment(launch: LaunchEnv | None = None) -> dict[str, Any]:

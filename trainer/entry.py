@@ -1,7 +1,7 @@
 """The one entry point of a training command: ``run(CONFIG, overrides)`` in this process, whatever started it.
 `residual train`, ``python -m trainer`` (what torchrun and Ray trials start) and SLURM tasks all call it, and get
 its exit code; it prints user errors in one line. Code that trains in its own process (``residual bench``) calls
-``trainer.loop.train``, the run itself, directly."""
+``trainer.training.loop.train``, the run itself, directly."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from trainer.checkpoint import latest_checkpoint
-from trainer.comparison import published_line
 from trainer.config import Config, load_config
-from trainer.distributed import LaunchEnv, destroy_process_group
-from trainer.faults import INTERRUPT_EXIT_CODE, PREEMPTION_SIGNALS, StopSignals, TrainingStopped
-from trainer.loop import train
-from trainer.run_dir import check_run_dir
+from trainer.machine.distributed import LaunchEnv, destroy_process_group
+from trainer.reports.comparison import published_line
+from trainer.training.checkpoint.files import latest_checkpoint
+from trainer.training.faults import INTERRUPT_EXIT_CODE, PREEMPTION_SIGNALS, StopSignals, TrainingStopped
+from trainer.training.loop import train
+from trainer.training.run_directory import check_run_dir
 from trainer.user_errors import report_error
 
 

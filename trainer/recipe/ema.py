@@ -18,9 +18,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from trainer.config import EmaConfig
-from trainer.distributed import any_rank, average_over_ranks
-from trainer.faults import NonFiniteState, first_nonfinite
-from trainer.parallel import full_tensor, local, reshard
+from trainer.machine.distributed import any_rank, average_over_ranks
+from trainer.recipe.parallel import full_tensor, local, reshard
+from trainer.training.faults import NonFiniteState, first_nonfinite
 
 
 class WeightAverage:

@@ -26,7 +26,7 @@ import torch
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: "try again later"
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
-PREEMPTION_SIGNALS = STOP_SIGNALS[:3]  # recorded from the start of a training command (Ctrl-C: see trainer.run)
+PREEMPTION_SIGNALS = STOP_SIGNALS[:3]  # recorded from the start of a training command (Ctrl-C: see trainer.entry)
 SAME_INTERRUPT_S = 1.0
 
 
@@ -101,7 +101,7 @@ def first_nonfinite(state: Any) -> str | None:
 
 class StopSignals:
     """Records the first stop signal received; restores the previous handlers when closed. ``before``: the
-    StopSignals of the start-up (``trainer.run``), whose signal, if one came while the run was being built, this one
+    StopSignals of the start-up (``trainer.entry``), whose signal, if one came while the run was being built, this one
     takes on: the first step then stops as if it had come during it."""
 
     def __init__(self, numbers: tuple[int, ...] = STOP_SIGNALS, before: StopSignals | None = None) -> None:

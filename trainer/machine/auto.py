@@ -1,5 +1,5 @@
-"""What the ``auto`` settings pick on this machine (trainer.hardware's facts): precision, CPU threads, loader workers,
-cuDNN's autotuning, and glibc keeping freed memory.
+"""What the ``auto`` settings pick on this machine (trainer.machine.hardware's facts): precision, CPU threads,
+loader workers, cuDNN's autotuning, and glibc keeping freed memory.
 
 The choices are pure functions of the facts (``choose_precision``, ``plan_threads``), so each kind of hardware is
 testable here; ``detect_cpu``/``detect_gpus`` read the facts. Measured on 2-core CPUs (docs/benchmarks.md):
@@ -17,8 +17,8 @@ import torch
 
 from data_pipeline.loaders import uses_tensor_path
 from trainer.config import Config
-from trainer.distributed import LaunchEnv
-from trainer.hardware import CpuFacts, GpuFacts, detect_cpu, detect_gpus, usable_cores
+from trainer.machine.distributed import LaunchEnv
+from trainer.machine.hardware import CpuFacts, GpuFacts, detect_cpu, detect_gpus, usable_cores
 
 
 def choose_precision(requested: str, *, device_type: str, cpu: CpuFacts, gpu: GpuFacts | None) -> tuple[str, str]:

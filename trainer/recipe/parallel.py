@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.config import DistConfig
 from trainer.models import BasicBlock, Bottleneck
-from trainer.precision import AUTOCAST_DTYPES
+from trainer.recipe.precision import AUTOCAST_DTYPES
 
 
 def is_sharded(config: DistConfig, world_size: int) -> bool:

@@ -1,7 +1,8 @@
 """The training run as its algorithm: build the parts from the config, resume if a checkpoint is found, then for
 each batch set the lr, step, record the metrics, and at their points log, checkpoint, evaluate, stop; end with the
-final evaluation. The parts: ``Stepper`` (trainer.step) makes the update, ``MetricsProcessor`` (trainer.metrics)
-measures and logs, ``CheckpointManager`` (trainer.checkpoint) decides what a checkpoint holds and when one is written.
+final evaluation. The parts: ``Stepper`` (trainer.training.step) makes the update, ``MetricsProcessor``
+(trainer.training.metrics) measures and logs, ``CheckpointManager`` (trainer.training.checkpoint) decides what a
+checkpoint holds and when one is written.
 
 A resumed run continues bit for bit: a checkpoint holds weights and BN statistics, optimizer momentum, the
 iteration (which fixes the epoch and the batch within it, and so the data order and every crop), the metrics
@@ -22,18 +23,19 @@ import torch
 from data_pipeline import UserError
 from data_pipeline.datasets import open_dataset
 from data_pipeline.published import identify, title
-from trainer.auto import resolve_auto
-from trainer.checkpoint import CheckpointManager, latest_checkpoint
 from trainer.config import Config, to_dict, to_yaml
-from trainer.distributed import LaunchEnv, average_bn_buffers, init_process_group, pick_device
-from trainer.environment import environment, format_environment
 from trainer.eval.evaluate import EvalResult, evaluate
-from trainer.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
-from trainer.metrics import MetricsProcessor, TrainWindow
-from trainer.run_dir import run_directory
-from trainer.run_log import RunLog
-from trainer.run_parts import Run, TrainState, build_eval_batches, build_run, describe
-from trainer.step import LateFlags, StepOutcome
+from trainer.machine.auto import resolve_auto
+from trainer.machine.distributed import LaunchEnv, average_bn_buffers, init_process_group, pick_device
+from trainer.machine.environment import environment, format_environment
+from trainer.training.checkpoint.files import latest_checkpoint
+from trainer.training.checkpoint.manager import CheckpointManager
+from trainer.training.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
+from trainer.training.metrics import MetricsProcessor, TrainWindow
+from trainer.training.parts import Run, TrainState, build_eval_batches, build_run, describe
+from trainer.training.run_directory import run_directory
+from trainer.training.run_log import RunLog
+from trainer.training.step import LateFlags, StepOutcome
 
 log = logging.getLogger(__name__)
 

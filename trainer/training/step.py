@@ -12,11 +12,11 @@ from torch.distributed.tensor import DTensor
 
 from data_pipeline.errors import UserError
 from trainer.config import Config
-from trainer.distributed import LaunchEnv, any_rank_on_device, apply_sync_batchnorm
+from trainer.machine.distributed import LaunchEnv, any_rank_on_device, apply_sync_batchnorm
 from trainer.models import create_model
-from trainer.optim import build_optimizer, cancels_on_device
-from trainer.parallel import full_tensor, gradient_sync, is_sharded, parallelize
-from trainer.precision import build_grad_scaler, maybe_autocast
+from trainer.recipe.optim import build_optimizer, cancels_on_device
+from trainer.recipe.parallel import full_tensor, gradient_sync, is_sharded, parallelize
+from trainer.recipe.precision import build_grad_scaler, maybe_autocast
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Stepper:
         self.kept = [torch.empty_like(b) for b in self.buffers]
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, *, stop: bool, grad_norm: bool) -> StepOutcome:
-        """``labels``: class indices, or class probabilities (N x C) of a mixed batch (trainer.mixing).
+        """``labels``: class indices, or class probabilities (N x C) of a mixed batch (trainer.recipe.mixing).
 
         Forward and backward each micro-batch (the gradients are reduced over ranks after the last), one
         collective for the flags every rank must agree on, and the update, which a non-finite loss on any rank

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from trainer.distributed import LaunchEnv, all_gather_rows, all_reduce_sum
 from trainer.eval.evaluate import EvalResult, topk_hits
-from trainer.run_log import RunLog
-from trainer.step import StepOutcome
+from trainer.machine.distributed import LaunchEnv, all_gather_rows, all_reduce_sum
+from trainer.training.run_log import RunLog
+from trainer.training.step import StepOutcome
 
 log = logging.getLogger(__name__)
 

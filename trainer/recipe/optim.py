@@ -8,7 +8,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig
-from trainer.parallel import local
+from trainer.recipe.parallel import local
 
 
 def gathers_scales(device: torch.device) -> bool:
@@ -115,7 +115,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """``lr``: the run's base rate (the linear scaling rule applied: trainer.schedule), else ``optim.lr``; the
+    """``lr``: the run's base rate (the linear scaling rule applied: trainer.recipe.schedule), else ``optim.lr``; the
     schedule writes each iteration's into the groups. With ``no_decay_bn_bias``, BN weights and every bias (the
     one-dimensional parameters) get no weight decay (and, with LARS, no trust ratio).
 

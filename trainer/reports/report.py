@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 
 from data_pipeline.errors import UserError, read_text
 from data_pipeline.published import title as dataset_title
-from trainer.comparison import PAPERS, paper_figure, published_note
-from trainer.run_log import read_metrics
+from trainer.reports.comparison import PAPERS, paper_figure, published_note
+from trainer.training.run_log import read_metrics
 
 
 @dataclass

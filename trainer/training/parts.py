@@ -18,15 +18,15 @@ from data_pipeline.datasets import check_folder_classes
 from data_pipeline.datasets.folder_index import index_splits
 from data_pipeline.loaders import TrainBatches
 from data_pipeline.prepare.synthetic import ensure_synthetic
-from trainer.auto import LoaderTuner
 from trainer.config import Config
-from trainer.distributed import LaunchEnv, barrier
-from trainer.ema import WeightAverage, build_weight_average
-from trainer.mixing import BatchMixer
-from trainer.parallel import is_sharded
-from trainer.schedule import LRSchedule, MetricHistory, build_schedule
-from trainer.step import Stepper, build_stepper
-from trainer.throughput import peak_flops, training_flops_per_image
+from trainer.machine.auto import LoaderTuner
+from trainer.machine.distributed import LaunchEnv, barrier
+from trainer.machine.throughput import peak_flops, training_flops_per_image
+from trainer.recipe.ema import WeightAverage, build_weight_average
+from trainer.recipe.mixing import BatchMixer
+from trainer.recipe.parallel import is_sharded
+from trainer.recipe.schedule import LRSchedule, MetricHistory, build_schedule
+from trainer.training.step import Stepper, build_stepper
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """What this machine is: its CPU (model, instruction sets, whether torch computes bf16 natively, the usable cores),
-its GPUs, and the versions of DALI and SLURM found. ``trainer.auto`` decides the ``auto`` settings from these facts."""
+its GPUs, and the versions of DALI and SLURM found. ``trainer.machine.auto`` decides the ``auto`` settings from
+these facts."""
 
 from __future__ import annotations
 
