@@ -81,7 +81,6 @@ def train_in(
         window,
         launch=launch,
         device=device,
-        log_every=config.log.every,
         progress=config.log.progress,
         images_per_step=config.data.batch_size,
         iterations=(state.iteration, run.total_iterations),
@@ -112,7 +111,7 @@ def train_iterations(
 ) -> EvalResult | None:
     """Steps to the last iteration; returns the last evaluation. A checkpoint is written before the evaluation of
     the same iteration, so a failed evaluation loses no training; a run resumed from it makes that evaluation first."""
-    result = evaluate_and_log(run, state, metrics) if run.evaluation_due(state.iteration) else None
+    result = evaluate_and_log(run, state, metrics) if run.cadence.at(state.iteration).evaluate else None
     flags, first_epoch = LateFlags(), state.iteration // run.loader.batches_per_epoch
     run.stepper.wrapped.train()
     started, seconds_before = time.monotonic(), state.seconds  # the wall-clock of this start, and of those before
@@ -124,7 +123,7 @@ def train_iterations(
             images, labels = run.to_device(images, labels)
             images, targets, labels = run.mixer(images, labels, state.iteration)
             signalled = signals.received is not None  # this rank: raised in the step's flags, read by all a step late
-            step = run.stepper.step(images, targets, stop=signalled, grad_norm=metrics.should_log(state.iteration + 1))
+            step = run.stepper.step(images, targets, stop=signalled, grad_norm=run.cadence.at(state.iteration + 1).log)
             state.iteration += 1
             if run.ema is not None:
                 run.ema.update(state.iteration)
@@ -132,13 +131,12 @@ def train_iterations(
             if awaits_train_error:
                 measure_warmup(run, state, warmup, step, labels)
             state.seconds = seconds_before + time.monotonic() - started
-            logging_due, evaluating = metrics.should_log(state.iteration), run.evaluation_due(state.iteration)
+            due = run.cadence.at(state.iteration)
             # reading the flags waits for the device: now only where the host acts on them (a log, a checkpoint, an
             # evaluation), elsewhere a step late, when they are ready (the late flags' point)
-            host_acts = logging_due or evaluating or checkpoints.due(state.iteration)
-            read = flags.read(state.iteration, step, now=host_acts)
+            read = flags.read(state.iteration, step, now=any(due))
             all_stop = check_flags(run, state, read)  # some rank was signalled: every rank stops at this step
-            if logging_due:
+            if due.log:
                 counts = {"skipped_steps": state.skipped_steps, "scaler_skipped_steps": state.scaler_skipped_steps}
                 data_wait = metrics.flush(
                     state.iteration,
@@ -148,18 +146,19 @@ def train_iterations(
                     scaler=run.stepper.scaler,
                 )
                 restart = run.grow_loader(data_wait, state.iteration)
-            checkpoints.save(state.iteration, now=all_stop)  # when due, or now
+            if due.checkpoint or all_stop:
+                checkpoints.save(state.iteration)
             if all_stop:
                 stopped = Interrupted if signals.interrupted else Preempted
                 raise stopped(
                     f"stopped by {signals.name} at iteration {state.iteration} of {run.total_iterations}; "
                     f"checkpoint written; the same command again resumes from it"
                 )
-            if evaluating:
+            if due.evaluate:
                 result = evaluate_and_log(run, state, metrics)
             if state.iteration == run.total_iterations:
                 break
-            if logging_due and restart:
+            if due.log and restart:
                 metrics.loader_workers = run.tuner.count
                 break
         if epoch == first_epoch:

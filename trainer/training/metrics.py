@@ -118,7 +118,6 @@ class MetricsProcessor:
         *,
         launch: LaunchEnv,
         device: torch.device,
-        log_every: int,
         progress: bool,
         images_per_step: int,
         iterations: tuple[int, int],  # (start, total)
@@ -128,7 +127,7 @@ class MetricsProcessor:
         data_stats: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0,), (1.0,)),  # mean and std, to show a batch
         classes: list[str] | None = None,  # logged one by one at each evaluation (log.per_class); None: not
     ) -> None:
-        self.run_log, self.launch, self.device, self.log_every = run_log, launch, device, log_every
+        self.run_log, self.launch, self.device = run_log, launch, device
         self.classes = classes
         self.peak_flops, self.flops_per_image = flops
         self.data_stats = data_stats
@@ -150,9 +149,6 @@ class MetricsProcessor:
         )
         self.shown_batch, self.arrived = False, 0.0
         self.loader_workers = 0  # the loader's processes (or DALI's threads) now: logged with each window's speed
-
-    def should_log(self, iteration: int) -> bool:
-        return iteration % self.log_every == 0
 
     def timed(self, batches: Iterable) -> Iterator:
         """The batches, counting the wait for each as data time (not the evaluations and checkpoints between)."""

@@ -26,6 +26,7 @@ from trainer.recipe.ema import WeightAverage, build_weight_average
 from trainer.recipe.mixing import BatchMixer
 from trainer.recipe.parallel import is_sharded
 from trainer.recipe.schedule import LRSchedule, MetricHistory, build_schedule
+from trainer.training.cadence import Cadence
 from trainer.training.step import Stepper, build_stepper
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Run:
     schedule: LRSchedule
     total_iterations: int
     mixer: BatchMixer  # Mixup/CutMix of each batch (loss section), or nothing
+    cadence: Cadence  # what is due at each iteration: log, evaluation, checkpoint
     ema: WeightAverage | None = None  # the EMA of the weights (ema section)
     tuner: LoaderTuner | None = None  # data.workers (DALI: data.threads) auto: grown while the step waits for data
     peak_flops: float | None = None  # the GPUs' dense peak, for the model FLOP utilization
@@ -73,11 +75,6 @@ class Run:
     @property
     def sharded(self) -> bool:
         return is_sharded(self.config.dist, self.launch.world_size)
-
-    def evaluation_due(self, iteration: int) -> bool:
-        """On the cadence (``eval.every``, default every epoch) and at the last iteration."""
-        every = self.config.eval.every or self.loader.batches_per_epoch
-        return iteration > 0 and (iteration % every == 0 or iteration == self.total_iterations)
 
     def set_lr(self, state: TrainState) -> float:
         lr = self.schedule.lr(state.iteration, state.history)
@@ -152,7 +149,8 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
     stepper = build_stepper(config, launch, device, lr=schedule.base_lr)
     mixer = BatchMixer(config.loss, num_classes=config.model.num_classes, seed=train.seed, rank=launch.rank)
     ema = build_weight_average(stepper.model, config.ema)
-    run = Run(config, launch, train.run_dir, device, stepper, loader, val_batches, schedule, total, mixer, ema)
+    cadence = Cadence.of(config, batches_per_epoch=loader.batches_per_epoch, total_iterations=total)
+    run = Run(config, launch, train.run_dir, device, stepper, loader, val_batches, schedule, total, mixer, cadence, ema)
     run.peak_flops = peak_flops(device, train.precision)
     if run.peak_flops is not None:
         run.flops_per_image = functools.partial(training_flops_per_image, config)

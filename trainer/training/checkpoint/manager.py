@@ -1,4 +1,4 @@
-"""What a training run's checkpoint holds, when one is due, and which one a run resumes from."""
+"""What a training run's checkpoint holds, and which one a run resumes from (when one is due: the cadence)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class RngStates:
 
 
 class CheckpointManager:
-    """What a training run's checkpoint holds, when one is due, and which one a run resumes from.
+    """What a training run's checkpoint holds, and which one a run resumes from.
 
     A checkpoint holds the model, the optimizer and the EMA of the weights if the run keeps one; beside them each
     of ``states`` under its name (the loop's: the train state, with the iteration that fixes the epoch and the batch
@@ -55,18 +55,12 @@ class CheckpointManager:
         self.run_dir, self.launch, self.device = run.run_dir, run.launch, run.device
         self.model, self.optimizer, self.ema = run.stepper.model, run.stepper.optimizer, run.ema
         self.states = {**states, "scaler": run.stepper.scaler, "rng": RngStates()}
-        self.total_iterations = run.total_iterations
         self.batches_per_epoch, self.classes = run.loader.batches_per_epoch, run.loader.classes
         self.sharded = run.sharded
-        self.every = run.config.checkpoint.every or self.batches_per_epoch
 
     @property
     def config(self) -> Config:
         return self.run.config
-
-    def due(self, iteration: int) -> bool:
-        """On the cadence (``checkpoint.every``, default every epoch) and at the last iteration."""
-        return iteration % self.every == 0 or iteration == self.total_iterations
 
     def resume_source(self) -> Path | None:
         """``checkpoint.resume``: "auto" (the latest checkpoint if there is one), "latest" (it must exist), "never",
@@ -103,11 +97,9 @@ class CheckpointManager:
         log.info("resumed from %s at iteration %d", source, saved["iteration"])
         return saved["iteration"]
 
-    def save(self, iteration: int, *, now: bool = False) -> Path | None:
-        """The checkpoint of ``iteration`` if one is ``due`` (or ``now``), else nothing. Called on every rank (BN
-        statistics are averaged and the metrics window summed over the ranks first)."""
-        if not (now or self.due(iteration)):
-            return None
+    def save(self, iteration: int) -> Path:
+        """The checkpoint of ``iteration``. Called on every rank (BN statistics are averaged and the metrics window
+        summed over the ranks first)."""
         average_bn_buffers(self.model)
         extra = {
             "iteration": iteration,
