@@ -45,3 +45,13 @@ def small_disk(tmp_path) -> Path:
         pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", str(mount)], check=True)
+
+
+PROCESS_MARKERS = ("distributed", "slurm", "ray", "browser")  # several processes, a cluster or a browser: seconds each
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts processes, a cluster or a browser is slow too: out of the edit-test tier (-m "not slow")."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in PROCESS_MARKERS) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

@@ -38,6 +38,7 @@ def test_models_table():
     assert re.search(r"^resnet152\s+60\.19M\s+60\.20M\s+1\.000\s+11\.282G\s+11\.3G\s+0\.998$", result.stdout, re.M)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "message"),
     [("optim.lr=-1", "optim.lr=-1.0: must be > 0"), ("optim.lrr=1", "optim.lrr"), ("data.root=/no/such", None)],
@@ -51,6 +52,7 @@ def test_user_errors_exit_2_without_a_traceback(tmp_path, override, message):
     assert (message or "data.root='/no/such': folder does not exist") in result.stderr
 
 
+@pytest.mark.slow
 def test_data_synth(tmp_path):
     result = run(
         RESIDUAL, "data", "synth", str(tmp_path / "cifar"), "--format", "cifar", "--classes", "3", "--per-class", "5"
@@ -148,6 +150,7 @@ def test_data_verify_exit_codes(tmp_path, imagefolder_root):
     assert missing.returncode == 2 and "folder does not exist" in missing.stderr
 
 
+@pytest.mark.slow
 def test_bench_train_prints_the_ratio():
     result = subprocess.run(
         [RESIDUAL, "bench", "train", "--model", "resnet20", "--batch", "8", "--steps", "1", "--rounds", "1"],
@@ -162,6 +165,7 @@ def test_bench_train_prints_the_ratio():
     )
 
 
+@pytest.mark.slow
 def test_bench_optim_prints_both_steps_and_their_ratio():
     result = run(RESIDUAL, "bench", "optim", "--model", "resnet20", "--steps", "1", "--rounds", "1")
     assert result.returncode == 0, result.stderr
@@ -270,6 +274,7 @@ def test_a_runs_temporary_files_live_in_its_run_directory():
         assert result.returncode == 0 and not result.stdout.startswith(str(deep)) and not deep.exists()
 
 
+@pytest.mark.slow
 def test_bench_gpu_refuses_without_a_gpu_and_its_checklist_parses(tmp_path):
     import torch
 

@@ -240,6 +240,7 @@ def test_report_on_a_run_directory_with_a_damaged_config(tmp_path, capsys, cifar
     assert code == 2 and "not a run directory (needs config.yaml and metrics.jsonl)" in line
 
 
+@pytest.mark.slow
 def test_a_damaged_folder_index_is_listed_again(tmp_path, capsys, imagefolder_root):
     """The index a run keeps of an image folder is a cache: cut short or foreign, it is listed again."""
     argv = ["train", *imagefolder_training(imagefolder_root, tmp_path, "data.batch_size=8", "train.iterations=1")[3:]]

@@ -71,6 +71,7 @@ def test_the_four_readers_find_the_same_files_damaged_for_the_same_reason(damage
     assert torch_path == reasons(shards) == dali == verified, (torch_path, reasons(shards), dali, verified)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "workers"), [("torch", 0), ("torch", 1), ("dali", 0), ("dali", 1)])
 def test_a_damaged_file_stops_training_with_its_name_in_one_line(damaged, backend, workers):
     """From a loader worker process as from the main one: the one line, not the worker's traceback."""
@@ -98,6 +99,7 @@ def test_a_damaged_val_file_stops_evaluation_in_one_line(damaged, workers):
         list(batches)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 def test_skip_corrupt_skips_and_counts(damaged, backend, caplog):
     root, names = damaged
@@ -136,6 +138,7 @@ def test_cifar_batches_of_other_images_are_refused_with_the_file(cifar_root, tmp
     assert len(open_dataset(root, "cifar", train=False)) == 100  # the test batch is whole
 
 
+@pytest.mark.slow
 def test_a_cifar_label_outside_the_classes_is_refused_at_start_in_one_line(cifar_root, tmp_path):
     """Label 12 where batches.meta names 10 classes: it failed the first step ("Target 12 is out of bounds")."""
     import pickle

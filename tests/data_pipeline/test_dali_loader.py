@@ -267,6 +267,7 @@ def test_header_sizes_are_pillows(tmp_path):
     assert header_size(b"GIF89a....") is None and header_size(b"\xff\xd8\xff\xe0\x00") is None
 
 
+@pytest.mark.slow
 def test_the_feeder_bench_prints_one_processs_rate(imagefolder_root):
     import subprocess
 

@@ -46,6 +46,7 @@ def test_from_the_devkit(tmp_path, val_images):
     assert sorted_out(tmp_path / "val") == expected()
 
 
+@pytest.mark.slow
 def test_from_the_kaggle_solution_and_a_missing_image_is_named(tmp_path, val_images):
     solution = tmp_path / "LOC_val_solution.csv"
     rows = [f"ILSVRC2012_val_{n:08d},{WNIDS[i]} 10 20 30 40" for n, i in enumerate(TRUTH, start=1)]

@@ -89,6 +89,7 @@ def test_random_erasing_zeroes_the_drawn_box(imagefolder_root, backend):
             assert (image == 0).all(dim=0).sum() == h * w
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "dali"])
 @pytest.mark.parametrize("policy", ["trivial_augment_wide", "rand_augment"])
 def test_auto_augmentation_changes_images_per_sample(imagefolder_root, backend, policy):

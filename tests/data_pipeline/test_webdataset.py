@@ -29,6 +29,7 @@ def shards(imagefolder_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_shards_read_back_with_the_right_images_and_labels(shards, imagefolder_root):
     for split in ("train", "val"):
         folder = ImageFolderDataset(imagefolder_root / split)

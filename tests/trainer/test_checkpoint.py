@@ -52,6 +52,7 @@ save(2)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sharded", [False, True])
 def test_kill_9_mid_write_leaves_the_previous_checkpoint(tmp_path, sharded):
     writer = subprocess.Popen(
@@ -89,6 +90,7 @@ class RunsACommand:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_a_crafted_dcp_metadata_is_refused_before_it_runs_code(tmp_path):
     model = create_model("resnet20")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -130,7 +132,11 @@ def test_a_full_disk_during_a_dcp_save_stops_with_one_line(small_disk):
     ("precision", "half", "batch"),
     # bf16 and fp16 are emulated on CPUs without them (12x slower than fp32 on an AVX2-only CPU): the fewest steps;
     # N a multiple of eval.every
-    [("fp32", 10, 32), ("bf16", 5, 8), pytest.param("fp16", 5, 8, marks=pytest.mark.slow)],
+    [
+        pytest.param("fp32", 10, 32, marks=pytest.mark.slow),
+        ("bf16", 5, 8),
+        pytest.param("fp16", 5, 8, marks=pytest.mark.slow),
+    ],
 )
 def test_resume_is_bit_exact(tmp_path, cifar_root, precision, half, batch):
     """2N iterations straight == N, stop, resume, N more (the resume falls mid-epoch)."""
@@ -153,6 +159,7 @@ def test_resume_is_bit_exact(tmp_path, cifar_root, precision, half, batch):
     assert metrics(tmp_path / "a/run", "eval") == metrics(tmp_path / "b/run", "eval")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_earlier_layout_resumes_bit_exact(tmp_path, cifar_root):
     """Checkpoints written before 2026-12-06 hold the train state's fields at their top level, not under "train"
     (the window, scaler and RNG states under the names they still have): such a checkpoint resumes as its run would
@@ -209,6 +216,7 @@ def test_resume_latest_needs_a_checkpoint_and_a_path_must_exist(tmp_path, cifar_
         )
 
 
+@pytest.mark.slow
 def test_resume_from_a_named_checkpoint_into_a_new_run(tmp_path, cifar_root):
     train(small_run(tmp_path, cifar_root, "train.iterations=10"), LaunchEnv())
     source = tmp_path / "run/checkpoints/ckpt-000000010.pt"
@@ -237,6 +245,7 @@ def test_export_gives_a_torchvision_state_dict(tmp_path, imagefolder_root):
         export_state_dict(source, tmp_path / "resnet18.pt" / "out.pt")
 
 
+@pytest.mark.slow
 def test_an_export_evaluates_as_its_checkpoint_and_the_flags_override(tmp_path, imagefolder_root):
     """The export carries the run's normalization, resize and crop (here none of the defaults) and its classes."""
     from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint

@@ -98,6 +98,7 @@ def test_eval_report_of_one_checkpoint(tmp_path, capsys, cifar_root, two_checkpo
         assert key in page, key
 
 
+@pytest.mark.slow
 def test_eval_report_of_two_checkpoints_side_by_side(tmp_path, capsys, cifar_root, two_checkpoints):
     out = tmp_path / "report"
     argv = ["eval", *map(str, two_checkpoints), "--data", str(cifar_root), "--workers", "0", "--report", str(out)]
@@ -146,6 +147,7 @@ def test_the_report_page_and_its_figures_load_in_a_browser(tmp_path, cifar_root,
     assert blues < 2000 and bars < 500
 
 
+@pytest.mark.slow
 def test_training_logs_each_class_and_the_confusion_matrix_and_writes_its_report(tmp_path, cifar_root):
     """At each evaluation TensorBoard gets top-1 per class and the confusion image (up to 100 classes, or as
     log.per_class says); eval.report=true writes the final evaluation's report into the run directory."""

@@ -140,6 +140,7 @@ with StopSignals() as signals:
 """
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_without_a_traceback():
     result = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == INTERRUPT_EXIT_CODE
@@ -172,6 +173,7 @@ def test_ctrl_c_under_torchrun_checkpoints_every_rank(tmp_path, quickstart_on_ci
     assert f"at iteration {stopped_at} of 10000; checkpoint written" in stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["output_dir", "run_dir"])
 def test_a_run_directory_that_is_a_file_is_refused_in_one_line(tmp_path, quickstart_on_cifar, which):
     output_dir = tmp_path / "runs"

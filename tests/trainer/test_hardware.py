@@ -153,6 +153,7 @@ print(faults)
 """
 
 
+@pytest.mark.slow
 def test_on_a_cpu_a_steps_activations_reuse_freed_memory_instead_of_faulting_in_new_pages():
     result = subprocess.run(
         [sys.executable, "-c", FAULTS_PER_STEP, "resolved"], capture_output=True, text=True, check=True
@@ -165,6 +166,7 @@ def test_on_a_cpu_a_steps_activations_reuse_freed_memory_instead_of_faulting_in_
     assert sum(faults[2:]) < 10_000, faults
 
 
+@pytest.mark.slow
 def test_residual_env_says_what_auto_picks_here():
     result = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "env", "--json"], capture_output=True, text=True, check=True
@@ -177,6 +179,7 @@ def test_residual_env_says_what_auto_picks_here():
     assert facts["dali"]["cpu_mode"] is True  # DALI's CPU-only mode runs on every machine of this project
 
 
+@pytest.mark.slow
 def test_auto_decides_from_what_torch_will_run_not_from_the_cpus_flags():
     """A container or an administrator capping the ISA: the CPU has AVX512-BF16, torch will not use it."""
     capped = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -45,6 +45,7 @@ def short_run(runs: Path, cifar_root: Path, name: str, *overrides: str) -> Path:
     return runs / name
 
 
+@pytest.mark.slow
 def test_report_writes_the_figure_and_the_table_with_the_paper_column_for_the_papers_data_alone(tmp_path, cifar_root):
     runs = [short_run(tmp_path, cifar_root, name, f"model.name={name}") for name in ("plain20", "resnet20")]
     home = tmp_path / "home"  # nothing written outside the runs and the report (matplotlib's caches and config)
@@ -153,6 +154,7 @@ def test_tensorboard_renders_the_run_and_its_charts_in_a_browser(tmp_path, cifar
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.slow
 def test_tensorboard_on_a_port_in_use_says_so_in_one_line(tmp_path):
     (tmp_path / "runs").mkdir()
     with socket.socket() as taken:

@@ -202,6 +202,7 @@ EMA = (
 )
 
 
+@pytest.mark.slow
 def test_ema_and_mixing_resume_bit_exact(tmp_path, cifar_root):
     """16 iterations straight == 8, stop, resume, 8 more, with the EMA, Mixup/CutMix and label smoothing: the
     weights, the average and every logged figure."""
@@ -221,6 +222,7 @@ def test_ema_and_mixing_resume_bit_exact(tmp_path, cifar_root):
     assert [record["protocol"] for record in evals[:2]] == ["center", "center-ema"]  # eval.weights=both
 
 
+@pytest.mark.slow
 def test_eval_and_export_choose_the_ema(tmp_path, cifar_root):
     train(small_run(tmp_path, cifar_root, "train.iterations=6", *EMA), LaunchEnv())
     checkpoint = latest_checkpoint(tmp_path / "run")
@@ -268,6 +270,7 @@ def test_repeated_augmentation_deals_the_copies_to_different_ranks():
     assert len(indices) == 64 and len(set(indices.tolist())) == 16  # an epoch of 64 samples: 16 images x 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_each_recipe_config_runs_three_steps(tmp_path, cifar_root, imagefolder_root, recipe):
     """The recipe as written (its crops, test-time resolution, augmentations, optimizer, schedule, EMA), on the
@@ -350,6 +353,7 @@ def test_a_recipe_runs_on_dali(tmp_path, imagefolder_root):
     assert [r["protocol"] for r in metrics(tmp_path / config.train.run_name, "eval")] == ["center", "center-ema"]
 
 
+@pytest.mark.slow
 def test_the_report_gives_time_to_accuracy(tmp_path, cifar_root):
     """Each evaluation carries the run's hours so far, which go on across a resume; the report plots error against
     hours and device-hours and tabulates when each run first reached the target (raw or EMA weights)."""

@@ -25,7 +25,9 @@ def test_output_shape(name):
         assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("name", IMAGENET + CIFAR)
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=pytest.mark.slow) if name == "resnet1202" else name for name in IMAGENET + CIFAR]
+)
 def test_params_within_two_percent_of_the_paper(name):
     params, _ = count_params_and_macs(name)
     assert params == pytest.approx(get_model_spec(name).paper_params, rel=0.02)
@@ -43,7 +45,9 @@ def test_v15_layout_costs_more_than_the_papers():
     assert v15 / v1 == pytest.approx(1.06, abs=0.01)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet34", "resnet50", "resnet101", pytest.param("resnet152", marks=pytest.mark.slow)]
+)
 def test_torchvision_state_dict_round_trip(name):
     torch.manual_seed(0)
     reference = getattr(torchvision.models, name)().eval()
