@@ -12,8 +12,9 @@ from checkout import QUICKSTART
 from PIL import Image
 
 from trainer.cli import main
+from trainer.eval.counts import CALIBRATION_BINS, calibration_error
 from trainer.eval.eval_report import compare, confused_pairs, mcnemar
-from trainer.eval.evaluate import CALIBRATION_BINS, calibration_error, evaluate
+from trainer.eval.evaluate import evaluate
 
 
 def scored(rows: list[list[float]], labels: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

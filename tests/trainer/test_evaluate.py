@@ -21,7 +21,8 @@ from data_pipeline.datasets import ImageFolderDataset
 from data_pipeline.errors import UserError
 from data_pipeline.prepare.synthetic import render_sample
 from data_pipeline.torch_loader import build_eval_loader
-from trainer.eval.evaluate import EvalResult, ViewScorer, evaluate, topk_hits
+from trainer.eval.counts import EvalResult, topk_hits
+from trainer.eval.evaluate import ViewScorer, evaluate
 from trainer.eval.evaluate_checkpoint import EvalRequest, evaluate_checkpoint
 from trainer.machine.distributed import LaunchEnv
 from trainer.models import create_model

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import Dataset
 
 from data_pipeline.errors import UserError
-from trainer.eval.evaluate import CALIBRATION_BINS, EvalResult, calibration_error
+from trainer.eval.counts import CALIBRATION_BINS, EvalResult, calibration_error
 from trainer.machine.environment import code_commit
 
 TABLE_ROWS = 25  # worst and best classes shown of a long list

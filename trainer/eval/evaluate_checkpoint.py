@@ -23,7 +23,8 @@ from data_pipeline.errors import UserError
 from data_pipeline.published import identify, title
 from data_pipeline.torch_loader import build_eval_loader
 from trainer.config import PAPER_SCALES, ModelConfig, check_evaluation
-from trainer.eval.evaluate import EvalResult, calibration_error, evaluate
+from trainer.eval.counts import EvalResult, calibration_error
+from trainer.eval.evaluate import evaluate
 from trainer.eval.weights import Weights, load_model_state, read_weights
 from trainer.machine.auto import resolve_precision
 from trainer.machine.distributed import LaunchEnv, init_process_group, pick_device

@@ -24,7 +24,8 @@ from data_pipeline import UserError
 from data_pipeline.datasets import open_dataset
 from data_pipeline.published import identify, title
 from trainer.config import Config, to_dict, to_yaml
-from trainer.eval.evaluate import EvalResult, evaluate
+from trainer.eval.counts import EvalResult
+from trainer.eval.evaluate import evaluate
 from trainer.machine.auto import resolve_auto
 from trainer.machine.distributed import LaunchEnv, average_bn_buffers, init_process_group, pick_device
 from trainer.machine.environment import environment, format_environment

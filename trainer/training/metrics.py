@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from trainer.eval.evaluate import EvalResult, topk_hits
+from trainer.eval.counts import EvalResult, topk_hits
 from trainer.machine.distributed import LaunchEnv, all_gather_rows, all_reduce_sum
 from trainer.training.run_log import RunLog
 from trainer.training.step import StepOutcome
