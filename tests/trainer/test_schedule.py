@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.config import OptimConfig, ScheduleConfig
-from trainer.recipe.schedule import LRSchedule, MetricHistory, build_schedule, plateau_decays
+from trainer.recipe.schedule import LRSchedule, MetricHistory, build_schedule, plateau_decays, scaled_lr
 
 
 def test_cifar_step_schedule_of_the_paper():
@@ -20,9 +20,7 @@ def test_cifar_step_schedule_of_the_paper():
 
 def test_epoch_milestones_become_iterations():
     config = ScheduleConfig(unit="epoch", milestones=[30, 60])
-    schedule = build_schedule(
-        config, OptimConfig(), global_batch=256, iterations_per_epoch=5005, total_iterations=90 * 5005
-    )
+    schedule = build_schedule(config, base_lr=0.1, iterations_per_epoch=5005, total_iterations=90 * 5005)
     assert schedule.shape.milestones == [150150, 300300]
     assert schedule.lr(150149) == 0.1 and schedule.lr(150150) == pytest.approx(0.01)
 
@@ -70,7 +68,9 @@ def test_fixed_constant_warmup():
 def test_goyal_linear_scaling_and_linear_warmup():
     optim = OptimConfig(lr=0.1, linear_scaling=True, base_batch=256)
     config = ScheduleConfig(unit="epoch", milestones=[30, 60, 80], warmup="linear", warmup_lr=0.1, warmup_length=5)
-    schedule = build_schedule(config, optim, global_batch=8192, iterations_per_epoch=156, total_iterations=90 * 156)
+    schedule = build_schedule(
+        config, base_lr=scaled_lr(optim, 8192), iterations_per_epoch=156, total_iterations=90 * 156
+    )
     assert schedule.base_lr == pytest.approx(3.2)
     assert schedule.lr(0) == pytest.approx(0.1)
     assert schedule.lr(390) == pytest.approx(0.1 + (3.2 - 0.1) / 2)
@@ -88,9 +88,7 @@ def test_cosine_after_linear_warmup_follows_torchvision_v2():
     rest, eta_min); torch's schedulers stepped once per iteration give the anchor's values."""
     warmup, total, base, floor = 5, 40, 0.5, 1e-3
     config = ScheduleConfig(decay="cosine", warmup="linear", warmup_lr=0.01 * base, warmup_length=warmup, min_lr=floor)
-    schedule = build_schedule(
-        config, OptimConfig(lr=base), global_batch=1024, iterations_per_epoch=1, total_iterations=total
-    )
+    schedule = build_schedule(config, base_lr=base, iterations_per_epoch=1, total_iterations=total)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
     anchor = torch.optim.lr_scheduler.SequentialLR(
         optimizer,
@@ -114,8 +112,7 @@ def test_ffcv_ramps_up_and_down_as_its_cyclic_schedule():
     config = ScheduleConfig(unit="epoch", decay="linear", warmup="linear", warmup_lr=1e-4 * lr, warmup_length=peak)
     schedule = build_schedule(
         config,
-        OptimConfig(lr=lr),
-        global_batch=1024,
+        base_lr=lr,
         iterations_per_epoch=per_epoch,
         total_iterations=epochs * per_epoch,
     )
@@ -141,9 +138,7 @@ def test_mlperf_polynomial_decay_after_warmup_from_zero():
         min_lr=end,
     )
     total = epochs * per_epoch
-    schedule = build_schedule(
-        config, OptimConfig(lr=base), global_batch=3264, iterations_per_epoch=per_epoch, total_iterations=total
-    )
+    schedule = build_schedule(config, base_lr=base, iterations_per_epoch=per_epoch, total_iterations=total)
     warmup_steps, decay_steps = warmup_epochs * per_epoch, total - warmup_epochs * per_epoch + 1
     for step in range(total):
         if step <= warmup_steps:

@@ -105,9 +105,9 @@ def scaled_lr(optim: OptimConfig, global_batch: int) -> float:
 
 
 def build_schedule(
-    schedule: ScheduleConfig, optim: OptimConfig, *, global_batch: int, iterations_per_epoch: int, total_iterations: int
+    schedule: ScheduleConfig, *, base_lr: float, iterations_per_epoch: int, total_iterations: int
 ) -> LRSchedule:
-    base_lr = scaled_lr(optim, global_batch)
+    """``base_lr``: the run's (``scaled_lr``, decided in the plan)."""
     if schedule.unit == "epoch":  # the same schedule, its lengths in iterations
         milestones = [m * iterations_per_epoch for m in schedule.milestones]
         warmup_length = schedule.warmup_length * iterations_per_epoch

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,6 @@ from data_pipeline.published import identify, title
 from trainer.config import Config, to_dict, to_yaml
 from trainer.eval.counts import EvalResult
 from trainer.eval.evaluate import evaluate
-from trainer.machine.auto import resolve_auto
 from trainer.machine.distributed import LaunchEnv, average_bn_buffers, init_process_group, pick_device
 from trainer.machine.environment import environment, format_environment
 from trainer.training.checkpoint.files import latest_checkpoint
@@ -34,6 +32,7 @@ from trainer.training.checkpoint.manager import CheckpointManager
 from trainer.training.faults import Interrupted, NonFiniteLoss, Preempted, StopSignals
 from trainer.training.metrics import MetricsProcessor, TrainWindow
 from trainer.training.parts import Run, TrainState, build_eval_batches, build_run, describe
+from trainer.training.plan import resolve
 from trainer.training.run_directory import run_directory
 from trainer.training.run_log import RunLog
 from trainer.training.step import LateFlags, StepOutcome
@@ -47,23 +46,22 @@ def train(config: Config, launch: LaunchEnv, started: StopSignals | None = None)
     the command started (a preemption while the data was listed stops the first step)."""
     device = pick_device(config.train.device, launch)
     init_process_group(launch, device)
-    run_dir = config.train.run_dir
-    with run_directory(run_dir, launch, device):  # before anything is written or logged: refused if another run has it
-        return train_in(run_dir, config, launch, device, started)
+    # before anything is written or logged: refused if another run has it
+    with run_directory(config.train.run_dir, launch, device):
+        return train_in(config, launch, device, started)
 
 
 def train_in(
-    run_dir: Path, config: Config, launch: LaunchEnv, device: torch.device, started: StopSignals | None = None
+    config: Config, launch: LaunchEnv, device: torch.device, started: StopSignals | None = None
 ) -> tuple[EvalResult, RunLog]:
     facts = environment(launch) if launch.is_main else {}
     if launch.is_main:
         log.info("this machine:\n%s", format_environment(facts))
-    config, choices, tuner = resolve_auto(config, launch, device)
-    if config.data.index_dir is None:  # an image folder is listed once, into the run directory
-        config = replace(config, data=replace(config.data, index_dir=str(run_dir / "index")))
-    for line in choices:
+    plan, tuner = resolve(config, launch, device)
+    config = plan.config
+    for line in plan.choices:
         log.info("%s", line)
-    run = build_run(config, launch, device)
+    run = build_run(plan, launch, device)
     run.tuner = tuner
     state, window = TrainState(), TrainWindow(device, is_main=launch.is_main)
     warmup = TrainWindow(device, is_main=launch.is_main)  # Sec. 4.2's training error, on its own windows
@@ -76,14 +74,14 @@ def train_in(
     run_log = RunLog(run.run_dir, start_iteration=state.iteration, enabled=launch.is_main)
     dataset = identify(config.data, run.loader.classes)
     log.info("data set: %s (%s)", title(dataset), config.data.root)
-    run_log.record_run(to_yaml(config), facts, choices, dataset)
+    run_log.record_run(to_yaml(config), facts, list(plan.choices), dataset)
     metrics = MetricsProcessor(
         run_log,
         window,
         launch=launch,
         device=device,
         progress=config.log.progress,
-        images_per_step=config.data.batch_size,
+        images_per_step=plan.global_batch,
         iterations=(state.iteration, run.total_iterations),
         iterations_per_epoch=run.loader.batches_per_epoch,
         flops=(run.peak_flops, run.flops_per_image),

@@ -7,7 +7,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from trainer.recipe.mixing import BatchMixer
 from trainer.recipe.parallel import is_sharded
 from trainer.recipe.schedule import LRSchedule, MetricHistory, build_schedule
 from trainer.training.cadence import Cadence
+from trainer.training.plan import Plan
 from trainer.training.step import Stepper, build_stepper
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,10 @@ class TrainState:
 
 @dataclass
 class Run:
-    """The parts of one training run, built once from the config."""
+    """The parts of one training run, built once from its plan."""
 
-    config: Config
+    plan: Plan  # every run-wide value, decided once (trainer.training.plan)
     launch: LaunchEnv
-    run_dir: Path
     device: torch.device
     stepper: Stepper  # the model, its parallel wrapper, the optimizer and the gradient scaler
     loader: TrainBatches
@@ -71,6 +71,14 @@ class Run:
     tuner: LoaderTuner | None = None  # data.workers (DALI: data.threads) auto: grown while the step waits for data
     peak_flops: float | None = None  # the GPUs' dense peak, for the model FLOP utilization
     flops_per_image: Callable[[int], float] | None = None  # training FLOPs of an epoch's images: 3 x forward
+
+    @property
+    def config(self) -> Config:
+        return self.plan.config
+
+    @property
+    def run_dir(self) -> Path:
+        return self.plan.run_dir
 
     @property
     def sharded(self) -> bool:
@@ -97,7 +105,7 @@ class Run:
             iteration,
             100 * data_wait,
         )
-        self.config = replace(self.config, data=replace(self.config.data, **{key: count}))
+        self.plan = self.plan.grown(key, count)
         self.loader = build_train_loader(
             self.config.data,
             rank=self.launch.rank,
@@ -113,8 +121,9 @@ class Run:
         return images, labels.to(self.device, non_blocking=True)
 
 
-def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
-    """``config`` with its ``auto`` settings resolved (``resolve_auto``), in its process group."""
+def build_run(plan: Plan, launch: LaunchEnv, device: torch.device) -> Run:
+    """The parts of the run ``plan`` describes, in its process group."""
+    config = plan.config
     if launch.is_main and ensure_synthetic(config.data):
         log.info("wrote synthetic data to %s", config.data.root)
     check_folder_classes(config.data.root, config.data.format)
@@ -140,17 +149,13 @@ def build_run(config: Config, launch: LaunchEnv, device: torch.device) -> Run:
     train = config.train
     total = train.iterations if train.iterations is not None else train.epochs * loader.batches_per_epoch
     schedule = build_schedule(
-        config.schedule,
-        config.optim,
-        global_batch=config.data.batch_size,
-        iterations_per_epoch=loader.batches_per_epoch,
-        total_iterations=total,
+        config.schedule, base_lr=plan.base_lr, iterations_per_epoch=loader.batches_per_epoch, total_iterations=total
     )
-    stepper = build_stepper(config, launch, device, lr=schedule.base_lr)
+    stepper = build_stepper(config, launch, device, lr=plan.base_lr)
     mixer = BatchMixer(config.loss, num_classes=config.model.num_classes, seed=train.seed, rank=launch.rank)
     ema = build_weight_average(stepper.model, config.ema)
     cadence = Cadence.of(config, batches_per_epoch=loader.batches_per_epoch, total_iterations=total)
-    run = Run(config, launch, train.run_dir, device, stepper, loader, val_batches, schedule, total, mixer, cadence, ema)
+    run = Run(plan, launch, device, stepper, loader, val_batches, schedule, total, mixer, cadence, ema)
     run.peak_flops = peak_flops(device, train.precision)
     if run.peak_flops is not None:
         run.flops_per_image = functools.partial(training_flops_per_image, config)
@@ -170,11 +175,10 @@ def build_eval_batches(config: Config, launch: LaunchEnv, protocol: str, device:
 
 
 def describe(run: Run) -> None:
-    config, launch, split = run.config, run.launch, run.config.train.accumulation
+    config, launch, plan = run.config, run.launch, run.plan
     where = config.dist.strategy if launch.distributed else "one process"
-    per_rank = config.data.batch_size // launch.world_size // split
     log.info(
-        f"{config.model.name}, {where}: global batch {config.data.batch_size} ({per_rank} per rank x "
-        f"{launch.world_size} ranks x {split} accumulation), {run.total_iterations} iterations "
+        f"{config.model.name}, {where}: global batch {plan.global_batch} ({plan.micro_batch} per rank x "
+        f"{launch.world_size} ranks x {config.train.accumulation} accumulation), {run.total_iterations} iterations "
         f"({run.loader.batches_per_epoch} per epoch), run directory {run.run_dir}"
     )
