@@ -1,4 +1,4 @@
-"""The parts of one training run, built once from the config (``build_run``), and the state the loop carries from
+"""The parts of one training run, built once from its plan (``build_run``), and the state the loop carries from
 step to step and checkpoint to checkpoint (``TrainState``)."""
 
 from __future__ import annotations

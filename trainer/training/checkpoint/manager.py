@@ -42,12 +42,12 @@ class RngStates:
 class CheckpointManager:
     """What a training run's checkpoint holds, and which one a run resumes from.
 
-    A checkpoint holds the model, the optimizer and the EMA of the weights if the run keeps one; beside them each
-    of ``states`` under its name (the loop's: the train state, with the iteration that fixes the epoch and the batch
+    A checkpoint holds the model, the optimizer and the EMA of the weights if the run keeps one; beside them each of
+    ``states`` under its name (the loop's: the train state, with the iteration that fixes the epoch and the batch
     within it, and so the data order and every crop, the skipped steps and the metrics history the schedule reads;
-    the open metrics window), the gradient scaler and the RNG states; and the config, the classes (which `residual
-    eval` and `export` carry on) and what a resume checks: the model's name and the batches per epoch (the data set
-    and batch size).
+    the open metrics and warm-up windows), the gradient scaler and the RNG states; and the config, the classes
+    (which `residual eval` and `export` carry on) and what a resume checks: the model's name and the batches per
+    epoch (the data set and batch size).
     """
 
     def __init__(self, run: Run, states: dict[str, Stateful]) -> None:
