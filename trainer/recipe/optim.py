@@ -123,6 +123,7 @@ def build_optimizer(model: nn.Module, config: OptimConfig, lr: float | None = No
     device (``optimizer.found_inf``) without the host waiting for the loss. FSDP2's DTensors have no fused SGD in
     torch, so a sharded model gets the foreach one. The momentum buffers start as zeros rather than on the first
     update (the same first step, as dampening is 0): a cancelled first fused step would leave them uninitialized."""
+    lr = config.lr if lr is None else lr
     params = list(model.parameters())
     if config.no_decay_bn_bias:
         decay = [p for p in params if p.ndim > 1]
@@ -133,14 +134,13 @@ def build_optimizer(model: nn.Module, config: OptimConfig, lr: float | None = No
     if config.name == "lars":
         return LARS(
             groups,
-            lr=config.lr if lr is None else lr,
+            lr=lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
             trust_coefficient=config.trust_coefficient,
             eps=config.lars_eps,
             nesterov=config.nesterov,
         )
-    lr = config.lr if lr is None else lr
     for group in groups:
         group.pop("lars", None)
     fused = not any(isinstance(p, DTensor) for p in params)
